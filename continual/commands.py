@@ -1,0 +1,131 @@
+"""The handlers behind each ``adafuse`` subcommand (thin wrappers over library functions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from adafuse.fusion.errors import UserError, VerificationError
+from adafuse.fusion.library import AdapterLibrary
+from adafuse.fusion.storage import atomic_write
+
+from .config import FuseConfig, RunConfig, load_config
+
+
+def _out_dir(args, config_path: str, suffix: str = "") -> Path:
+    return Path(args.out) if args.out else Path("runs") / (Path(config_path).stem + suffix)
+
+
+def cmd_run(args, overrides: list[str]) -> int:
+    from .runner import run_sequence
+
+    if args.method:
+        overrides = [*overrides, "--method", args.method]
+    config = load_config(RunConfig, args.config, overrides)
+    out = _out_dir(args, args.config)
+    metrics = run_sequence(config, out, Path(args.library) if args.library else None, Path(args.config).parent)
+    print(f"\nACC {metrics['acc']:.4f}  BWT {_f(metrics['bwt'])}  forgetting {_f(metrics['forgetting'])}  "
+          f"FWT {_f(metrics['fwt'])}")
+    print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}  library: {args.library or out / 'library'}")
+    return 0
+
+
+def cmd_fuse(args, overrides: list[str]) -> int:
+    from .fuse import run_fusion
+
+    config = load_config(FuseConfig, args.config, overrides)
+    out = _out_dir(args, args.config, "-baseline" if args.baseline else "")
+    metrics = run_fusion(config, Path(args.library), out, baseline=args.baseline, base_dir=Path(args.config).parent)
+    print(f"\n{metrics['method']} on {metrics['target']}: test accuracy {metrics['test']['accuracy']:.4f}, "
+          f"macro-F1 {metrics['test']['macro_f1']:.4f}")
+    print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _f(value) -> str:
+    return "–" if value is None else f"{value:+.4f}"
+
+
+def cmd_report(args, _overrides=()) -> int:
+    from .report import read_metrics, write_comparison, write_fusion_report, write_run_report
+
+    runs = [(Path(d), read_metrics(Path(d))) for d in args.dirs]
+    for folder, metrics in runs:
+        (write_run_report if "tasks" in metrics else write_fusion_report)(folder, metrics)
+        print(f"{folder / 'report.md'}")
+    if len(runs) > 1:
+        out = Path(args.out) if args.out else runs[0][0]
+        write_comparison(runs, out)
+        print(f"{out / 'comparison.md'}")
+    return 0
+
+
+def _library(folder: str) -> AdapterLibrary:
+    library = AdapterLibrary(folder)
+    if not library.exists():
+        raise UserError(f"'{folder}' is not an adapter library (no manifest.json)")
+    return library
+
+
+def cmd_library_list(args, _overrides=()) -> int:
+    library = _library(args.dir)
+    entries = library.entries()
+    print(f"{'kind':<8} {'name':<32} {'task':<24} {'test acc':>8}  sha256")
+    for e in entries:
+        acc = (e.get("metrics") or {}).get("test_accuracy")
+        print(f"{e['kind']:<8} {e['name']:<32} {str(e.get('task')):<24} {'' if acc is None else f'{acc:.4f}':>8}  "
+              f"{e['sha256'][:16]}")
+    print(f"{len(entries)} artefacts; backbone {library.read_manifest()['backbone']['fingerprint'][:16]}")
+    return 0
+
+
+def cmd_library_show(args, _overrides=()) -> int:
+    library = _library(args.dir)
+    matches = [e for e in library.entries(args.kind) if e["name"] == args.name]
+    if not matches:
+        raise UserError(f"library '{args.dir}' has no artefact named '{args.name}'")
+    print(json.dumps(matches if len(matches) > 1 else matches[0], indent=2))
+    return 0
+
+
+def cmd_library_verify(args, _overrides=()) -> int:
+    library = AdapterLibrary(args.dir)
+    if not Path(args.dir).is_dir():
+        raise UserError(f"library folder '{args.dir}' not found")
+    problems = library.verify()
+    if problems:
+        for problem in problems:
+            print(problem)
+        raise VerificationError(f"{len(problems)} problem(s) in '{args.dir}'")
+    count = len(library.entries())
+    print(f"ok: {count} artefacts verified in '{args.dir}'")
+    return 0
+
+
+def cmd_tasks_list(args, _overrides=()) -> int:
+    from adafuse.tasks.builtin import SEQUENCES, load_builtin, task_names
+
+    print(f"{'task':<22} {'train':>6} {'valid':>6} {'test':>6}  labels")
+    for name in task_names():
+        data = load_builtin(name)
+        sizes = data.sizes()
+        print(f"{name:<22} {sizes['train']:>6} {sizes['validation']:>6} {sizes['test']:>6}  {', '.join(data.label_names)}")
+    for name, members in SEQUENCES.items():
+        print(f"sequence {name}: {' -> '.join(members)}")
+    return 0
+
+
+def cmd_tasks_export(args, _overrides=()) -> int:
+    from adafuse.tasks.builtin import SEQUENCES, load_builtin
+
+    names = SEQUENCES.get(args.name, [args.name])
+    tasks = [load_builtin(n) for n in names]  # raises for unknown names before anything is written
+    out = Path(args.out)
+    for task in tasks:
+        folder = out / task.name if args.name in SEQUENCES else out
+        for split, data in task.splits.items():
+            lines = [json.dumps({"text": t, "label": y, "label_name": task.label_names[y]}, ensure_ascii=False)
+                     for t, y in zip(data.texts, data.labels, strict=True)]
+            atomic_write(folder / f"{split}.jsonl", ("\n".join(lines) + "\n").encode())
+        print(f"{folder}: " + ", ".join(f"{s} {len(d)}" for s, d in task.splits.items()))
+    return 0

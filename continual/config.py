@@ -1,0 +1,220 @@
+"""Run configuration: dataclasses loaded from YAML, every key overridable on the command line.
+
+``load_config(RunConfig, "configs/sequence/smoke.yaml", ["--trainer.max_epochs", "1"])`` reads the file,
+applies ``--dotted.key value`` overrides (values parsed as YAML scalars), and builds the dataclasses,
+refusing unknown keys and wrong types with a message naming the file, key, value and expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adafuse.fusion.attention import FusionConfig
+from adafuse.fusion.backbone import BackboneConfig
+from adafuse.fusion.bottleneck import BottleneckConfig
+from adafuse.fusion.errors import UserError
+from adafuse.tasks.spec import TaskSpec
+
+METHODS = ("adapters", "shared-adapter", "full-finetune")
+
+
+@dataclass
+class TrainerConfig:
+    """Training loop settings (passed to Lightning's Trainer where they are Trainer options)."""
+
+    max_epochs: int = 2
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 1e-3
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    gradient_clip_val: float | None = 1.0
+    precision: str = "32-true"
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    num_workers: int = 0
+    limit_train_batches: int | float | None = None
+    early_stopping_patience: int | None = None
+    threads: int | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class HeadConfig:
+    pooling: str = "cls"
+    dropout: float = 0.1
+
+
+@dataclass
+class MonitorConfig:
+    """Forgetting monitor: ``reference`` trains a reference model per task (for intransigence)."""
+
+    reference: bool = False
+    every_n_val_epochs: int = 0
+
+
+@dataclass
+class RunConfig:
+    """``adafuse run``: a task sequence (a built-in ``sequence`` name or a list of ``tasks``)."""
+
+    sequence: str | None = "bbc-topics"
+    tasks: list[TaskSpec | str] | None = None
+    method: str = "adapters"
+    seed: int = 0
+    max_length: int = 128
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    adapter: BottleneckConfig = field(default_factory=BottleneckConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"method: '{self.method}' is not one of {', '.join(METHODS)}")
+
+
+@dataclass
+class FuseConfig:
+    """``adafuse fuse``: AdapterFusion over library adapters for a target task."""
+
+    target: TaskSpec | str = "bbc-topic5-fewshot"
+    sources: list[str] | str = "all"
+    name: str | None = None
+    seed: int = 0
+    max_length: int = 128
+    shots: int | None = None
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    adapter: BottleneckConfig = field(default_factory=BottleneckConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, where)
+            except UserError as err:
+                errors.append(err)
+        raise UserError(f"{where}: {value!r} is not a {' or '.join(_type_name(o) for o in options)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping of {tp.__name__} keys, found {value!r}")
+        return build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, found {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, found {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, where): _convert(v, value_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise UserError(f"{where}: {value!r} is not a {tp.__name__}")
+        return value
+    raise UserError(f"{where}: unsupported type {tp}")
+
+
+def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    prefix = f"{where}." if where else ""
+    if unknown:
+        raise UserError(f"unknown key '{prefix}{unknown[0]}'; expected one of {', '.join(sorted(names))}")
+    kwargs = {key: _convert(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"missing key '{prefix}{missing[0]}'")
+    try:
+        return cls(**kwargs)
+    except UserError as err:
+        raise UserError(f"{where + ': ' if where else ''}{err}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read ({err})") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--a.b value`` pairs (or ``--a.b=value``) onto nested ``data``."""
+    items = list(overrides)
+    while items:
+        flag = items.pop(0)
+        if not flag.startswith("--") or len(flag) < 3:
+            raise UserError(f"unexpected argument '{flag}'; overrides look like --trainer.max_epochs 1")
+        key, eq, raw = flag[2:].partition("=")
+        if not eq:
+            if not items:
+                raise UserError(f"override '{flag}' has no value")
+            raw = items.pop(0)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '--{key}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    try:
+        return build(cls, data)
+    except UserError as err:
+        raise UserError(f"{path}: {err}" if path else str(err)) from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,38 @@
+"""Plain batched evaluation of whatever the model has active (no Lightning loop overhead)."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+from adafuse.fusion.model import AdaptedModel
+
+
+@torch.no_grad()
+def predict_logits(model: AdaptedModel, loader, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated (N, C) logits and (N,) labels over ``loader``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            target = batch.pop("labels")
+            logits.append(model(**batch).float().cpu())
+            labels.append(target.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    num_classes = logits.shape[-1]
+    predictions = logits.argmax(-1)
+    return {
+        "accuracy": float(multiclass_accuracy(predictions, labels, num_classes=num_classes, average="micro")),
+        "macro_f1": float(multiclass_f1_score(predictions, labels, num_classes=num_classes, average="macro")),
+    }
+
+
+def evaluate(model: AdaptedModel, loader, device: torch.device | str = "cpu") -> dict[str, float]:
+    return scores(*predict_logits(model, loader, device))

@@ -1,0 +1,223 @@
+"""How each method of a task sequence trains, stores and evaluates (the runner stays method-agnostic).
+
+* ``adapters``: one new adapter + head per task; earlier adapters frozen (isolation, no forgetting).
+* ``shared-adapter``: one adapter trained through all tasks, a head per task (a forgetting baseline).
+* ``full-finetune``: the backbone itself trained through the tasks, a head per task (a forgetting baseline).
+
+Every initial state (adapter, head) is drawn from a generator seeded by (seed, task), so an untrained
+task evaluated for FWT starts from exactly the weights its training will start from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from adafuse.fusion.bottleneck import BottleneckAdapter
+from adafuse.fusion.library import AdapterLibrary
+from adafuse.fusion.model import AdaptedModel
+from adafuse.fusion.storage import atomic_write
+from adafuse.tasks.spec import TaskData
+
+from .config import RunConfig, to_dict
+from .evaluate import evaluate
+
+SHARED = "shared"
+
+
+def seeded_state(build, seed: int) -> dict[str, torch.Tensor]:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module = build()
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class SequenceMethod:
+    prefix = ""
+
+    def __init__(self, config: RunConfig, model: AdaptedModel, library: AdapterLibrary, fingerprint: str,
+                 tasks: list[TaskData], loaders, checkpoint_dir: Path) -> None:
+        self.config = config
+        self.model = model
+        self.library = library
+        self.fingerprint = fingerprint
+        self.tasks = tasks
+        self.loaders = loaders  # task index -> test DataLoader
+        self.checkpoint_dir = checkpoint_dir
+
+    # ---- names and initial states ------------------------------------------------------------------------
+    def name(self, i: int) -> str:
+        return f"{self.prefix}{self.tasks[i].name}"
+
+    def _seed(self, i: int, salt: int) -> int:
+        return self.config.seed * 1_000_003 + 7919 * i + salt
+
+    def ensure_head(self, i: int, fresh: bool = False) -> str:
+        name = self.name(i)
+        if name not in self.model.heads:
+            self.model.add_head(name, self.tasks[i].num_labels, self.config.head.pooling, self.config.head.dropout)
+            fresh = True
+        if fresh:
+            head = self.model.heads[name]
+            self.model.load_head_state(name, seeded_state(lambda: type(head)(
+                self.model.hidden_size, head.num_labels, head.pooling, self.config.head.dropout), self._seed(i, 1)))
+        return name
+
+    def ensure_adapter(self, name: str, seed: int, fresh: bool = False) -> str:
+        if name not in self.model.adapter_configs:
+            self.model.add_adapter(name, self.config.adapter)
+            fresh = True
+        if fresh:
+            self.model.load_adapter_state(name, seeded_adapter_state(self.model, self.config, seed))
+        return name
+
+    # ---- library ---------------------------------------------------------------------------------------------
+    def entry_config(self, i: int) -> dict:
+        return {"method": self.config.method, "adapter": to_dict(self.config.adapter), "head": to_dict(self.config.head),
+                "label_names": self.tasks[i].label_names, "num_labels": self.tasks[i].num_labels}
+
+    def is_done(self, i: int) -> bool:
+        entry = self.library.find("head", self.name(i))
+        return entry is not None and entry["fingerprint"] == self.fingerprint and \
+            entry["config"].get("method") == self.config.method and \
+            entry["config"].get("label_names") == self.tasks[i].label_names
+
+    def load_head(self, i: int) -> str:
+        name = self.ensure_head(i)
+        self.model.load_head_state(name, self.library.load("head", name, self.fingerprint).tensors)
+        return name
+
+    def write_head(self, i: int, metrics: dict) -> None:
+        self.library.add("head", self.name(i), self.model.head_state(self.name(i)), fingerprint=self.fingerprint,
+                         config=self.entry_config(i), task=self.tasks[i].name, metrics=metrics)
+
+    def evaluate(self, j: int, i: int, live: bool = False) -> dict[str, float]:
+        self.select(j, i, live)
+        return evaluate(self.model, self.loaders[j], self.model_device())
+
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- per-method hooks ----------------------------------------------------------------------------------
+    def module_kwargs(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def write(self, i: int, metrics: dict) -> None:
+        raise NotImplementedError
+
+    def restore(self, i: int) -> None:
+        """Bring the model to its state after finished task i (resume)."""
+
+    def select(self, j: int, i: int, live: bool) -> None:
+        raise NotImplementedError
+
+
+def seeded_adapter_state(model: AdaptedModel, config: RunConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Initial tensors of an adapter ("<layer>.<location>.down.weight", ...) drawn from ``seed``."""
+    state = {}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for index, location, _ in model.slots():
+            if location in config.adapter.locations:
+                adapter = BottleneckAdapter(model.hidden_size, config.adapter)
+                state.update({f"{index}.{location}.{k}": v for k, v in adapter.state_dict().items()})
+    return state
+
+
+class IsolatedAdapters(SequenceMethod):
+    def module_kwargs(self, i: int) -> dict:
+        adapter = self.ensure_adapter(self.name(i), self._seed(i, 2), fresh=True)
+        head = self.ensure_head(i, fresh=True)
+        return {"adapters": (adapter,), "train_adapters": (adapter,), "head": head}
+
+    def write(self, i: int, metrics: dict) -> None:
+        name = self.name(i)
+        self.library.add("adapter", name, self.model.adapter_state(name), fingerprint=self.fingerprint,
+                         config=self.entry_config(i), task=self.tasks[i].name, metrics=metrics)
+        self.write_head(i, metrics)
+
+    def is_done(self, i: int) -> bool:
+        entry = self.library.find("adapter", self.name(i))
+        return super().is_done(i) and entry is not None and entry["fingerprint"] == self.fingerprint
+
+    def select(self, j: int, i: int, live: bool) -> None:
+        name = self.name(j)
+        if j <= i and not (live and j == i):
+            self.ensure_adapter(name, self._seed(j, 2))
+            self.model.load_adapter_state(name, self.library.load("adapter", name, self.fingerprint).tensors)
+            head = self.load_head(j)
+        else:
+            self.ensure_adapter(name, self._seed(j, 2), fresh=not live)
+            head = self.ensure_head(j, fresh=not live)
+        self.model.activate([name], head=head)
+
+
+class SharedAdapter(SequenceMethod):
+    prefix = "shared@"
+
+    def module_kwargs(self, i: int) -> dict:
+        if i == 0:
+            self.ensure_adapter(SHARED, self._seed(0, 2), fresh=True)
+        return {"adapters": (SHARED,), "train_adapters": (SHARED,), "head": self.ensure_head(i, fresh=True)}
+
+    def write(self, i: int, metrics: dict) -> None:
+        self.library.add("adapter", self.name(i), self.model.adapter_state(SHARED), fingerprint=self.fingerprint,
+                         config=self.entry_config(i), task=self.tasks[i].name, metrics=metrics)
+        self.write_head(i, metrics)
+
+    def restore(self, i: int) -> None:
+        self.ensure_adapter(SHARED, self._seed(0, 2))
+        self.model.load_adapter_state(SHARED, self.library.load("adapter", self.name(i), self.fingerprint).tensors)
+
+    def select(self, j: int, i: int, live: bool) -> None:
+        if not live:
+            if i < 0:
+                self.ensure_adapter(SHARED, self._seed(0, 2), fresh=True)
+            else:
+                self.restore(i)
+        head = self.load_head(j) if j < i or (j == i and not live) else self.ensure_head(j, fresh=not live)
+        self.model.activate([SHARED], head=head)
+
+
+class FullFinetune(SequenceMethod):
+    prefix = "finetune@"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.original = {k: v.detach().clone() for k, v in self._backbone_state().items()}
+        self.state_index = -1
+
+    def _backbone_state(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.backbone.named_parameters() if ".adapters." not in n and ".fusions." not in n}
+
+    def _checkpoint(self, i: int) -> Path:
+        return self.checkpoint_dir / f"backbone@{self.tasks[i].name}.safetensors"
+
+    def module_kwargs(self, i: int) -> dict:
+        self.state_index = i
+        return {"head": self.ensure_head(i, fresh=True), "train_backbone": True}
+
+    def write(self, i: int, metrics: dict) -> None:
+        atomic_write(self._checkpoint(i), save({k: v.detach().contiguous().cpu() for k, v in self._backbone_state().items()}))
+        self.write_head(i, metrics)
+
+    def is_done(self, i: int) -> bool:
+        return super().is_done(i) and self._checkpoint(i).is_file()
+
+    def restore(self, i: int) -> None:
+        state = self.original if i < 0 else load_file(str(self._checkpoint(i)))
+        with torch.no_grad():
+            for name, param in self._backbone_state().items():
+                param.copy_(state[name])
+        self.state_index = i
+
+    def select(self, j: int, i: int, live: bool) -> None:
+        if not live and self.state_index != i:
+            self.restore(i)
+        head = self.load_head(j) if j < i or (j == i and not live) else self.ensure_head(j, fresh=not live)
+        self.model.activate([], head=head)
+
+
+METHOD_CLASSES = {"adapters": IsolatedAdapters, "shared-adapter": SharedAdapter, "full-finetune": FullFinetune}

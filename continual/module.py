@@ -1,0 +1,159 @@
+"""Lightning modules: train the chosen artefacts of an :class:`AdaptedModel` on one task.
+
+``AdapterTaskModule`` trains one adapter + head (or, for the baselines, a shared adapter or the whole
+backbone); ``FusionModule`` adds the fusion regulariser and drives the temperature schedule between steps.
+Optimiser: AdamW with a separate head learning rate, linear warm-up then linear decay per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.model import AdaptedModel
+
+from .config import TrainerConfig
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+            "macro_f1": MulticlassF1Score(num_classes=num_classes, average="macro"),
+        },
+        prefix=prefix,
+    )
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite."""
+
+
+class AdapterTaskModule(L.LightningModule):
+    def __init__(
+        self,
+        model: AdaptedModel,
+        head: str,
+        num_labels: int,
+        trainer_config: TrainerConfig,
+        adapters: tuple[str, ...] = (),
+        fusion: str | None = None,
+        train_adapters: tuple[str, ...] = (),
+        train_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+        self.config = trainer_config
+        self.selection = {"adapters": tuple(adapters), "fusion": fusion, "head": head}
+        self.trainable = {
+            "adapters": tuple(train_adapters),
+            "fusions": (fusion,) if fusion else (),
+            "heads": (head,),
+            "backbone": train_backbone,
+        }
+        self.train_metrics = classification_metrics(num_labels, "train_")
+        self.val_metrics = classification_metrics(num_labels, "val_")
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Activate this task's artefacts and make exactly them trainable."""
+        self.model.activate(**self.selection)
+        self.model.set_trainable(**self.trainable)
+
+    def on_fit_start(self) -> None:
+        self.prepare()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return self.model(**inputs)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch["labels"])
+        extra = self.extra_loss()
+        total = loss if extra is None else loss + extra
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(
+                f"task '{self.head}': the training loss became {total.item()} at step {self.global_step}; "
+                "lower trainer.lr or check the data"
+            )
+        self.train_metrics.update(logits.detach(), batch["labels"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(logits))
+        return total
+
+    def on_train_epoch_end(self) -> None:
+        self.log_dict(self.train_metrics.compute())
+        self.train_metrics.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch)
+        self.val_metrics.update(logits, batch["labels"])
+        self.log("val_loss", F.cross_entropy(logits, batch["labels"]), batch_size=len(logits))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def configure_optimizers(self):
+        head_params = [p for p in self.model.heads[self.head].parameters() if p.requires_grad]
+        head_ids = {id(p) for p in head_params}
+        other = [p for p in self.model.parameters() if p.requires_grad and id(p) not in head_ids]
+        groups = [{"params": head_params, "lr": self.config.head_lr or self.config.lr}]
+        if other:
+            groups.append({"params": other, "lr": self.config.lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.config.warmup_ratio * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # Only what trains goes into Lightning checkpoints; the frozen backbone is not copied every epoch.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def load_trained_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        missing = set(state_dict) - set(self.state_dict())
+        if missing:
+            raise UserError(f"checkpoint holds unknown tensors {sorted(missing)[:3]}")
+        self.load_state_dict(state_dict, strict=False)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        full = self.state_dict()
+        full.update(checkpoint["state_dict"])
+        checkpoint["state_dict"] = full
+
+
+class FusionModule(AdapterTaskModule):
+    """Trains one fusion (+ its head) over frozen source adapters; anneals the softmax temperature."""
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return self.model.fusion_regularization().to(self.device)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        fusion = self.selection["fusion"]
+        layer = next(slot.fusions[fusion] for _, _, slot in self.model.slots() if fusion in slot.fusions)
+        if layer.config.temperature:
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            start = layer.config.temperature_start
+            progress = min(1.0, self.global_step / total)
+            self.model.set_fusion_temperature(max(1.0, start * math.pow(1.0 / start, progress)))
+
+    def on_train_end(self) -> None:
+        self.model.set_fusion_temperature(1.0)

@@ -1,0 +1,143 @@
+"""Reports rendered from metrics.json: Markdown tables and heatmaps (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.storage import atomic_write
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def heatmap(matrix: list[list[float | None]], rows: list[str], cols: list[str], title: str, ax) -> None:
+    import numpy as np
+
+    data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("after training")
+    ax.set_title(title)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if value is not None:
+                ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+
+
+def run_markdown(metrics: dict) -> str:
+    tasks = metrics["tasks"]
+    parts = [f"# adafuse run — method `{metrics['method']}`", ""]
+    parts += ["## Accuracy matrix", "", "R[i][j]: test accuracy on task j (column) after training task i (row).", ""]
+    parts.append(_table(["after \\ on", *tasks], [[t, *row] for t, row in zip(tasks, metrics["accuracy_matrix"], strict=True)]))
+    parts += ["", "## Metrics", ""]
+    parts.append(_table(["ACC", "BWT", "FWT", "forgetting", "intransigence"],
+                        [[metrics[k] for k in ("acc", "bwt", "fwt", "forgetting", "intransigence")]]))
+    parts += ["", "## Per task", ""]
+    rows = []
+    for name in tasks:
+        t = metrics["per_task"][name]
+        rows.append([name, t.get("final_accuracy"), t.get("final_macro_f1"), t.get("baseline_accuracy"),
+                     t.get("train_wall_time_s"), t.get("trainable_params"), t.get("trainable_pct"),
+                     "yes" if t.get("reused") else "no"])
+    parts.append(_table(["task", "test acc", "test macro-F1", "untrained acc", "train time (s)", "trainable params",
+                         "% of backbone", "from library"], rows))
+    parts += ["", f"Backbone `{metrics['backbone']['name']}` ({metrics['backbone']['params']:,} parameters, "
+              f"fingerprint `{metrics['backbone']['fingerprint'][:16]}`), seed {metrics['seed']}, "
+              f"wall time {metrics['wall_time_s']:.1f} s.", ""]
+    return "\n".join(parts)
+
+
+def fusion_markdown(metrics: dict) -> str:
+    parts = [f"# adafuse fuse — `{metrics['method']}` for `{metrics['target']}`", ""]
+    parts.append(_table(["split", "accuracy", "macro-F1"],
+                        [[s, metrics[s]["accuracy"], metrics[s]["macro_f1"]] for s in ("validation", "test")]))
+    if metrics.get("sources"):
+        parts += ["", "## Source tasks (test accuracy before / after fusion training)", ""]
+        parts.append(_table(["source", "before", "after"], [[s, metrics["source_accuracy_before"].get(s),
+                                                             metrics["source_accuracy_after"].get(s)]
+                                                            for s in metrics["sources"]]))
+    parts += ["", f"Trainable parameters: {metrics.get('trainable_params')}, wall time {metrics.get('wall_time_s')} s.", ""]
+    return "\n".join(parts)
+
+
+def write_run_report(out: Path, metrics: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    atomic_write(out / "report.md", run_markdown(metrics).encode())
+    size = max(4.0, 1.1 * len(metrics["tasks"]) + 2)
+    figure, ax = plt.subplots(figsize=(size, size * 0.85))
+    heatmap(metrics["accuracy_matrix"], metrics["tasks"], metrics["tasks"], f"accuracy matrix ({metrics['method']})", ax)
+    atomic_write(out / "accuracy_matrix.png", _png(figure))
+    plt.close(figure)
+
+
+def read_metrics(folder: Path) -> dict:
+    path = Path(folder) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (expected the output folder of 'adafuse run' or 'adafuse fuse')") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(metrics, dict) or "method" not in metrics or not ("tasks" in metrics or "target" in metrics):
+        raise UserError(f"{path}: expected the keys 'method' and 'tasks' (a run) or 'target' (a fusion)")
+    return metrics
+
+
+def comparison_markdown(runs: list[tuple[Path, dict]]) -> str:
+    rows, fusion_rows = [], []
+    for folder, m in runs:
+        if "tasks" in m:
+            params = sum((t.get("trainable_params") or 0) for t in m["per_task"].values())
+            rows.append([str(folder), m["method"], m["acc"], m["bwt"], m["forgetting"], params, m.get("wall_time_s")])
+        else:
+            fusion_rows.append([str(folder), m["method"], m["target"], m["test"]["accuracy"], m["test"]["macro_f1"],
+                                m.get("trainable_params"), m.get("wall_time_s")])
+    parts = ["# adafuse — runs side by side", ""]
+    if rows:
+        parts.append(_table(["run", "method", "ACC", "BWT", "forgetting", "trainable params", "time (s)"], rows))
+    if fusion_rows:
+        parts += ["", _table(["run", "method", "target", "test acc", "test macro-F1", "trainable params", "time (s)"],
+                             fusion_rows)]
+    return "\n".join(parts) + "\n"
+
+
+def write_comparison(runs: list[tuple[Path, dict]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    atomic_write(out / "comparison.md", comparison_markdown(runs).encode())
+    sequences = [(f, m) for f, m in runs if "tasks" in m]
+    if sequences:
+        figure, axes = plt.subplots(1, len(sequences), figsize=(5.5 * len(sequences), 5), squeeze=False)
+        for ax, (folder, m) in zip(axes[0], sequences, strict=True):
+            heatmap(m["accuracy_matrix"], m["tasks"], m["tasks"], f"{m['method']} ({Path(folder).name})", ax)
+        atomic_write(out / "comparison.png", _png(figure))
+        plt.close(figure)

@@ -1,0 +1,144 @@
+"""``adafuse run``: a task sequence end to end -> library, accuracy matrix, metrics, report.
+
+For each task in order: (skip it if its artefacts are already in the library, verified) train with
+Lightning, store the best weights in the library, and let the forgetting monitor evaluate every task
+so far from the library. Re-running the same command on a killed run's folder resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.backbone import fingerprint, load_model, load_tokenizer
+from adafuse.fusion.library import AdapterLibrary
+from adafuse.fusion.model import AdaptedModel
+from adafuse.fusion.storage import FileLock, atomic_write
+from adafuse.tasks.datamodule import TaskDataModule
+from adafuse.tasks.resolve import resolve_sequence
+
+from .config import RunConfig, dump_yaml
+from .methods import METHOD_CLASSES
+from .metrics import summarize
+from .module import AdapterTaskModule
+from .monitor import ForgettingMonitor
+from .report import write_run_report
+from .training import LibraryWriter, last_checkpoint, make_trainer
+
+
+@dataclass
+class Environment:
+    """What every job needs: the loaded backbone, its tokenizer and fingerprint, and the model around it."""
+
+    model: AdaptedModel
+    tokenizer: object
+    fingerprint: str
+    backbone_params: int
+
+
+def prepare_environment(config, out: Path) -> Environment:
+    if config.trainer.threads:
+        torch.set_num_threads(config.trainer.threads)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    tokenizer = load_tokenizer(config.backbone)
+    backbone = load_model(config.backbone)
+    fp = fingerprint(backbone)
+    params = sum(p.numel() for p in backbone.parameters())
+    return Environment(AdaptedModel(backbone, config.backbone.dropout), tokenizer, fp, params)
+
+
+def trainable_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_sequence(config: RunConfig, out: Path, library_dir: Path | None = None, base_dir: Path = Path("."),
+                 log=print) -> dict:
+    started = time.perf_counter()
+    tasks = resolve_sequence(config.sequence, config.tasks, base_dir, None, config.max_length)  # checked before writing
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output folder '{out}': {err.strerror}") from None
+    with FileLock(out / ".run.lock", blocking=False):
+        return _run(config, tasks, out, library_dir or out / "library", log, started)
+
+
+def _run(config: RunConfig, tasks, out: Path, library_dir: Path, log, started: float) -> dict:
+    env = prepare_environment(config, out)
+    atomic_write(out / "config.yaml", dump_yaml(config).encode())
+    modules = [
+        TaskDataModule(t, env.tokenizer, config.trainer.batch_size, config.trainer.eval_batch_size,
+                       config.trainer.num_workers, config.seed + i, out / "cache")
+        for i, t in enumerate(tasks)
+    ]
+    library = AdapterLibrary(library_dir)
+    method = METHOD_CLASSES[config.method](
+        config, env.model, library, env.fingerprint, tasks, [m.eval_dataloader("test") for m in modules],
+        out / "checkpoints",
+    )
+    monitor = ForgettingMonitor([t.name for t in tasks], method.evaluate, config.monitor.every_n_val_epochs)
+    log(f"adafuse run: {len(tasks)} tasks, method {config.method}, evaluating the untrained model")
+    monitor.evaluate_baseline()
+    per_task = {}
+    for i, (task, data) in enumerate(zip(tasks, modules, strict=True)):
+        monitor.current = i
+        if method.is_done(i):
+            entry = library.get("head", method.name(i))
+            method.restore(i)
+            monitor.evaluate_row(i)
+            per_task[task.name] = {**entry["metrics"], "reused": True}
+            log(f"[{i + 1}/{len(tasks)}] {task.name}: found in the library, not retrained")
+            continue
+        log(f"[{i + 1}/{len(tasks)}] {task.name}: training ({task.sizes()['train']} examples)")
+        L.seed_everything(config.seed + i, workers=True, verbose=False)
+        module = AdapterTaskModule(env.model, num_labels=task.num_labels, trainer_config=config.trainer,
+                                   **method.module_kwargs(i))
+        trainable = trainable_count(env.model)
+        writer = LibraryWriter(lambda m, i=i: method.write(i, m), lambda i=i: method.evaluate(i, i, True))
+        trainer = make_trainer(config.trainer, out, task.name, [writer, monitor], config.seed + i)
+        trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(out, task.name))
+        per_task[task.name] = {**writer.result, "trainable_params": trainable,
+                               "trainable_pct": round(100.0 * trainable / env.backbone_params, 4)}
+        log(f"[{i + 1}/{len(tasks)}] {task.name}: test accuracy {writer.result['test_accuracy']:.4f}")
+    metrics = _metrics(config, tasks, monitor, per_task, env, time.perf_counter() - started)
+    atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    write_run_report(out, metrics)
+    return metrics
+
+
+def _metrics(config: RunConfig, tasks, monitor: ForgettingMonitor, per_task: dict, env: Environment, wall: float):
+    names = [t.name for t in tasks]
+    for j, name in enumerate(names):
+        per_task[name].update({
+            "final_accuracy": monitor.matrix[-1][j],
+            "final_macro_f1": monitor.f1_matrix[-1][j],
+            "accuracy_after_training": monitor.matrix[j][j],
+            "baseline_accuracy": monitor.baseline[j],
+        })
+    return {
+        "method": config.method,
+        "tasks": names,
+        "accuracy_matrix": monitor.matrix,
+        "macro_f1_matrix": monitor.f1_matrix,
+        "baseline_accuracy": monitor.baseline,
+        **summarize(monitor.matrix, monitor.baseline, None),
+        "per_task": per_task,
+        "interim": monitor.interim,
+        "backbone": {"name": config.backbone.name, "fingerprint": env.fingerprint, "params": env.backbone_params},
+        "seed": config.seed,
+        "wall_time_s": round(wall, 3),
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("torch", "transformers", "lightning", "adafuse")}

@@ -1,0 +1,100 @@
+"""Building Lightning Trainers for one task and the callback that stores a finished task in the library."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from .config import TrainerConfig
+
+BEST_METRIC = "val_accuracy"
+
+
+class EpochSeed(L.Callback):
+    """Seeds torch at every epoch start from (seed, epoch): dropout masks do not depend on resumption."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.manual_seed(self.seed * 100_003 + trainer.current_epoch)
+
+
+class LibraryWriter(L.Callback):
+    """At the end of a task: reload the best checkpoint's trained tensors, then ``write(metrics)``."""
+
+    def __init__(self, write: Callable[[dict], None], evaluate_test: Callable[[], dict[str, float]]) -> None:
+        self.write = write
+        self.evaluate_test = evaluate_test
+        self.started = time.perf_counter()
+        self.result: dict = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None else ""
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            pl_module.load_trained_state(state)
+        val = float(checkpoint.best_model_score) if checkpoint is not None and checkpoint.best_model_score is not None else None
+        pl_module.prepare()
+        test = self.evaluate_test()
+        self.result = {
+            "val_accuracy": val,
+            "test_accuracy": test["accuracy"],
+            "test_macro_f1": test["macro_f1"],
+            "epochs": trainer.current_epoch,
+            "train_wall_time_s": round(time.perf_counter() - self.started, 3),
+        }
+        self.write(self.result)
+
+
+def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.Callback], seed: int) -> L.Trainer:
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints" / task,
+        filename="best",
+        monitor=BEST_METRIC,
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    extra = {}
+    if config.early_stopping_patience is not None:
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        extra_callbacks = [EarlyStopping(BEST_METRIC, mode="max", patience=config.early_stopping_patience)]
+    else:
+        extra_callbacks = []
+    if config.limit_train_batches is not None:
+        extra["limit_train_batches"] = config.limit_train_batches
+    return L.Trainer(
+        max_epochs=config.max_epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        precision=config.precision,
+        gradient_clip_val=config.gradient_clip_val,
+        callbacks=[EpochSeed(seed), *callbacks, *extra_callbacks, checkpoint],
+        logger=CSVLogger(out / "logs", name=task, version=0),
+        enable_progress_bar=config.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=config.accelerator == "cpu",
+        log_every_n_steps=10,
+        **extra,
+    )
+
+
+def last_checkpoint(out: Path, task: str) -> str | None:
+    path = out / "checkpoints" / task / "last.ckpt"
+    return str(path) if path.is_file() else None

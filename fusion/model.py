@@ -1,0 +1,217 @@
+"""A frozen backbone with adapter slots in every block, named adapters, fusions and heads.
+
+The protocol is small (after torchtune/peft): ``add_adapter``/``add_fusion``/``add_head`` create modules,
+``activate`` chooses what runs, ``set_trainable`` decides what gets gradients, and ``*_state``/``load_*``
+move one artefact's tensors in and out with keys that carry no artefact name
+(``"<layer>.<location>.down.weight"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from .attention import FusionConfig, FusionLayer
+from .bottleneck import BottleneckAdapter, BottleneckConfig
+from .errors import UserError
+from .heads import ClassificationHead
+from .sites import LOCATIONS, get_path, set_path, sites_for
+from .slot import AdapterSlot
+
+
+class AdaptedModel(nn.Module):
+    def __init__(self, backbone: nn.Module, backbone_dropout: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.backbone_dropout = backbone_dropout
+        self.hidden_size = backbone.config.hidden_size
+        sites = sites_for(backbone.config.model_type)
+        self._slots: dict[tuple[int, str], AdapterSlot] = {}
+        for index, block in enumerate(get_path(backbone, sites.layers)):
+            for location in LOCATIONS:
+                spec = getattr(sites, location)
+                norm = get_path(block, spec.layer_norm) if spec.layer_norm else None
+                slot = AdapterSlot(get_path(block, spec.module), spec, norm)
+                set_path(block, spec.module, slot)
+                self._slots[(index, location)] = slot
+        self.heads = nn.ModuleDict()
+        self.adapter_configs: dict[str, BottleneckConfig] = {}
+        self.fusion_sources: dict[str, tuple[str, ...]] = {}
+        self.active_head: str | None = None
+        for param in self.backbone.parameters():
+            param.requires_grad_(False)
+
+    # ---- structure -------------------------------------------------------------------------------------
+    def slots(self) -> Iterator[tuple[int, str, AdapterSlot]]:
+        for (index, location), slot in self._slots.items():
+            yield index, location, slot
+
+    @property
+    def num_layers(self) -> int:
+        return 1 + max(index for index, _ in self._slots)
+
+    def add_adapter(self, name: str, config: BottleneckConfig) -> None:
+        if name in self.adapter_configs:
+            raise UserError(f"adapter '{name}' already exists in the model")
+        for _, location, slot in self.slots():
+            if location in config.locations:
+                slot.adapters[name] = BottleneckAdapter(self.hidden_size, config)
+        self.adapter_configs[name] = config
+
+    def add_head(self, name: str, num_labels: int, pooling: str = "cls", dropout: float = 0.1) -> None:
+        self.heads[name] = ClassificationHead(self.hidden_size, num_labels, pooling, dropout)
+
+    def add_fusion(self, name: str, sources: list[str], config: FusionConfig) -> None:
+        missing = [s for s in sources if s not in self.adapter_configs]
+        if missing:
+            raise UserError(f"fusion '{name}': unknown source adapters {missing}; known: {sorted(self.adapter_configs)}")
+        configs = [self.adapter_configs[s] for s in sources]
+        shapes = {(c.placement, c.size(self.hidden_size), c.non_linearity, c.input_is_normed) for c in configs}
+        if len(shapes) > 1:
+            raise UserError(f"fusion '{name}': sources differ in placement/bottleneck/non-linearity: {sorted(shapes)}")
+        for _, location, slot in self.slots():
+            if location in configs[0].locations:
+                slot.fusions[name] = FusionLayer(self.hidden_size, config)
+        self.fusion_sources[name] = tuple(sources)
+
+    def delete_adapter(self, name: str) -> None:
+        for _, _, slot in self.slots():
+            if name in slot.adapters:
+                del slot.adapters[name]
+        self.adapter_configs.pop(name, None)
+
+    def delete_fusion(self, name: str) -> None:
+        for _, _, slot in self.slots():
+            if name in slot.fusions:
+                del slot.fusions[name]
+        self.fusion_sources.pop(name, None)
+
+    # ---- what runs and what trains -----------------------------------------------------------------------
+    def activate(self, adapters: list[str] | tuple[str, ...] = (), fusion: str | None = None, head: str | None = None):
+        """Choose the active adapters (their deltas add up) or one fusion, and the head."""
+        for name in adapters:
+            if name not in self.adapter_configs:
+                raise UserError(f"unknown adapter '{name}'; known: {sorted(self.adapter_configs)}")
+        if fusion is not None and fusion not in self.fusion_sources:
+            raise UserError(f"unknown fusion '{fusion}'; known: {sorted(self.fusion_sources)}")
+        if head is not None and head not in self.heads:
+            raise UserError(f"unknown head '{head}'; known: {sorted(self.heads)}")
+        for _, _, slot in self.slots():
+            slot.active = tuple(a for a in adapters if a in slot.adapters)
+            slot.active_fusion = (fusion, self.fusion_sources[fusion]) if fusion in slot.fusions else None
+        self.active_head = head
+
+    @contextlib.contextmanager
+    def bare_backbone(self):
+        """Run the backbone without any adapter or fusion inside the block (the head stays)."""
+        saved = [(slot.active, slot.active_fusion) for _, _, slot in self.slots()]
+        for _, _, slot in self.slots():
+            slot.active, slot.active_fusion = (), None
+        try:
+            yield self
+        finally:
+            for (_, _, slot), (active, fused) in zip(self.slots(), saved, strict=True):
+                slot.active, slot.active_fusion = active, fused
+
+    def set_trainable(self, adapters=(), fusions=(), heads=(), backbone: bool = False) -> None:
+        """Exactly the named adapters, fusions and heads (and the backbone only if asked) require grad."""
+        for param in self.parameters():
+            param.requires_grad_(False)
+        if backbone:
+            for name, param in self.backbone.named_parameters():
+                if ".adapters." not in name and ".fusions." not in name:
+                    param.requires_grad_(True)
+        for module in self._artefact_modules(adapters, fusions, heads):
+            for param in module.parameters():
+                param.requires_grad_(True)
+
+    def _artefact_modules(self, adapters=(), fusions=(), heads=()) -> Iterator[nn.Module]:
+        for _, _, slot in self.slots():
+            yield from (slot.adapters[a] for a in adapters if a in slot.adapters)
+            yield from (slot.fusions[f] for f in fusions if f in slot.fusions)
+        yield from (self.heads[h] for h in heads)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and not self.backbone_dropout:
+            self.backbone.eval()  # frozen backbone: dropout off; adapters and fusions follow `mode`
+            for _, _, slot in self.slots():
+                slot.adapters.train(mode)
+                slot.fusions.train(mode)
+        return self
+
+    def fusion_regularization(self) -> torch.Tensor:
+        losses = [slot.fusions[f].regularization_loss() for f in self._active_fusions() for _, _, slot in self.slots()
+                  if f in slot.fusions]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    def _active_fusions(self) -> set[str]:
+        return {slot.active_fusion[0] for _, _, slot in self.slots() if slot.active_fusion is not None}
+
+    def set_fusion_temperature(self, temperature: float) -> None:
+        for _, _, slot in self.slots():
+            for fusion in slot.fusions.values():
+                fusion.temperature = temperature
+
+    # ---- forward --------------------------------------------------------------------------------------
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.active_head is None:
+            raise UserError("no active head: call activate(head=...) first")
+        hidden = self.encode(input_ids, attention_mask, **kwargs)  # (B, L, d)
+        return self.heads[self.active_head](hidden, attention_mask)  # (B, C)
+
+    # ---- artefact tensors -------------------------------------------------------------------------------
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return self._slot_state(name, "adapters")
+
+    def fusion_state(self, name: str) -> dict[str, torch.Tensor]:
+        return self._slot_state(name, "fusions")
+
+    def head_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.heads[name].state_dict().items()}
+
+    def _slot_state(self, name: str, kind: str) -> dict[str, torch.Tensor]:
+        state = {}
+        for index, location, slot in self.slots():
+            container = getattr(slot, kind)
+            if name in container:
+                for key, value in container[name].state_dict().items():
+                    state[f"{index}.{location}.{key}"] = value.detach().clone()
+        return state
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        self._load_slot_state(name, "adapters", state)
+
+    def load_fusion_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        self._load_slot_state(name, "fusions", state)
+
+    def load_head_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        _strict_load(self.heads[name], state, f"head '{name}'")
+
+    def _load_slot_state(self, name: str, kind: str, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self._slot_state(name, kind))
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise UserError(f"{kind[:-1]} '{name}': tensors do not match the model (missing {missing[:3]}, extra {extra[:3]})")
+        for index, location, slot in self.slots():
+            container = getattr(slot, kind)
+            if name in container:
+                prefix = f"{index}.{location}."
+                part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                _strict_load(container[name], part, f"{kind[:-1]} '{name}'")
+
+
+def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    own = module.state_dict()
+    if set(own) != set(state):
+        raise UserError(f"{what}: expected tensors {sorted(own)}, got {sorted(state)}")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise UserError(f"{what}: tensor '{key}' has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+    module.load_state_dict(state)

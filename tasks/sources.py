@@ -1,0 +1,209 @@
+"""Loading user data through ``datasets``: files, folders or (online) Hub datasets -> TaskData.
+
+Every mistake a user can make here is a :class:`UserError` naming the file, column or value and what
+was expected. Text that is not valid UTF-8 is decoded with replacement characters and reported as a
+warning with the count of replaced characters.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import warnings
+from pathlib import Path
+
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.storage import atomic_write, sha256_bytes
+
+from .spec import SPLITS, SplitData, TaskData, TaskSpec
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+
+
+def _format_of(path: Path) -> str:
+    if path.suffix.lower() not in FORMATS:
+        raise UserError(f"{path}: unknown format '{path.suffix or '(no extension)'}'; expected one of {', '.join(FORMATS)}")
+    return FORMATS[path.suffix.lower()]
+
+
+def _clean_text_file(path: Path, cache_dir: Path | None) -> Path:
+    """Return ``path``, or a UTF-8 copy of it in ``cache_dir`` when it holds invalid UTF-8 (with a warning)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+        return path
+    except UnicodeDecodeError:
+        pass
+    text = raw.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+    warnings.warn(f"{path}: not valid UTF-8; {replaced} character(s) replaced by U+FFFD", stacklevel=2)
+    if cache_dir is None:
+        cache_dir = Path(tempfile.gettempdir()) / "adafuse-utf8"
+    clean = Path(cache_dir) / f"utf8-{sha256_bytes(raw)[:16]}{path.suffix}"
+    if not clean.exists():
+        atomic_write(clean, text.encode("utf-8"))
+    return clean
+
+
+def _load_file(path: Path, cache_dir: Path | None):
+    from datasets import load_dataset
+
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    fmt = _format_of(path)
+    if fmt != "parquet":
+        path = _clean_text_file(path, cache_dir)
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        return load_dataset(fmt, data_files=str(path), split="train", cache_dir=str(cache_dir) if cache_dir else None, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any parser failure is the user's file
+        raise UserError(f"{path}: could not be read as {fmt} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def _find_split_files(folder: Path) -> dict[str, Path]:
+    found = {}
+    for split, aliases in SPLIT_ALIASES.items():
+        for path in sorted(folder.iterdir()):
+            if path.stem.lower() in aliases and path.suffix.lower() in FORMATS:
+                found[split] = path
+                break
+    if "train" not in found:
+        raise UserError(f"{folder}: no train file found (expected train.csv/.tsv/.json/.jsonl/.parquet)")
+    return found
+
+
+def _raw_splits(spec: TaskSpec, base_dir: Path, cache_dir: Path | None) -> dict:
+    source = Path(spec.source).expanduser()
+    if not source.is_absolute():
+        source = base_dir / source
+    if spec.splits:
+        unknown = set(spec.splits) - set(SPLITS)
+        if unknown:
+            raise UserError(f"task '{spec.name}': unknown split names {sorted(unknown)} in 'splits'; expected {list(SPLITS)}")
+        if "train" not in spec.splits:
+            raise UserError(f"task '{spec.name}': 'splits' has no 'train' entry")
+        if source.exists() or any(Path(v).suffix.lower() in FORMATS for v in spec.splits.values()):
+            folder = source if source.is_dir() else source.parent
+            return {split: _load_file(folder / name, cache_dir) for split, name in spec.splits.items()}
+        return _load_hub(spec, spec.splits)
+    if source.is_dir():
+        return {split: _load_file(path, cache_dir) for split, path in _find_split_files(source).items()}
+    if source.is_file() or source.suffix or str(spec.source).startswith((".", "/", "~")):
+        return {"train": _load_file(source, cache_dir)}
+    return _load_hub(spec, {s: s for s in SPLITS})
+
+
+def _load_hub(spec: TaskSpec, splits: dict[str, str]) -> dict:
+    from datasets import load_dataset
+
+    try:
+        loaded = load_dataset(spec.source)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(
+            f"task '{spec.name}': source '{spec.source}' is not a file or folder, and loading it as a Hub dataset "
+            f"failed ({type(err).__name__}; needs network access)"
+        ) from None
+    return {split: loaded[name] for split, name in splits.items() if name in loaded}
+
+
+def _check_ratio(spec: TaskSpec, key: str, value: float | None) -> float | None:
+    if value is not None and not 0.0 < value < 1.0:
+        raise UserError(f"task '{spec.name}': {key} = {value} must be strictly between 0 and 1")
+    return value
+
+
+def _carve(rows: list[dict], spec: TaskSpec, missing: list[str]) -> dict[str, list[dict]]:
+    """Split train rows into the missing validation/test splits, seeded."""
+    ratios = {
+        "validation": _check_ratio(spec, "validation_ratio", spec.validation_ratio),
+        "test": _check_ratio(spec, "test_ratio", spec.test_ratio),
+    }
+    ratios = {split: (ratios[split] or 0.1) for split in missing}
+    if sum(ratios.values()) >= 1.0:
+        raise UserError(f"task '{spec.name}': validation_ratio + test_ratio = {sum(ratios.values())} must be < 1")
+    order = list(range(len(rows)))
+    random.Random(spec.split_seed).shuffle(order)
+    carved, start = {}, 0
+    for split, ratio in ratios.items():
+        count = max(1, round(ratio * len(rows)))
+        carved[split] = [rows[i] for i in order[start : start + count]]
+        start += count
+    carved["train"] = [rows[i] for i in order[start:]]
+    return carved
+
+
+def load_user_task(spec: TaskSpec, base_dir: Path = Path("."), cache_dir: Path | None = None) -> TaskData:
+    """Read, check and label-encode a user task."""
+    if not spec.source:
+        raise UserError(f"task '{spec.name}': needs a 'source' (file, folder or Hub dataset name)")
+    for key in ("validation_ratio", "test_ratio"):
+        _check_ratio(spec, key, getattr(spec, key))
+    datasets = _raw_splits(spec, base_dir, cache_dir)
+    columns = [spec.text_column, spec.label_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
+    rows = {}
+    for split, dataset in datasets.items():
+        absent = [c for c in columns if c not in dataset.column_names]
+        if absent:
+            raise UserError(
+                f"task '{spec.name}', {split} split: column(s) {absent} not found; columns found: {dataset.column_names}"
+            )
+        rows[split] = dataset.select_columns(columns).to_list()
+    missing = [s for s in ("validation", "test") if s not in rows]
+    if missing:
+        rows.update(_carve(rows["train"], spec, missing))
+    for split in SPLITS:
+        if not rows[split]:
+            raise UserError(f"task '{spec.name}': the {split} split is empty")
+    label_names = _label_names(spec, rows)
+    index = {name: i for i, name in enumerate(label_names)}
+    splits = {}
+    for split in SPLITS:
+        labels = []
+        for number, row in enumerate(rows[split]):
+            value = _label_key(row[spec.label_column])
+            if value not in index:
+                raise UserError(
+                    f"task '{spec.name}', {split} split, row {number}: label {value!r} not seen in train "
+                    f"(train labels: {label_names})"
+                )
+            labels.append(index[value])
+        splits[split] = SplitData(
+            texts=[_text(r[spec.text_column]) for r in rows[split]],
+            labels=labels,
+            pairs=[_text(r[spec.text_pair_column]) for r in rows[split]] if spec.text_pair_column else None,
+        )
+    if len(set(splits["train"].labels)) < 2:
+        raise UserError(f"task '{spec.name}': the train split has a single class ({label_names[splits['train'].labels[0]]!r})")
+    return TaskData(name=spec.name, label_names=label_names, splits=splits, max_length=spec.max_length)
+
+
+def _label_key(value) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
+def _label_names(spec: TaskSpec, rows: dict[str, list[dict]]) -> list[str]:
+    seen = {_label_key(r[spec.label_column]) for r in rows["train"]}
+    if spec.label_names:
+        names = [str(n) for n in spec.label_names]
+        if len(set(names)) != len(names):
+            raise UserError(f"task '{spec.name}': label_names has duplicates: {names}")
+        # integer labels may be ids into label_names
+        if seen <= {str(i) for i in range(len(names))} and not seen <= set(names):
+            for split_rows in rows.values():
+                for r in split_rows:
+                    r[spec.label_column] = names[int(_label_key(r[spec.label_column]))]
+            seen = {_label_key(r[spec.label_column]) for r in rows["train"]}
+        unknown = seen - set(names)
+        if unknown:
+            raise UserError(f"task '{spec.name}': train labels {sorted(unknown)} are not in label_names {names}")
+        return names
+    return sorted(seen, key=lambda s: (0, int(s)) if s.lstrip("-").isdigit() else (1, s))

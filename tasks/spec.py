@@ -1,0 +1,64 @@
+"""Task specs (what a user writes in YAML) and task data (what the trainer consumes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class TaskSpec:
+    """A classification task from user data, or a built-in task when only ``name`` is given.
+
+    Attributes:
+        name: unique task name (also the adapter's and head's name in the library).
+        source: a CSV/TSV/JSON/JSONL/parquet file or folder, or a Hub dataset name (online).
+        text_column: column holding the text.
+        text_pair_column: second text column for sentence-pair tasks.
+        label_column: column holding the label (names or integer ids).
+        splits: split name -> file (relative to ``source`` when it is a folder) or Hub split name.
+        validation_ratio, test_ratio: carve missing splits out of train with ``split_seed``.
+        max_length: tokenizer truncation length.
+        label_names: label names in id order (default: sorted labels seen in train).
+        shots: for built-in few-shot tasks, train examples per class.
+    """
+
+    name: str
+    source: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    splits: dict[str, str] | None = None
+    validation_ratio: float | None = None
+    test_ratio: float | None = None
+    split_seed: int = 0
+    max_length: int = 128
+    label_names: list[str] | None = None
+    shots: int | None = None
+
+
+@dataclass
+class SplitData:
+    texts: list[str]
+    labels: list[int]
+    pairs: list[str] | None = None
+    ids: list[str] | None = None  # stable example ids (file names for built-ins)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class TaskData:
+    name: str
+    label_names: list[str]
+    splits: dict[str, SplitData] = field(default_factory=dict)
+    max_length: int = 128
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def sizes(self) -> dict[str, int]:
+        return {split: len(self.splits[split]) for split in SPLITS}
