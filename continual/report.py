@@ -96,6 +96,30 @@ def write_run_report(out: Path, metrics: dict) -> None:
     plt.close(figure)
 
 
+def write_fusion_report(out: Path, metrics: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    atomic_write(out / "report.md", fusion_markdown(metrics).encode())
+    attention = metrics.get("attention")
+    if attention:
+        rows = [f"layer {i}" for i in range(len(attention))]
+        figure, ax = plt.subplots(figsize=(1.2 * len(metrics["sources"]) + 3, 0.5 * len(rows) + 2))
+        image = ax.imshow(attention, vmin=0.0, vmax=1.0, cmap="magma")
+        ax.set_xticks(range(len(metrics["sources"])), metrics["sources"], rotation=45, ha="right")
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_title(f"mean fusion attention on {metrics['target']} (test)")
+        for i, row in enumerate(attention):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black",
+                        fontsize=8)
+        figure.colorbar(image, ax=ax)
+        atomic_write(out / "fusion_attention.png", _png(figure))
+        plt.close(figure)
+
+
 def read_metrics(folder: Path) -> dict:
     path = Path(folder) / "metrics.json"
     try:

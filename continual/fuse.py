@@ -1,0 +1,205 @@
+"""``adafuse fuse``: AdapterFusion over frozen library adapters for a target task (Pfeiffer et al. 2021).
+
+Loads the K source adapters (sha256 and backbone fingerprint checked), adds a fusion layer per block and
+a new head, trains only those, stores fusion + head in the library with the sources' sha256, and
+re-evaluates every source task before and after (their accuracies must not move). ``baseline=
+"single-adapter"`` trains a fresh adapter + head on the same data and budget instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from adafuse.fusion.bottleneck import BottleneckConfig
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.library import AdapterLibrary, check_name
+from adafuse.fusion.model import AdaptedModel
+from adafuse.fusion.storage import FileLock, atomic_write, sha256_file
+from adafuse.tasks.builtin import is_builtin, load_builtin
+from adafuse.tasks.datamodule import TaskDataModule
+from adafuse.tasks.resolve import resolve_task
+from adafuse.tasks.spec import TaskSpec
+
+from .config import FuseConfig, dump_yaml
+from .evaluate import evaluate
+from .methods import seeded_adapter_state, seeded_state
+from .module import AdapterTaskModule, FusionModule
+from .report import write_fusion_report
+from .runner import prepare_environment, trainable_count
+from .training import LibraryWriter, last_checkpoint, make_trainer
+
+
+def _target(config: FuseConfig) -> TaskSpec:
+    spec = TaskSpec(name=config.target, max_length=config.max_length) if isinstance(config.target, str) else config.target
+    if config.shots is not None:
+        spec.shots = config.shots
+    return spec
+
+
+def _source_entries(library: AdapterLibrary, sources: list[str] | str) -> list[dict]:
+    if sources == "all":
+        entries = library.entries("adapter")
+        if not entries:
+            raise UserError(f"library '{library.root}' holds no adapters to fuse")
+        return entries
+    if isinstance(sources, str) or not sources:
+        raise UserError(f"sources: expected 'all' or a non-empty list of adapter names, found {sources!r}")
+    return [library.get("adapter", name) for name in sources]
+
+
+def run_fusion(config: FuseConfig, library_dir: Path, out: Path, baseline: str | None = None,
+               base_dir: Path = Path("."), log=print) -> dict:
+    started = time.perf_counter()
+    library = AdapterLibrary(library_dir)
+    if not library.exists():
+        raise UserError(f"'{library_dir}' is not an adapter library (no manifest.json)")
+    entries = _source_entries(library, config.sources)
+    spec = _target(config)
+    target = resolve_task(spec, base_dir, None, config.max_length)
+    fusion_name = check_name(config.name or f"{target.name}-fusion")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output folder '{out}': {err.strerror}") from None
+    with FileLock(out / ".run.lock", blocking=False):
+        env = prepare_environment(config, out)
+        atomic_write(out / "config.yaml", dump_yaml(config).encode())
+        model = env.model
+        sources = [e["name"] for e in entries]
+        hashes_before = {e["name"]: sha256_file(library.resolve(e["file"])) for e in entries}
+        for entry in entries:
+            model.add_adapter(entry["name"], BottleneckConfig(**entry["config"].get("adapter", {})))
+            model.load_adapter_state(entry["name"], library.load("adapter", entry["name"], env.fingerprint).tensors)
+        source_eval = SourceEvaluator(model, library, entries, env, config)
+        log(f"adafuse fuse: {len(sources)} sources, target {target.name}; evaluating the sources")
+        before = source_eval.run()
+
+        data = TaskDataModule(target, env.tokenizer, config.trainer.batch_size, config.trainer.eval_batch_size,
+                              config.trainer.num_workers, config.seed, out / "cache")
+        head = fusion_name if baseline is None else f"{target.name}-single"
+        model.add_head(head, target.num_labels, config.head.pooling, config.head.dropout)
+        model.load_head_state(head, seeded_state(lambda: type(model.heads[head])(
+            model.hidden_size, target.num_labels, config.head.pooling, config.head.dropout), config.seed * 31 + 1))
+        if baseline is None:
+            model.add_fusion(fusion_name, sources, config.fusion)
+            module = FusionModule(model, head=head, num_labels=target.num_labels, trainer_config=config.trainer,
+                                  fusion=fusion_name)
+        else:
+            model.add_adapter(head, config.adapter)
+            model.load_adapter_state(head, seeded_adapter_state(model, config, config.seed * 31 + 2))
+            module = AdapterTaskModule(model, head=head, num_labels=target.num_labels, trainer_config=config.trainer,
+                                       adapters=(head,), train_adapters=(head,))
+        trainable = trainable_count(model)
+
+        def write(metrics: dict) -> None:
+            if baseline is None:
+                _write_fusion(library, model, fusion_name, head, entries, env.fingerprint, config, target, metrics)
+            else:
+                tensors = {f"adapter.{k}": v for k, v in model.adapter_state(head).items()}
+                tensors |= {f"head.{k}": v for k, v in model.head_state(head).items()}
+                atomic_write(out / "baseline_adapter.safetensors", save({k: v.contiguous() for k, v in tensors.items()}))
+
+        writer = LibraryWriter(write, lambda: evaluate(model, data.eval_dataloader("test")))
+        trainer = make_trainer(config.trainer, out, head, [writer], config.seed)
+        log(f"training {'fusion' if baseline is None else 'a single adapter'} on {target.sizes()['train']} examples")
+        trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(out, head))
+        module.prepare()
+        validation = evaluate(model, data.eval_dataloader("validation"))
+        attention = fusion_attention(model, data.eval_dataloader("test")) if baseline is None else None
+        after = source_eval.run()
+        hashes_after = {e["name"]: sha256_file(library.resolve(e["file"])) for e in entries}
+        metrics = {
+            "method": "fusion" if baseline is None else "single-adapter",
+            "target": target.name,
+            "sources": sources,
+            "fusion": fusion_name if baseline is None else None,
+            "test": {"accuracy": writer.result["test_accuracy"], "macro_f1": writer.result["test_macro_f1"]},
+            "validation": validation,
+            "source_accuracy_before": before,
+            "source_accuracy_after": after,
+            "source_files_unchanged": hashes_before == hashes_after,
+            "trainable_params": trainable,
+            "epochs": writer.result["epochs"],
+            "train_wall_time_s": writer.result["train_wall_time_s"],
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            "attention": attention,
+            "label_names": target.label_names,
+            "lr": config.trainer.lr,
+            "head_lr": config.trainer.head_lr or config.trainer.lr,
+            "seed": config.seed,
+        }
+        atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+        write_fusion_report(out, metrics)
+        return metrics
+
+
+def _write_fusion(library, model: AdaptedModel, name: str, head: str, entries: list[dict], fingerprint: str,
+                  config: FuseConfig, target, metrics: dict) -> None:
+    sources = [{"name": e["name"], "sha256": e["sha256"]} for e in entries]
+    entry_config = {"fusion": asdict(config.fusion), "label_names": target.label_names, "num_labels": target.num_labels,
+                    "head": asdict(config.head), "method": "fusion"}
+    library.add("fusion", name, model.fusion_state(name), fingerprint=fingerprint, config=entry_config,
+                task=target.name, metrics=metrics, sources=sources)
+    library.add("head", head, model.head_state(head), fingerprint=fingerprint, config=entry_config,
+                task=target.name, metrics=metrics)
+
+
+class SourceEvaluator:
+    """Test accuracy of each source task (built-in tasks; others are reported as None) with its own head."""
+
+    def __init__(self, model: AdaptedModel, library: AdapterLibrary, entries: list[dict], env, config) -> None:
+        self.model = model
+        self.library = library
+        self.entries = entries
+        self.env = env
+        self.config = config
+        self.loaders = {}
+        for entry in entries:
+            head = library.find("head", entry["name"])
+            if head is not None and entry.get("task") and is_builtin(entry["task"]):
+                task = load_builtin(entry["task"], max_length=config.max_length)
+                if task.label_names == head["config"].get("label_names"):
+                    module = TaskDataModule(task, env.tokenizer, eval_batch_size=config.trainer.eval_batch_size)
+                    self.loaders[entry["name"]] = (module.eval_dataloader("test"), head)
+
+    def run(self) -> dict[str, float | None]:
+        results = {e["name"]: None for e in self.entries}
+        for name, (loader, head_entry) in self.loaders.items():
+            head_name = f"source@{name}"
+            if head_name not in self.model.heads:
+                config = head_entry["config"].get("head", {})
+                self.model.add_head(head_name, head_entry["config"]["num_labels"], config.get("pooling", "cls"))
+            self.model.load_head_state(head_name, self.library.load("head", name, self.env.fingerprint).tensors)
+            self.model.activate([name], head=head_name)
+            results[name] = evaluate(self.model, loader)["accuracy"]
+        return results
+
+
+@torch.no_grad()
+def fusion_attention(model: AdaptedModel, loader) -> list[list[float]]:
+    """Mean fusion attention weight per (layer, location) x source over the real tokens of ``loader``."""
+    slots = [slot for _, _, slot in model.slots() if slot.active_fusion is not None]
+    totals = [None] * len(slots)
+    tokens = 0.0
+    model.eval()
+    for batch in loader:
+        for slot in slots:
+            slot.attention_recorder = []
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        model(**inputs)
+        mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, L, 1)
+        tokens += float(mask.sum())
+        for index, slot in enumerate(slots):
+            weights = slot.attention_recorder[0]  # (B, L, K)
+            summed = (weights * mask).sum((0, 1))
+            totals[index] = summed if totals[index] is None else totals[index] + summed
+    for slot in slots:
+        slot.attention_recorder = None
+    return [(t / tokens).tolist() for t in totals]

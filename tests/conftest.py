@@ -1,0 +1,58 @@
+"""Shared test helpers: tiny random backbones built from configs (no downloads), fixture paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "adapterhub"
+
+TINY = {
+    "bert": dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                 max_position_embeddings=64),
+    "roberta": dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                    max_position_embeddings=64, pad_token_id=1),
+    "xlm-roberta": dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, pad_token_id=1),
+    "electra": dict(vocab_size=100, embedding_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=32, max_position_embeddings=64),
+    "deberta-v2": dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32, max_position_embeddings=64),
+    "distilbert": dict(vocab_size=100, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=64),
+}
+
+
+def tiny_backbone(model_type: str = "bert", seed: int = 0):
+    from adafuse.fusion.backbone import BackboneConfig, load_model
+
+    return load_model(BackboneConfig(random_init={"model_type": model_type, **TINY[model_type]}, seed=seed))
+
+
+def tiny_batch(batch: int = 3, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * std)
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"AdapterHub fixtures not found at {FIXTURES}")
+    return FIXTURES

@@ -1,0 +1,133 @@
+"""The fast (batched, re-associated) fusion path against the paper's equations written as a loop."""
+
+import pytest
+import torch
+from conftest import randomize, tiny_backbone, tiny_batch
+
+from adafuse.fusion.attention import FusionConfig
+from adafuse.fusion.bottleneck import BottleneckConfig
+from adafuse.fusion.model import AdaptedModel
+from adafuse.fusion.slot import AdapterSlot
+
+
+def naive_fuse(self, name, adapters, h, residual):
+    """Pfeiffer et al. 2021, Eq. 2-5 as written: one full d x d projection per adapter for keys and values."""
+    fusion = self.fusions[name]
+    x = self._adapter_input(adapters[-1].config.input_is_normed, h, residual)
+    query_input = h if fusion.config.query_before_ln else x
+    q = fusion.query(query_input) if fusion.query is not None else query_input
+    scores, values = [], []
+    for adapter in adapters:
+        v = adapter(x)  # a_n, (B, L, d)
+        if fusion.config.residual_before:
+            v = v + h
+        k = fusion.key(v) if fusion.key is not None else v
+        scores.append((q * k).sum(-1))
+        values.append(fusion.value(v) if fusion.value is not None else v)
+    scores = torch.stack(scores, -1)  # (B, L, K)
+    scores = fusion.score_dropout(scores) if fusion.training and fusion.config.dropout > 0 else scores
+    weights = torch.softmax(scores / fusion.temperature, -1)
+    out = (weights.unsqueeze(-1) * torch.stack(values, 2)).sum(2)  # (B, L, d)
+    return out if fusion.config.residual_before else out + h
+
+
+def fused_model(k, placement, config):
+    model = AdaptedModel(tiny_backbone())
+    sources = [f"s{i}" for i in range(k)]
+    for name in sources:
+        model.add_adapter(name, BottleneckConfig(placement=placement, reduction_factor=4))
+    model.add_fusion("f", sources, config)
+    model.add_head("f", 3)
+    randomize(model, std=0.2)
+    model.activate(fusion="f", head="f")
+    model.set_trainable(fusions=["f"], heads=["f"])
+    return model
+
+
+def run(model, train_mode=False, seed=0):
+    model.train(train_mode)
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    logits = model(**tiny_batch())
+    logits.pow(2).sum().backward()
+    # b_K cancels in the softmax (it adds the same q . b_K to every score), so the fast path never reads it:
+    # its gradient is None there and ~0 in the naive loop.
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+             for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+CONFIGS = [
+    FusionConfig(),
+    FusionConfig(dropout=0.3),
+    FusionConfig(residual_before=True, query_before_ln=True, dropout=0.3),
+    FusionConfig(query=False),
+    FusionConfig(key=False, value=False),
+    FusionConfig(temperature=True),
+]
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+@pytest.mark.parametrize("config_index", range(len(CONFIGS)))
+def test_fast_path_equals_naive_forward_and_gradients(k, placement, config_index, monkeypatch):
+    model = fused_model(k, placement, CONFIGS[config_index])
+    model.double()
+    fast_logits, fast_grads = run(model)
+    monkeypatch.setattr(AdapterSlot, "_fuse", naive_fuse)
+    naive_logits, naive_grads = run(model)
+    torch.testing.assert_close(fast_logits, naive_logits, rtol=1e-10, atol=1e-10)
+    assert fast_grads.keys() == naive_grads.keys()
+    assert any(".query." in n for n in fast_grads) == CONFIGS[config_index].query
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], naive_grads[name], rtol=1e-8, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+def test_dropout_in_training_mode_matches_naive_with_same_rng(placement, monkeypatch):
+    model = fused_model(3, placement, FusionConfig(dropout=0.5, residual_before=True))
+    model.double()
+    fast_logits, fast_grads = run(model, train_mode=True, seed=7)
+    monkeypatch.setattr(AdapterSlot, "_fuse", naive_fuse)
+    naive_logits, naive_grads = run(model, train_mode=True, seed=7)
+    torch.testing.assert_close(fast_logits, naive_logits, rtol=1e-10, atol=1e-10)
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], naive_grads[name], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+def test_single_source_with_identity_value_equals_the_adapter(placement):
+    model = fused_model(1, placement, FusionConfig())
+    for _, _, slot in model.slots():
+        if "f" in slot.fusions:
+            torch.nn.init.eye_(slot.fusions["f"].value.weight)
+    model.eval()
+    with torch.no_grad():
+        fused = model.encode(**tiny_batch())
+        model.activate(["s0"], head="f")
+        single = model.encode(**tiny_batch())
+    torch.testing.assert_close(fused, single, rtol=1e-5, atol=1e-5)
+
+
+def test_value_starts_at_identity_and_regulariser():
+    model = fused_model(2, "pfeiffer", FusionConfig())
+    fresh = AdaptedModel(tiny_backbone())
+    fresh.add_adapter("a", BottleneckConfig(reduction_factor=4))
+    fresh.add_fusion("f", ["a"], FusionConfig())
+    fresh.activate(fusion="f")
+    layer = next(s.fusions["f"] for _, _, s in fresh.slots() if "f" in s.fusions)
+    torch.testing.assert_close(layer.value.weight, torch.eye(16), atol=1e-4, rtol=0)
+    assert float(fresh.fusion_regularization()) < 1e-6
+    assert float(model.fusion_regularization()) > 0  # randomized V is far from I
+
+
+def test_temperature_is_set_from_outside_not_by_forward():
+    model = fused_model(2, "pfeiffer", FusionConfig(temperature=True))
+    layers = [s.fusions["f"] for _, _, s in model.slots() if "f" in s.fusions]
+    assert all(layer.temperature == 50.0 for layer in layers)
+    model.train()
+    model(**tiny_batch())
+    assert all(layer.temperature == 50.0 for layer in layers)
+    model.set_fusion_temperature(2.0)
+    assert all(layer.temperature == 2.0 for layer in layers)
