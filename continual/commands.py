@@ -70,9 +70,9 @@ def _library(folder: str) -> AdapterLibrary:
 def cmd_library_list(args, _overrides=()) -> int:
     library = _library(args.dir)
     entries = library.entries()
-    print(f"{'kind':<8} {'name':<32} {'task':<24} {'test acc':>8}  sha256")
+    print(f"{'kind':<8} {'name':<32} {'task':<24} {'val acc':>8}  sha256")
     for e in entries:
-        acc = (e.get("metrics") or {}).get("test_accuracy")
+        acc = (e.get("metrics") or {}).get("val_accuracy")
         print(f"{e['kind']:<8} {e['name']:<32} {str(e.get('task')):<24} {'' if acc is None else f'{acc:.4f}':>8}  "
               f"{e['sha256'][:16]}")
     print(f"{len(entries)} artefacts; backbone {library.read_manifest()['backbone']['fingerprint'][:16]}")

@@ -8,7 +8,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 from adafuse.fusion.model import AdaptedModel
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_logits(model: AdaptedModel, loader, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated (N, C) logits and (N,) labels over ``loader``, in eval mode."""
     was_training = model.training

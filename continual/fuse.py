@@ -59,7 +59,7 @@ def run_fusion(config: FuseConfig, library_dir: Path, out: Path, baseline: str |
     library = AdapterLibrary(library_dir)
     if not library.exists():
         raise UserError(f"'{library_dir}' is not an adapter library (no manifest.json)")
-    entries = _source_entries(library, config.sources)
+    entries = _source_entries(library, config.sources) if baseline is None else []
     spec = _target(config)
     target = resolve_task(spec, base_dir, None, config.max_length)
     fusion_name = check_name(config.name or f"{target.name}-fusion")

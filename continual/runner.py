@@ -101,12 +101,13 @@ def _run(config: RunConfig, tasks, out: Path, library_dir: Path, log, started: f
         module = AdapterTaskModule(env.model, num_labels=task.num_labels, trainer_config=config.trainer,
                                    **method.module_kwargs(i))
         trainable = trainable_count(env.model)
-        writer = LibraryWriter(lambda m, i=i: method.write(i, m), lambda i=i: method.evaluate(i, i, True))
+        writer = LibraryWriter(lambda m, i=i: method.write(i, m))
         trainer = make_trainer(config.trainer, out, task.name, [writer, monitor], config.seed + i)
         trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(out, task.name))
         per_task[task.name] = {**writer.result, "trainable_params": trainable,
                                "trainable_pct": round(100.0 * trainable / env.backbone_params, 4)}
-        log(f"[{i + 1}/{len(tasks)}] {task.name}: test accuracy {writer.result['test_accuracy']:.4f}")
+        log(f"[{i + 1}/{len(tasks)}] {task.name}: test accuracy {monitor.matrix[i][i]:.4f} "
+            f"(validation {writer.result['val_accuracy']:.4f})")
     metrics = _metrics(config, tasks, monitor, per_task, env, time.perf_counter() - started)
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     write_run_report(out, metrics)

@@ -27,9 +27,13 @@ class EpochSeed(L.Callback):
 
 
 class LibraryWriter(L.Callback):
-    """At the end of a task: reload the best checkpoint's trained tensors, then ``write(metrics)``."""
+    """At the end of a task: reload the best checkpoint's trained tensors, then ``write(metrics)``.
 
-    def __init__(self, write: Callable[[dict], None], evaluate_test: Callable[[], dict[str, float]]) -> None:
+    ``evaluate_test`` (optional) adds test metrics; the sequence runner leaves it out because the forgetting
+    monitor evaluates the stored artefacts on the test set right after.
+    """
+
+    def __init__(self, write: Callable[[dict], None], evaluate_test: Callable[[], dict[str, float]] | None = None) -> None:
         self.write = write
         self.evaluate_test = evaluate_test
         self.started = time.perf_counter()
@@ -46,14 +50,11 @@ class LibraryWriter(L.Callback):
             pl_module.load_trained_state(state)
         val = float(checkpoint.best_model_score) if checkpoint is not None and checkpoint.best_model_score is not None else None
         pl_module.prepare()
-        test = self.evaluate_test()
-        self.result = {
-            "val_accuracy": val,
-            "test_accuracy": test["accuracy"],
-            "test_macro_f1": test["macro_f1"],
-            "epochs": trainer.current_epoch,
-            "train_wall_time_s": round(time.perf_counter() - self.started, 3),
-        }
+        self.result = {"val_accuracy": val, "epochs": trainer.current_epoch,
+                       "train_wall_time_s": round(time.perf_counter() - self.started, 3)}
+        if self.evaluate_test is not None:
+            test = self.evaluate_test()
+            self.result |= {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]}
         self.write(self.result)
 
 

@@ -58,6 +58,8 @@ def _load_file(path: Path, cache_dir: Path | None):
     try:
         return load_dataset(fmt, data_files=str(path), split="train", cache_dir=str(cache_dir) if cache_dir else None, **kwargs)
     except Exception as err:  # noqa: BLE001 - any parser failure is the user's file
+        if "corresponds to no data" in str(err):
+            raise UserError(f"{path}: the file has no rows (empty split)") from None
         raise UserError(f"{path}: could not be read as {fmt} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 

@@ -1,0 +1,119 @@
+"""The sequence runner end to end on the tiny smoke config: isolation measured, determinism, resume, baselines."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adafuse.continual.cli import main
+from adafuse.fusion.library import AdapterLibrary
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "sequence" / "smoke.yaml")
+VOLATILE = {"wall_time_s", "train_wall_time_s", "reused", "versions"}
+
+
+def stable(value):
+    """metrics.json without wall times (which differ between any two runs)."""
+    if isinstance(value, dict):
+        return {k: stable(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [stable(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    assert main(["run", SMOKE, "--out", str(out)]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_outputs_and_measured_isolation(smoke_run):
+    out, metrics = smoke_run
+    for name in ("config.yaml", "report.md", "accuracy_matrix.png", "library/manifest.json"):
+        assert (out / name).is_file(), name
+    assert metrics["tasks"] == ["bbc-business", "bbc-sports", "bbc-tech"]
+    r = metrics["accuracy_matrix"]
+    assert r[0][2] is None and all(v is not None for v in r[2])
+    # measured, not assumed: every earlier task re-evaluated from the library after each later task
+    assert r[0][0] == r[1][0] == r[2][0] and r[1][1] == r[2][1]
+    assert metrics["bwt"] == 0.0 and metrics["forgetting"] == 0.0
+    assert set(metrics) >= {"method", "tasks", "accuracy_matrix", "acc", "bwt", "fwt", "forgetting", "intransigence",
+                            "per_task"}
+    assert AdapterLibrary(out / "library").verify() == []
+    assert all(metrics["per_task"][t]["trainable_params"] > 0 for t in metrics["tasks"])
+
+
+def test_two_runs_are_identical(smoke_run, tmp_path):
+    _, metrics = smoke_run
+    assert main(["run", SMOKE, "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert stable(again) == stable(metrics)
+
+
+def test_rerun_reuses_the_library(smoke_run, tmp_path):
+    out, metrics = smoke_run
+    assert main(["run", SMOKE, "--out", str(tmp_path / "reuse"), "--library", str(out / "library")]) == 0
+    reused = json.loads((tmp_path / "reuse" / "metrics.json").read_text())
+    assert all(t["reused"] for t in reused["per_task"].values())
+    assert reused["accuracy_matrix"] == metrics["accuracy_matrix"]
+
+
+@pytest.mark.slow
+def test_killed_during_task_2_resumes_to_the_same_metrics(smoke_run, tmp_path):
+    _, metrics = smoke_run
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "adafuse.continual.cli", "run", SMOKE, "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("[2/3] bbc-sports: training"):
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = (out / "library" / "adapters" / "bbc-business.safetensors").read_bytes()
+    assert not (out / "metrics.json").exists()
+    assert main(["run", SMOKE, "--out", str(out)]) == 0
+    assert (out / "library" / "adapters" / "bbc-business.safetensors").read_bytes() == first
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["per_task"]["bbc-business"]["reused"]
+    assert stable(resumed)["accuracy_matrix"] == stable(metrics)["accuracy_matrix"]
+    assert resumed["acc"] == metrics["acc"] and resumed["bwt"] == metrics["bwt"]
+
+
+def test_second_run_on_the_same_out_is_refused(tmp_path):
+    from adafuse.fusion.storage import FileLock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with FileLock(out / ".run.lock"):
+        result = subprocess.run([sys.executable, "-m", "adafuse.continual.cli", "run", SMOKE, "--out", str(out)],
+                                capture_output=True, text=True)
+    assert result.returncode == 2 and f"pid {os.getpid()}" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["shared-adapter", "full-finetune"])
+def test_baselines_forget(method, tmp_path):
+    out = tmp_path / method
+    args = ["run", SMOKE, "--out", str(out), "--method", method, *LEARNABLE]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == method
+    assert metrics["bwt"] < 0 and metrics["forgetting"] > 0
+
+
+# enough steps for the tiny model to learn (and so to forget)
+LEARNABLE = ["--trainer.limit_train_batches", "null", "--trainer.max_epochs", "3", "--trainer.lr", "0.01",
+             "--head.pooling", "mean", "--trainer.batch_size", "32"]
+
+
+def test_report_side_by_side(smoke_run, tmp_path, capsys):
+    out, _ = smoke_run
+    assert main(["report", str(out), str(out), "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "comparison.md").read_text()
+    assert table.count("| adapters |") == 2 and (tmp_path / "comparison.png").is_file()
