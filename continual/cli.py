@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
 from adafuse.fusion.errors import UserError, VerificationError
 
@@ -38,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("config", help="YAML config (configs/fusion/*.yaml)")
     fuse.add_argument("--library", required=True, help="the adapter library holding the source adapters")
     fuse.add_argument("--out", default=None, help="output folder (default: runs/<config name>-fusion)")
-    fuse.add_argument("--baseline", choices=["single-adapter"], default=None,
-                      help="train a fresh single adapter on the target instead (same budget, same metrics schema)")
+    fuse.add_argument(
+        "--baseline",
+        choices=["single-adapter"],
+        default=None,
+        help="train a fresh single adapter on the target instead (same budget, same metrics schema)",
+    )
     fuse.set_defaults(handler=commands.cmd_fuse)
 
     report = sub.add_parser("report", help="re-render reports; several folders side by side")
@@ -49,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     library = sub.add_parser("library", help="inspect and verify an adapter library")
     lib_sub = library.add_subparsers(dest="library_command", required=True, parser_class=_Parser)
-    for name, text in (("list", "list artefacts"), ("show", "show one artefact's manifest entry"),
-                       ("verify", "recompute every sha256 and check the library (exit 1 on any problem)")):
+    for name, text in (
+        ("list", "list artefacts"),
+        ("show", "show one artefact's manifest entry"),
+        ("verify", "recompute every sha256 and check the library (exit 1 on any problem)"),
+    ):
         p = lib_sub.add_parser(name, help=text)
         p.add_argument("dir", help="library folder")
         if name == "show":
@@ -61,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="built-in tasks")
     tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True, parser_class=_Parser)
     tasks_sub.add_parser("list", help="built-in tasks with split sizes and labels").set_defaults(
-        handler=commands.cmd_tasks_list)
+        handler=commands.cmd_tasks_list
+    )
     export = tasks_sub.add_parser("export", help="write a task's splits as JSONL")
     export.add_argument("name", help="task or sequence name")
     export.add_argument("--out", required=True, help="output folder")

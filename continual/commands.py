@@ -24,8 +24,10 @@ def cmd_run(args, overrides: list[str]) -> int:
     config = load_config(RunConfig, args.config, overrides)
     out = _out_dir(args, args.config)
     metrics = run_sequence(config, out, Path(args.library) if args.library else None, Path(args.config).parent)
-    print(f"\nACC {metrics['acc']:.4f}  BWT {_f(metrics['bwt'])}  forgetting {_f(metrics['forgetting'])}  "
-          f"FWT {_f(metrics['fwt'])}")
+    print(
+        f"\nACC {metrics['acc']:.4f}  BWT {_f(metrics['bwt'])}  forgetting {_f(metrics['forgetting'])}  "
+        f"FWT {_f(metrics['fwt'])}"
+    )
     print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}  library: {args.library or out / 'library'}")
     return 0
 
@@ -36,8 +38,10 @@ def cmd_fuse(args, overrides: list[str]) -> int:
     config = load_config(FuseConfig, args.config, overrides)
     out = _out_dir(args, args.config, "-baseline" if args.baseline else "")
     metrics = run_fusion(config, Path(args.library), out, baseline=args.baseline, base_dir=Path(args.config).parent)
-    print(f"\n{metrics['method']} on {metrics['target']}: test accuracy {metrics['test']['accuracy']:.4f}, "
-          f"macro-F1 {metrics['test']['macro_f1']:.4f}")
+    print(
+        f"\n{metrics['method']} on {metrics['target']}: test accuracy {metrics['test']['accuracy']:.4f}, "
+        f"macro-F1 {metrics['test']['macro_f1']:.4f}"
+    )
     print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
     return 0
 
@@ -73,8 +77,10 @@ def cmd_library_list(args, _overrides=()) -> int:
     print(f"{'kind':<8} {'name':<32} {'task':<24} {'val acc':>8}  sha256")
     for e in entries:
         acc = (e.get("metrics") or {}).get("val_accuracy")
-        print(f"{e['kind']:<8} {e['name']:<32} {str(e.get('task')):<24} {'' if acc is None else f'{acc:.4f}':>8}  "
-              f"{e['sha256'][:16]}")
+        print(
+            f"{e['kind']:<8} {e['name']:<32} {str(e.get('task')):<24} {'' if acc is None else f'{acc:.4f}':>8}  "
+            f"{e['sha256'][:16]}"
+        )
     print(f"{len(entries)} artefacts; backbone {library.read_manifest()['backbone']['fingerprint'][:16]}")
     return 0
 
@@ -109,7 +115,9 @@ def cmd_tasks_list(args, _overrides=()) -> int:
     for name in task_names():
         data = load_builtin(name)
         sizes = data.sizes()
-        print(f"{name:<22} {sizes['train']:>6} {sizes['validation']:>6} {sizes['test']:>6}  {', '.join(data.label_names)}")
+        print(
+            f"{name:<22} {sizes['train']:>6} {sizes['validation']:>6} {sizes['test']:>6}  {', '.join(data.label_names)}"
+        )
     for name, members in SEQUENCES.items():
         print(f"sequence {name}: {' -> '.join(members)}")
     return 0
@@ -124,8 +132,10 @@ def cmd_tasks_export(args, _overrides=()) -> int:
     for task in tasks:
         folder = out / task.name if args.name in SEQUENCES else out
         for split, data in task.splits.items():
-            lines = [json.dumps({"text": t, "label": y, "label_name": task.label_names[y]}, ensure_ascii=False)
-                     for t, y in zip(data.texts, data.labels, strict=True)]
+            lines = [
+                json.dumps({"text": t, "label": y, "label_name": task.label_names[y]}, ensure_ascii=False)
+                for t, y in zip(data.texts, data.labels, strict=True)
+            ]
             atomic_write(folder / f"{split}.jsonl", ("\n".join(lines) + "\n").encode())
         print(f"{folder}: " + ", ".join(f"{s} {len(d)}" for s, d in task.splits.items()))
     return 0

@@ -157,8 +157,14 @@ def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
     if unknown:
         raise UserError(f"unknown key '{prefix}{unknown[0]}'; expected one of {', '.join(sorted(names))}")
     kwargs = {key: _convert(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
-    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise UserError(f"missing key '{prefix}{missing[0]}'")
     try:

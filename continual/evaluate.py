@@ -9,7 +9,9 @@ from adafuse.fusion.model import AdaptedModel
 
 
 @torch.inference_mode()
-def predict_logits(model: AdaptedModel, loader, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(
+    model: AdaptedModel, loader, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated (N, C) logits and (N,) labels over ``loader``, in eval mode."""
     was_training = model.training
     model.eval()

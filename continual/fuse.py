@@ -36,7 +36,9 @@ from .training import LibraryWriter, last_checkpoint, make_trainer
 
 
 def _target(config: FuseConfig) -> TaskSpec:
-    spec = TaskSpec(name=config.target, max_length=config.max_length) if isinstance(config.target, str) else config.target
+    spec = (
+        TaskSpec(name=config.target, max_length=config.max_length) if isinstance(config.target, str) else config.target
+    )
     if config.shots is not None:
         spec.shots = config.shots
     return spec
@@ -53,8 +55,9 @@ def _source_entries(library: AdapterLibrary, sources: list[str] | str) -> list[d
     return [library.get("adapter", name) for name in sources]
 
 
-def run_fusion(config: FuseConfig, library_dir: Path, out: Path, baseline: str | None = None,
-               base_dir: Path = Path("."), log=print) -> dict:
+def run_fusion(
+    config: FuseConfig, library_dir: Path, out: Path, baseline: str | None = None, base_dir: Path = Path("."), log=print
+) -> dict:
     started = time.perf_counter()
     library = AdapterLibrary(library_dir)
     if not library.exists():
@@ -81,21 +84,42 @@ def run_fusion(config: FuseConfig, library_dir: Path, out: Path, baseline: str |
         log(f"adafuse fuse: {len(sources)} sources, target {target.name}; evaluating the sources")
         before = source_eval.run()
 
-        data = TaskDataModule(target, env.tokenizer, config.trainer.batch_size, config.trainer.eval_batch_size,
-                              config.trainer.num_workers, config.seed, out / "cache")
+        data = TaskDataModule(
+            target,
+            env.tokenizer,
+            config.trainer.batch_size,
+            config.trainer.eval_batch_size,
+            config.trainer.num_workers,
+            config.seed,
+            out / "cache",
+        )
         head = fusion_name if baseline is None else f"{target.name}-single"
         model.add_head(head, target.num_labels, config.head.pooling, config.head.dropout)
-        model.load_head_state(head, seeded_state(lambda: type(model.heads[head])(
-            model.hidden_size, target.num_labels, config.head.pooling, config.head.dropout), config.seed * 31 + 1))
+        model.load_head_state(
+            head,
+            seeded_state(
+                lambda: type(model.heads[head])(
+                    model.hidden_size, target.num_labels, config.head.pooling, config.head.dropout
+                ),
+                config.seed * 31 + 1,
+            ),
+        )
         if baseline is None:
             model.add_fusion(fusion_name, sources, config.fusion)
-            module = FusionModule(model, head=head, num_labels=target.num_labels, trainer_config=config.trainer,
-                                  fusion=fusion_name)
+            module = FusionModule(
+                model, head=head, num_labels=target.num_labels, trainer_config=config.trainer, fusion=fusion_name
+            )
         else:
             model.add_adapter(head, config.adapter)
             model.load_adapter_state(head, seeded_adapter_state(model, config, config.seed * 31 + 2))
-            module = AdapterTaskModule(model, head=head, num_labels=target.num_labels, trainer_config=config.trainer,
-                                       adapters=(head,), train_adapters=(head,))
+            module = AdapterTaskModule(
+                model,
+                head=head,
+                num_labels=target.num_labels,
+                trainer_config=config.trainer,
+                adapters=(head,),
+                train_adapters=(head,),
+            )
         trainable = trainable_count(model)
 
         def write(metrics: dict) -> None:
@@ -104,7 +128,9 @@ def run_fusion(config: FuseConfig, library_dir: Path, out: Path, baseline: str |
             else:
                 tensors = {f"adapter.{k}": v for k, v in model.adapter_state(head).items()}
                 tensors |= {f"head.{k}": v for k, v in model.head_state(head).items()}
-                atomic_write(out / "baseline_adapter.safetensors", save({k: v.contiguous() for k, v in tensors.items()}))
+                atomic_write(
+                    out / "baseline_adapter.safetensors", save({k: v.contiguous() for k, v in tensors.items()})
+                )
 
         writer = LibraryWriter(write, lambda: evaluate(model, data.eval_dataloader("test")))
         trainer = make_trainer(config.trainer, out, head, [writer], config.seed)
@@ -140,15 +166,44 @@ def run_fusion(config: FuseConfig, library_dir: Path, out: Path, baseline: str |
         return metrics
 
 
-def _write_fusion(library, model: AdaptedModel, name: str, head: str, entries: list[dict], fingerprint: str,
-                  config: FuseConfig, target, metrics: dict) -> None:
+def _write_fusion(
+    library,
+    model: AdaptedModel,
+    name: str,
+    head: str,
+    entries: list[dict],
+    fingerprint: str,
+    config: FuseConfig,
+    target,
+    metrics: dict,
+) -> None:
     sources = [{"name": e["name"], "sha256": e["sha256"]} for e in entries]
-    entry_config = {"fusion": asdict(config.fusion), "label_names": target.label_names, "num_labels": target.num_labels,
-                    "head": asdict(config.head), "method": "fusion"}
-    library.add("fusion", name, model.fusion_state(name), fingerprint=fingerprint, config=entry_config,
-                task=target.name, metrics=metrics, sources=sources)
-    library.add("head", head, model.head_state(head), fingerprint=fingerprint, config=entry_config,
-                task=target.name, metrics=metrics)
+    entry_config = {
+        "fusion": asdict(config.fusion),
+        "label_names": target.label_names,
+        "num_labels": target.num_labels,
+        "head": asdict(config.head),
+        "method": "fusion",
+    }
+    library.add(
+        "fusion",
+        name,
+        model.fusion_state(name),
+        fingerprint=fingerprint,
+        config=entry_config,
+        task=target.name,
+        metrics=metrics,
+        sources=sources,
+    )
+    library.add(
+        "head",
+        head,
+        model.head_state(head),
+        fingerprint=fingerprint,
+        config=entry_config,
+        task=target.name,
+        metrics=metrics,
+    )
 
 
 class SourceEvaluator:

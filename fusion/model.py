@@ -67,7 +67,9 @@ class AdaptedModel(nn.Module):
     def add_fusion(self, name: str, sources: list[str], config: FusionConfig) -> None:
         missing = [s for s in sources if s not in self.adapter_configs]
         if missing:
-            raise UserError(f"fusion '{name}': unknown source adapters {missing}; known: {sorted(self.adapter_configs)}")
+            raise UserError(
+                f"fusion '{name}': unknown source adapters {missing}; known: {sorted(self.adapter_configs)}"
+            )
         configs = [self.adapter_configs[s] for s in sources]
         shapes = {(c.placement, c.size(self.hidden_size), c.non_linearity, c.input_is_normed) for c in configs}
         if len(shapes) > 1:
@@ -144,8 +146,12 @@ class AdaptedModel(nn.Module):
         return self
 
     def fusion_regularization(self) -> torch.Tensor:
-        losses = [slot.fusions[f].regularization_loss() for f in self._active_fusions() for _, _, slot in self.slots()
-                  if f in slot.fusions]
+        losses = [
+            slot.fusions[f].regularization_loss()
+            for f in self._active_fusions()
+            for _, _, slot in self.slots()
+            if f in slot.fusions
+        ]
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
     def _active_fusions(self) -> set[str]:
@@ -198,12 +204,14 @@ class AdaptedModel(nn.Module):
         expected = set(self._slot_state(name, kind))
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise UserError(f"{kind[:-1]} '{name}': tensors do not match the model (missing {missing[:3]}, extra {extra[:3]})")
+            raise UserError(
+                f"{kind[:-1]} '{name}': tensors do not match the model (missing {missing[:3]}, extra {extra[:3]})"
+            )
         for index, location, slot in self.slots():
             container = getattr(slot, kind)
             if name in container:
                 prefix = f"{index}.{location}."
-                part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                 _strict_load(container[name], part, f"{kind[:-1]} '{name}'")
 
 

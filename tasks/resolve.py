@@ -37,6 +37,10 @@ def sequence_items(sequence: str | None, tasks: list[TaskSpec | str] | None) -> 
 
 
 def resolve_sequence(
-    sequence: str | None, tasks: list[TaskSpec | str] | None, base_dir: Path, cache_dir: Path | None, max_length: int = 128
+    sequence: str | None,
+    tasks: list[TaskSpec | str] | None,
+    base_dir: Path,
+    cache_dir: Path | None,
+    max_length: int = 128,
 ) -> list[TaskData]:
     return [resolve_task(item, base_dir, cache_dir, max_length) for item in sequence_items(sequence, tasks)]

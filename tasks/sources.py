@@ -23,7 +23,9 @@ SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val
 
 def _format_of(path: Path) -> str:
     if path.suffix.lower() not in FORMATS:
-        raise UserError(f"{path}: unknown format '{path.suffix or '(no extension)'}'; expected one of {', '.join(FORMATS)}")
+        raise UserError(
+            f"{path}: unknown format '{path.suffix or '(no extension)'}'; expected one of {', '.join(FORMATS)}"
+        )
     return FORMATS[path.suffix.lower()]
 
 
@@ -56,11 +58,15 @@ def _load_file(path: Path, cache_dir: Path | None):
         path = _clean_text_file(path, cache_dir)
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
-        return load_dataset(fmt, data_files=str(path), split="train", cache_dir=str(cache_dir) if cache_dir else None, **kwargs)
+        return load_dataset(
+            fmt, data_files=str(path), split="train", cache_dir=str(cache_dir) if cache_dir else None, **kwargs
+        )
     except Exception as err:  # noqa: BLE001 - any parser failure is the user's file
         if "corresponds to no data" in str(err):
             raise UserError(f"{path}: the file has no rows (empty split)") from None
-        raise UserError(f"{path}: could not be read as {fmt} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"{path}: could not be read as {fmt} ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from None
 
 
 def _find_split_files(folder: Path) -> dict[str, Path]:
@@ -82,7 +88,9 @@ def _raw_splits(spec: TaskSpec, base_dir: Path, cache_dir: Path | None) -> dict:
     if spec.splits:
         unknown = set(spec.splits) - set(SPLITS)
         if unknown:
-            raise UserError(f"task '{spec.name}': unknown split names {sorted(unknown)} in 'splits'; expected {list(SPLITS)}")
+            raise UserError(
+                f"task '{spec.name}': unknown split names {sorted(unknown)} in 'splits'; expected {list(SPLITS)}"
+            )
         if "train" not in spec.splits:
             raise UserError(f"task '{spec.name}': 'splits' has no 'train' entry")
         if source.exists() or any(Path(v).suffix.lower() in FORMATS for v in spec.splits.values()):
@@ -147,9 +155,8 @@ def load_user_task(spec: TaskSpec, base_dir: Path = Path("."), cache_dir: Path |
     for split, dataset in datasets.items():
         absent = [c for c in columns if c not in dataset.column_names]
         if absent:
-            raise UserError(
-                f"task '{spec.name}', {split} split: column(s) {absent} not found; columns found: {dataset.column_names}"
-            )
+            found = dataset.column_names
+            raise UserError(f"task '{spec.name}', {split} split: column(s) {absent} not found; columns found: {found}")
         rows[split] = dataset.select_columns(columns).to_list()
     missing = [s for s in ("validation", "test") if s not in rows]
     if missing:
@@ -176,7 +183,9 @@ def load_user_task(spec: TaskSpec, base_dir: Path = Path("."), cache_dir: Path |
             pairs=[_text(r[spec.text_pair_column]) for r in rows[split]] if spec.text_pair_column else None,
         )
     if len(set(splits["train"].labels)) < 2:
-        raise UserError(f"task '{spec.name}': the train split has a single class ({label_names[splits['train'].labels[0]]!r})")
+        raise UserError(
+            f"task '{spec.name}': the train split has a single class ({label_names[splits['train'].labels[0]]!r})"
+        )
     return TaskData(name=spec.name, label_names=label_names, splits=splits, max_length=spec.max_length)
 
 

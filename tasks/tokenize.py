@@ -54,4 +54,6 @@ def tokenize_split(split: SplitData, tokenizer, max_length: int, cache_dir: Path
             desc="tokenizing",
         )
         _MEMORY[key] = dataset
-    return _MEMORY[key].add_column("labels", list(split.labels), new_fingerprint=f"{key}-labels-{hash(tuple(split.labels))}")
+    return _MEMORY[key].add_column(
+        "labels", list(split.labels), new_fingerprint=f"{key}-labels-{hash(tuple(split.labels))}"
+    )

@@ -53,8 +53,11 @@ def run(model, train_mode=False, seed=0):
     logits.pow(2).sum().backward()
     # b_K cancels in the softmax (it adds the same q . b_K to every score), so the fast path never reads it:
     # its gradient is None there and ~0 in the naive loop.
-    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-             for n, p in model.named_parameters() if p.requires_grad}
+    grads = {
+        n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     return logits.detach(), grads
 
 

@@ -3,13 +3,29 @@ from collections import Counter
 from adafuse.tasks.bbc import CATEGORIES, load_articles, split_of
 from adafuse.tasks.builtin import SEQUENCES, load_builtin
 
-EXPECTED = {"business": (357, 51, 102), "entertainment": (269, 39, 78), "politics": (291, 42, 84),
-            "sports": (357, 51, 103), "tech": (280, 40, 81)}
+EXPECTED = {
+    "business": (357, 51, 102),
+    "entertainment": (269, 39, 78),
+    "politics": (291, 42, 84),
+    "sports": (357, 51, 103),
+    "tech": (280, 40, 81),
+}
 
 
 def test_split_rule():
-    assert [split_of(i) for i in range(11)] == ["test", "validation", "train", "train", "train", "test", "train",
-                                                "train", "train", "train", "test"]
+    assert [split_of(i) for i in range(11)] == [
+        "test",
+        "validation",
+        "train",
+        "train",
+        "train",
+        "test",
+        "train",
+        "train",
+        "train",
+        "train",
+        "test",
+    ]
 
 
 def test_split_sizes_match_the_protocol():
@@ -17,7 +33,11 @@ def test_split_sizes_match_the_protocol():
     assert len(articles) == 2225
     counts = Counter((a.category, a.split) for a in articles)
     for category, (train, validation, test) in EXPECTED.items():
-        assert (counts[category, "train"], counts[category, "validation"], counts[category, "test"]) == (train, validation, test)
+        assert (counts[category, "train"], counts[category, "validation"], counts[category, "test"]) == (
+            train,
+            validation,
+            test,
+        )
     assert Counter(a.split for a in articles) == {"train": 1554, "validation": 223, "test": 448}
 
 

@@ -26,8 +26,9 @@ def test_non_linearities(name):
     assert out.shape == (1, 3, 8) and out.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kwargs", [{"placement": "sideways"}, {"non_linearity": "cubic"}, {"reduction_factor": 0},
-                                    {"bottleneck": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"placement": "sideways"}, {"non_linearity": "cubic"}, {"reduction_factor": 0}, {"bottleneck": 0}]
+)
 def test_bad_config_refused(kwargs):
     with pytest.raises(UserError):
         BottleneckConfig(**kwargs)

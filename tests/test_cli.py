@@ -37,19 +37,26 @@ def test_tasks_export_sequence(tmp_path, capsys):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "adafuse.continual.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "adafuse.continual.cli", *args], capture_output=True, text=True, cwd=ROOT
+    )
 
 
-@pytest.mark.parametrize("args,match", [
-    (["tasks", "export", "bbc-weather", "--out", "{tmp}/x"], "unknown task 'bbc-weather'"),
-    (["run", "configs/sequence/smoke.yaml", "--out", "{tmp}/x", "--trainer.max_epoch", "1"], "unknown key"),
-    (["run", "{tmp}/missing.yaml", "--out", "{tmp}/x"], "config file not found"),
-    (["library", "list", "{tmp}"], "not an adapter library"),
-    (["fuse", "configs/fusion/smoke.yaml", "--library", "{tmp}/nolib", "--out", "{tmp}/x"], "not an adapter library"),
-    (["report", "{tmp}"], "metrics.json: not found"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["tasks", "export", "bbc-weather", "--out", "{tmp}/x"], "unknown task 'bbc-weather'"),
+        (["run", "configs/sequence/smoke.yaml", "--out", "{tmp}/x", "--trainer.max_epoch", "1"], "unknown key"),
+        (["run", "{tmp}/missing.yaml", "--out", "{tmp}/x"], "config file not found"),
+        (["library", "list", "{tmp}"], "not an adapter library"),
+        (
+            ["fuse", "configs/fusion/smoke.yaml", "--library", "{tmp}/nolib", "--out", "{tmp}/x"],
+            "not an adapter library",
+        ),
+        (["report", "{tmp}"], "metrics.json: not found"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, match):
     result = run_cli(*[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2, result.stderr

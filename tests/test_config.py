@@ -30,19 +30,25 @@ def test_every_config_loads():
 
 
 def test_overrides_and_types():
-    config = load_config(RunConfig, ROOT / "configs/sequence/smoke.yaml",
-                         ["--trainer.max_epochs", "3", "--adapter.reduction_factor=8", "--trainer.lr", "1e-4"])
+    config = load_config(
+        RunConfig,
+        ROOT / "configs/sequence/smoke.yaml",
+        ["--trainer.max_epochs", "3", "--adapter.reduction_factor=8", "--trainer.lr", "1e-4"],
+    )
     assert config.trainer.max_epochs == 3 and config.adapter.reduction_factor == 8 and config.trainer.lr == 1e-4
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["--trainer.max_epoch", "1"], "unknown key 'trainer.max_epoch'"),
-    (["--trainer.max_epochs", "one"], "trainer.max_epochs: 'one' is not a int"),
-    (["--adapter.placement", "diagonal"], "adapter.placement"),
-    (["--method", "magic"], "method: 'magic'"),
-    (["--trainer.max_epochs"], "has no value"),
-    (["stray"], "unexpected argument 'stray'"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["--trainer.max_epoch", "1"], "unknown key 'trainer.max_epoch'"),
+        (["--trainer.max_epochs", "one"], "trainer.max_epochs: 'one' is not a int"),
+        (["--adapter.placement", "diagonal"], "adapter.placement"),
+        (["--method", "magic"], "method: 'magic'"),
+        (["--trainer.max_epochs"], "has no value"),
+        (["stray"], "unexpected argument 'stray'"),
+    ],
+)
 def test_bad_values_refused(overrides, match):
     with pytest.raises(UserError, match=match):
         load_config(RunConfig, ROOT / "configs/sequence/smoke.yaml", overrides)

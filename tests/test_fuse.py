@@ -38,8 +38,16 @@ def test_fusion_run(library, tmp_path):
 
 def test_single_adapter_baseline(library, tmp_path):
     out = tmp_path / "single"
-    args = ["fuse", str(ROOT / "configs/fusion/smoke.yaml"), "--library", str(library), "--out", str(out),
-            "--baseline", "single-adapter"]
+    args = [
+        "fuse",
+        str(ROOT / "configs/fusion/smoke.yaml"),
+        "--library",
+        str(library),
+        "--out",
+        str(out),
+        "--baseline",
+        "single-adapter",
+    ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "single-adapter" and 0.0 <= metrics["test"]["accuracy"] <= 1.0

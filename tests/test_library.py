@@ -56,8 +56,9 @@ def test_wrong_backbone_refused_naming_both(tmp_path):
         library.add("adapter", "other", _tensors(), fingerprint="b" * 64)
 
 
-@pytest.mark.parametrize("damage", ["missing", "extra", "truncated", "not-json", "schema", "traversal", "absolute",
-                                    "symlink", "header"])
+@pytest.mark.parametrize(
+    "damage", ["missing", "extra", "truncated", "not-json", "schema", "traversal", "absolute", "symlink", "header"]
+)
 def test_verify_catches(tmp_path, damage):
     root = tmp_path / "lib"
     library = AdapterLibrary(root)
@@ -77,7 +78,9 @@ def test_verify_catches(tmp_path, damage):
         manifest_path.write_text(json.dumps({"format": "adafuse-library", "version": 1, "artefacts": [{"name": "a"}]}))
     elif damage in ("traversal", "absolute"):
         (tmp_path / "outside.safetensors").write_bytes(path.read_bytes())
-        manifest["artefacts"][0]["file"] = "../outside.safetensors" if damage == "traversal" else str(tmp_path / "outside.safetensors")
+        manifest["artefacts"][0]["file"] = (
+            "../outside.safetensors" if damage == "traversal" else str(tmp_path / "outside.safetensors")
+        )
         manifest_path.write_text(json.dumps(manifest))
     elif damage == "symlink":
         (tmp_path / "elsewhere").mkdir()

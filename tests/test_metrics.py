@@ -10,9 +10,7 @@ from adafuse.continual.metrics import (
 )
 
 # Hand-made: 3 tasks.      task0 task1 task2
-R = [[0.90, 0.40, None],
-     [0.80, 0.95, 0.30],
-     [0.70, 0.85, 0.99]]
+R = [[0.90, 0.40, None], [0.80, 0.95, 0.30], [0.70, 0.85, 0.99]]
 B = [0.50, 0.45, 0.35]
 
 

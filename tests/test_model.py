@@ -46,8 +46,16 @@ def test_trained_adapter_changes_the_output(model_type):
 def test_albert_refused_with_clear_error():
     from transformers import AlbertConfig, AlbertModel
 
-    backbone = AlbertModel(AlbertConfig(vocab_size=50, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                                        embedding_size=8, num_hidden_layers=2))
+    backbone = AlbertModel(
+        AlbertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_attention_heads=2,
+            intermediate_size=32,
+            embedding_size=8,
+            num_hidden_layers=2,
+        )
+    )
     with pytest.raises(UserError, match="albert.*shares"):
         AdaptedModel(backbone)
 

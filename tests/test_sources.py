@@ -18,8 +18,15 @@ def write_csv(path, rows=ROWS, header=("review", "sentiment"), sep=","):
 
 
 def test_csv_with_custom_columns_and_carved_splits(tmp_path):
-    spec = TaskSpec(name="reviews", source=str(write_csv(tmp_path / "data.csv")), text_column="review",
-                    label_column="sentiment", validation_ratio=0.2, test_ratio=0.2, split_seed=3)
+    spec = TaskSpec(
+        name="reviews",
+        source=str(write_csv(tmp_path / "data.csv")),
+        text_column="review",
+        label_column="sentiment",
+        validation_ratio=0.2,
+        test_ratio=0.2,
+        split_seed=3,
+    )
     task = load_user_task(spec)
     assert task.label_names == ["neg", "pos"]
     assert task.sizes() == {"train": 12, "validation": 4, "test": 4}
@@ -38,8 +45,16 @@ def test_folder_with_split_files(tmp_path, suffix, sep):
 def test_jsonl_pairs_and_label_names_with_integer_ids(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps({"a": f"s{i}", "b": f"t{i}", "y": i % 2}) for i in range(20)))
-    task = load_user_task(TaskSpec(name="nli", source=str(path), text_column="a", text_pair_column="b",
-                                   label_column="y", label_names=["no", "yes"]))
+    task = load_user_task(
+        TaskSpec(
+            name="nli",
+            source=str(path),
+            text_column="a",
+            text_pair_column="b",
+            label_column="y",
+            label_names=["no", "yes"],
+        )
+    )
     assert task.label_names == ["no", "yes"] and task.splits["train"].pairs is not None
 
 
@@ -91,9 +106,14 @@ def test_duplicate_task_names():
         sequence_items(None, ["bbc-tech", "bbc-sports", "bbc-tech"])
 
 
-@pytest.mark.parametrize("ratios,match", [({"validation_ratio": 1.5}, "strictly between 0 and 1"),
-                                          ({"test_ratio": 0.0}, "strictly between 0 and 1"),
-                                          ({"validation_ratio": 0.6, "test_ratio": 0.5}, "must be < 1")])
+@pytest.mark.parametrize(
+    "ratios,match",
+    [
+        ({"validation_ratio": 1.5}, "strictly between 0 and 1"),
+        ({"test_ratio": 0.0}, "strictly between 0 and 1"),
+        ({"validation_ratio": 0.6, "test_ratio": 0.5}, "must be < 1"),
+    ],
+)
 def test_bad_ratios(tmp_path, ratios, match):
     with pytest.raises(UserError, match=match):
         bad(tmp_path, source=str(write_csv(tmp_path / "d.csv")), **ratios)
@@ -107,8 +127,9 @@ def test_single_class_train(tmp_path):
 
 def test_non_utf8_is_a_warning_with_count(tmp_path):
     path = tmp_path / "latin.csv"
-    path.write_bytes(("review,sentiment\n" + "\n".join(f"{t},{y}" for t, y in ROWS) + "\n").encode()
-                     + b"caf\xe9 cr\xe8me,pos\n")
+    path.write_bytes(
+        ("review,sentiment\n" + "\n".join(f"{t},{y}" for t, y in ROWS) + "\n").encode() + b"caf\xe9 cr\xe8me,pos\n"
+    )
     with pytest.warns(UserWarning, match="2 character"):
         task = bad(tmp_path, source=str(path), validation_ratio=0.2, test_ratio=0.2)
     assert sum("\ufffd" in t for s in task.splits.values() for t in s.texts) == 1
