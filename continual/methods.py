@@ -138,6 +138,9 @@ class SequenceMethod:
     def restore(self, i: int) -> None:
         """Bring the model to its state after finished task i (resume)."""
 
+    def reset_backbone(self) -> None:
+        """Bring the backbone back to its loaded weights (only full fine-tuning changes them)."""
+
     def select(self, j: int, i: int, live: bool) -> None:
         raise NotImplementedError
 
@@ -187,6 +190,12 @@ class IsolatedAdapters(SequenceMethod):
             self.ensure_adapter(name, self._seed(j, 2), fresh=not live)
             head = self.ensure_head(j, fresh=not live)
         self.model.activate([name], head=head)
+
+
+class ReferenceAdapters(IsolatedAdapters):
+    """Reference models for intransigence: a fresh adapter + head per task, trained on that task alone."""
+
+    prefix = "ref@"
 
 
 class SharedAdapter(SequenceMethod):
@@ -258,6 +267,9 @@ class FullFinetune(SequenceMethod):
             for name, param in self._backbone_state().items():
                 param.copy_(state[name])
         self.state_index = i
+
+    def reset_backbone(self) -> None:
+        self.restore(-1)
 
     def select(self, j: int, i: int, live: bool) -> None:
         if not live and self.state_index != i:

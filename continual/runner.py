@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +24,7 @@ from adafuse.tasks.datamodule import TaskDataModule
 from adafuse.tasks.resolve import resolve_sequence
 
 from .config import RunConfig, dump_yaml
-from .methods import METHOD_CLASSES
+from .methods import METHOD_CLASSES, ReferenceAdapters
 from .metrics import summarize
 from .module import AdapterTaskModule
 from .monitor import ForgettingMonitor
@@ -127,13 +127,51 @@ def _run(config: RunConfig, tasks, out: Path, library_dir: Path, log, started: f
             f"[{i + 1}/{len(tasks)}] {task.name}: test accuracy {monitor.matrix[i][i]:.4f} "
             f"(validation {writer.result['val_accuracy']:.4f})"
         )
-    metrics = _metrics(config, tasks, monitor, per_task, env, time.perf_counter() - started)
+    reference = None
+    if config.monitor.reference:
+        method.reset_backbone()
+        reference = _reference_accuracies(config, env, tasks, modules, out, log)
+    metrics = _metrics(config, tasks, monitor, per_task, env, time.perf_counter() - started, reference)
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     write_run_report(out, metrics)
     return metrics
 
 
-def _metrics(config: RunConfig, tasks, monitor: ForgettingMonitor, per_task: dict, env: Environment, wall: float):
+def _reference_accuracies(config: RunConfig, env: Environment, tasks, modules, out: Path, log) -> list[float]:
+    """a*_j: test accuracy of a fresh adapter + head trained on task j alone (for intransigence)."""
+    reference = ReferenceAdapters(
+        replace(config, method="adapters"),
+        env.model,
+        AdapterLibrary(out / "reference"),
+        env.fingerprint,
+        tasks,
+        [m.eval_dataloader("test") for m in modules],
+        out / "checkpoints",
+    )
+    accuracies = []
+    for i, (task, data) in enumerate(zip(tasks, modules, strict=True)):
+        if not reference.is_done(i):
+            log(f"[reference {i + 1}/{len(tasks)}] {task.name}: training on this task alone")
+            L.seed_everything(config.seed + i, workers=True, verbose=False)
+            module = AdapterTaskModule(
+                env.model, num_labels=task.num_labels, trainer_config=config.trainer, **reference.module_kwargs(i)
+            )
+            writer = LibraryWriter(lambda m, i=i: reference.write(i, m))
+            trainer = make_trainer(config.trainer, out, reference.name(i), [writer], config.seed + i)
+            trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(out, reference.name(i)))
+        accuracies.append(reference.evaluate(i, i)["accuracy"])
+    return accuracies
+
+
+def _metrics(
+    config: RunConfig,
+    tasks,
+    monitor: ForgettingMonitor,
+    per_task: dict,
+    env: Environment,
+    wall: float,
+    reference: list[float] | None,
+):
     names = [t.name for t in tasks]
     for j, name in enumerate(names):
         per_task[name].update(
@@ -150,7 +188,8 @@ def _metrics(config: RunConfig, tasks, monitor: ForgettingMonitor, per_task: dic
         "accuracy_matrix": monitor.matrix,
         "macro_f1_matrix": monitor.f1_matrix,
         "baseline_accuracy": monitor.baseline,
-        **summarize(monitor.matrix, monitor.baseline, None),
+        "reference_accuracy": reference,
+        **summarize(monitor.matrix, monitor.baseline, reference),
         "per_task": per_task,
         "interim": monitor.interim,
         "backbone": {"name": config.backbone.name, "fingerprint": env.fingerprint, "params": env.backbone_params},

@@ -147,3 +147,13 @@ def test_report_side_by_side(smoke_run, tmp_path, capsys):
     assert main(["report", str(out), str(out), "--out", str(tmp_path)]) == 0
     table = (tmp_path / "comparison.md").read_text()
     assert table.count("| adapters |") == 2 and (tmp_path / "comparison.png").is_file()
+
+
+def test_reference_models_give_intransigence(tmp_path):
+    out = tmp_path / "ref"
+    assert main(["run", SMOKE, "--out", str(out), "--monitor.reference", "true", "--trainer.max_epochs", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["reference_accuracy"]) == 3
+    # a reference adapter trained alone from the same seeded init and data order is the same computation:
+    diagonal = [metrics["accuracy_matrix"][j][j] for j in range(3)]
+    assert metrics["reference_accuracy"] == diagonal and metrics["intransigence"] == 0.0
