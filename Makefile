@@ -30,11 +30,11 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/adafuse run configs/sequence/bbc-topics.yaml --out $(DEMO_OUT)/sequence --trainer.progress_bar false
+	$(BIN)/adafuse run configs/sequence/bbc-topics.yaml --out $(DEMO_OUT)/sequence
 	$(BIN)/adafuse fuse configs/fusion/bbc-topic5-fewshot.yaml --library $(DEMO_OUT)/sequence/library \
-		--out $(DEMO_OUT)/fusion --trainer.progress_bar false
+		--out $(DEMO_OUT)/fusion
 	$(BIN)/adafuse fuse configs/fusion/bbc-topic5-fewshot.yaml --library $(DEMO_OUT)/sequence/library \
-		--out $(DEMO_OUT)/single-adapter --baseline single-adapter --trainer.progress_bar false
+		--out $(DEMO_OUT)/single-adapter --baseline single-adapter
 	$(BIN)/adafuse report $(DEMO_OUT)/sequence $(DEMO_OUT)/fusion $(DEMO_OUT)/single-adapter --out $(DEMO_OUT)
 	$(BIN)/python -m adafuse.continual.summary $(DEMO_OUT)
 

@@ -20,7 +20,7 @@ from adafuse.fusion.bottleneck import BottleneckConfig
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.library import AdapterLibrary, check_name
 from adafuse.fusion.model import AdaptedModel
-from adafuse.fusion.storage import FileLock, atomic_write, sha256_file
+from adafuse.fusion.storage import atomic_write, sha256_file
 from adafuse.tasks.builtin import is_builtin, load_builtin
 from adafuse.tasks.datamodule import TaskDataModule
 from adafuse.tasks.resolve import resolve_task
@@ -31,7 +31,7 @@ from .evaluate import evaluate
 from .methods import seeded_adapter_state, seeded_state
 from .module import AdapterTaskModule, FusionModule
 from .report import write_fusion_report
-from .runner import prepare_environment, trainable_count
+from .runner import claimed_output, prepare_environment, trainable_count
 from .training import LibraryWriter, last_checkpoint, make_trainer
 
 
@@ -66,12 +66,7 @@ def run_fusion(
     spec = _target(config)
     target = resolve_task(spec, base_dir, None, config.max_length)
     fusion_name = check_name(config.name or f"{target.name}-fusion")
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create output folder '{out}': {err.strerror}") from None
-    with FileLock(out / ".run.lock", blocking=False):
+    with claimed_output(Path(out)) as out:
         env = prepare_environment(config, out)
         atomic_write(out / "config.yaml", dump_yaml(config).encode())
         model = env.model
@@ -185,25 +180,20 @@ def _write_fusion(
         "head": asdict(config.head),
         "method": "fusion",
     }
-    library.add(
-        "fusion",
-        name,
-        model.fusion_state(name),
-        fingerprint=fingerprint,
-        config=entry_config,
-        task=target.name,
-        metrics=metrics,
-        sources=sources,
-    )
-    library.add(
-        "head",
-        head,
-        model.head_state(head),
-        fingerprint=fingerprint,
-        config=entry_config,
-        task=target.name,
-        metrics=metrics,
-    )
+    for kind, artefact, tensors, extra in (
+        ("fusion", name, model.fusion_state(name), {"sources": sources}),
+        ("head", head, model.head_state(head), {}),
+    ):
+        library.add(
+            kind,
+            artefact,
+            tensors,
+            fingerprint=fingerprint,
+            config=entry_config,
+            task=target.name,
+            metrics=metrics,
+            **extra,
+        )
 
 
 class SourceEvaluator:

@@ -40,18 +40,16 @@ def heatmap(matrix: list[list[float | None]], rows: list[str], cols: list[str], 
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after training")
     ax.set_title(title)
+    annotate(ax, matrix, "{:.3f}", dark_below=0.6)
+
+
+def annotate(ax, matrix: list[list[float | None]], fmt: str, dark_below: float) -> None:
+    """Write each cell's value on a heatmap, white on dark cells."""
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             if value is not None:
-                ax.text(
-                    j,
-                    i,
-                    f"{value:.3f}",
-                    ha="center",
-                    va="center",
-                    color="white" if value < 0.6 else "black",
-                    fontsize=8,
-                )
+                color = "white" if value < dark_below else "black"
+                ax.text(j, i, fmt.format(value), ha="center", va="center", color=color, fontsize=8)
 
 
 def run_markdown(metrics: dict) -> str:
@@ -167,17 +165,7 @@ def write_fusion_report(out: Path, metrics: dict) -> None:
         ax.set_xticks(range(len(metrics["sources"])), metrics["sources"], rotation=45, ha="right")
         ax.set_yticks(range(len(rows)), rows)
         ax.set_title(f"mean fusion attention on {metrics['target']} (test)")
-        for i, row in enumerate(attention):
-            for j, value in enumerate(row):
-                ax.text(
-                    j,
-                    i,
-                    f"{value:.2f}",
-                    ha="center",
-                    va="center",
-                    color="white" if value < 0.5 else "black",
-                    fontsize=8,
-                )
+        annotate(ax, attention, "{:.2f}", dark_below=0.5)
         figure.colorbar(image, ax=ax)
         atomic_write(out / "fusion_attention.png", _png(figure))
         plt.close(figure)

@@ -7,6 +7,7 @@ so far from the library. Re-running the same command on a killed run's folder re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -62,13 +63,19 @@ def run_sequence(
 ) -> dict:
     started = time.perf_counter()
     tasks = resolve_sequence(config.sequence, config.tasks, base_dir, None, config.max_length)  # checked before writing
-    out = Path(out)
+    with claimed_output(Path(out)) as out:
+        return _run(config, tasks, out, library_dir or out / "library", log, started)
+
+
+@contextlib.contextmanager
+def claimed_output(out: Path):
+    """Create the output folder and hold its lock: a second job on the same folder gets a clear error."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create output folder '{out}': {err.strerror}") from None
     with FileLock(out / ".run.lock", blocking=False):
-        return _run(config, tasks, out, library_dir or out / "library", log, started)
+        yield out
 
 
 def _run(config: RunConfig, tasks, out: Path, library_dir: Path, log, started: float) -> dict:

@@ -13,10 +13,12 @@ Re-association (see shared DESIGN.md): q . k_n = p . v_n + q . b_K with p = q W_
 A = W_Q^T W_K. Terms equal for every n (q . b_K, p . h) cancel in the softmax, so with the augmented
 factors g~_n = [g_n, 1] and U~_n = [U_n^T; c_n] (r+1 rows):
 
-    score_n = (x M + b_Q W_K U~^T)_n . g~_n,    M = A U~^T   (one (B*L, d) x (d, K(r+1)) matmul)
-    sum_n s_n a_n = [s_1 g~_1 ... s_K g~_K] U~               (one (B*L, K(r+1)) x (K(r+1), d) matmul)
+    score_n = (x M + b_Q W_K U~^T)_n . g~_n,   M = W_Q^T (W_K U~^T)   (one (B*L, d) x (d, K(r+1)) matmul)
+    sum_n s_n a_n W_V^T = [s_1 g~_1 ... s_K g~_K] (U~ W_V^T)         (one (B*L, K(r+1)) x (K(r+1), d) matmul)
 
-and W_V is applied once to the mixture. No (B, L, K, d) tensor is formed. With dropout on the scores
+M and U~ W_V^T depend on the weights only and cost O(d^2 K r) once per step, not per token: for
+K(r+1) < d the whole layer costs less per token than one d x d projection. No (B, L, K, d) tensor is
+formed. With dropout on the scores
 (AdapterHub's ``BertFusion``) the common terms no longer cancel and are added back exactly.
 """
 
@@ -82,15 +84,6 @@ class FusionLayer(nn.Module):
         # Set between steps by the training loop (see continual.module); never changed by forward().
         self.temperature = config.temperature_start if config.temperature else 1.0
 
-    def _score_map(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A = W_Q^T W_K and b = b_Q W_K (None for identity / zero), so that p = x A + b."""
-        a = self.query.weight.t() if self.query is not None else None
-        b = self.query.bias if self.query is not None else None
-        if self.key is not None:
-            a = self.key.weight if a is None else a @ self.key.weight
-            b = None if b is None else b @ self.key.weight
-        return a, b
-
     def forward(
         self, x: torch.Tensor, g: torch.Tensor, up: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,27 +100,32 @@ class FusionLayer(nn.Module):
         """
         bsz, length, k, r = g.shape
         d = x.shape[-1]
-        up_flat = up.reshape(k * (r + 1), d)  # (K(r+1), d)
-        g_aug = torch.cat([g, g.new_ones(bsz, length, k, 1)], dim=-1)  # (B, L, K, r+1)
+        up_flat = up.reshape(k * (r + 1), d)  # U~, (K(r+1), d)
 
-        a, b = self._score_map()
-        m = up_flat.t() if a is None else a @ up_flat.t()  # (d, K(r+1))
-        proj = x @ m  # (B, L, K(r+1))
-        if b is not None:
-            proj = proj + b @ up_flat.t()
-        scores = (proj.view(bsz, length, k, r + 1) * g_aug).sum(-1)  # (B, L, K)
+        # Scores: M = W_Q^T (W_K U~^T) and b_Q (W_K U~^T), both over K(r+1) columns, formed once per step.
+        m = up_flat.t()  # (d, K(r+1))
+        if self.key is not None:
+            m = self.key.weight @ m
+        bias = self.query.bias @ m if self.query is not None else None  # (K(r+1),)
+        if self.query is not None:
+            m = self.query.weight.t() @ m
+        flat = x.reshape(-1, d)  # (B*L, d)
+        proj = torch.addmm(bias, flat, m) if bias is not None else flat @ m  # (B*L, K(r+1))
+        proj = proj.view(bsz, length, k, r + 1)
+        scores = (proj[..., :r] * g).sum(-1) + proj[..., r]  # (B, L, K): the g~_n = [g_n, 1] product, unrolled
 
         if self.training and self.config.dropout > 0:
             scores = self.score_dropout(scores + self._common_score(x, residual))
         weights = torch.softmax(scores / self.temperature, dim=-1)  # (B, L, K)
 
-        mixture = (weights.unsqueeze(-1) * g_aug).reshape(bsz, length, k * (r + 1)) @ up_flat  # (B, L, d)
-        if self.config.residual_before:
-            mixture = mixture + residual
-        out = self.value(mixture) if self.value is not None else mixture
-        if not self.config.residual_before:
-            out = out + residual
-        return out, weights
+        # Values: sum_n s_n a_n W_V^T = [s_n g~_n] (U~ W_V^T): W_V folds into the K(r+1) x d up-projections.
+        values = up_flat if self.value is None else up_flat @ self.value.weight.t()  # (K(r+1), d)
+        values = values.view(k, r + 1, d)
+        mixed = (weights.unsqueeze(-1) * g).reshape(bsz, length, k * r)  # (B, L, K r)
+        out = mixed @ values[:, :r].reshape(k * r, d) + weights @ values[:, r]  # (B, L, d)
+        if self.config.residual_before:  # o = (h + sum_n s_n a_n) W_V^T
+            return out + (self.value(residual) if self.value is not None else residual), weights
+        return out + residual, weights
 
     def _common_score(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """q . b_K (+ p . h with ``residual_before``): equal for every adapter, (B, L, 1)."""

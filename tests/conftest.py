@@ -15,50 +15,16 @@ torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "adapterhub"
 
+_BERT_LIKE = dict(
+    vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+    max_position_embeddings=64,
+)  # fmt: skip
 TINY = {
-    "bert": dict(
-        vocab_size=100,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    ),
-    "roberta": dict(
-        vocab_size=100,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        pad_token_id=1,
-    ),
-    "xlm-roberta": dict(
-        vocab_size=100,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        pad_token_id=1,
-    ),
-    "electra": dict(
-        vocab_size=100,
-        embedding_size=16,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    ),
-    "deberta-v2": dict(
-        vocab_size=100,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    ),
+    "bert": _BERT_LIKE,
+    "roberta": {**_BERT_LIKE, "pad_token_id": 1},
+    "xlm-roberta": {**_BERT_LIKE, "pad_token_id": 1},
+    "electra": {**_BERT_LIKE, "embedding_size": 16},
+    "deberta-v2": _BERT_LIKE,
     "distilbert": dict(vocab_size=100, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=64),
 }
 
