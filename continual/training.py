@@ -95,7 +95,7 @@ def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.
         precision=config.precision,
         gradient_clip_val=config.gradient_clip_val,
         callbacks=[EpochSeed(seed), *callbacks, *extra_callbacks, checkpoint],
-        logger=CSVLogger(out / "logs", name=task, version=0),
+        logger=loggers(out, task),
         enable_progress_bar=config.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -103,6 +103,18 @@ def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.
         log_every_n_steps=10,
         **extra,
     )
+
+
+def loggers(out: Path, task: str) -> list:
+    """CSV logs always; TensorBoard as well when it is installed."""
+    chosen = [CSVLogger(out / "logs", name=task, version=0)]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        chosen.append(TensorBoardLogger(out / "logs", name=task, version=0))
+    except ModuleNotFoundError:
+        pass
+    return chosen
 
 
 def last_checkpoint(out: Path, task: str) -> str | None:

@@ -157,3 +157,24 @@ def test_reference_models_give_intransigence(tmp_path):
     # a reference adapter trained alone from the same seeded init and data order is the same computation:
     diagonal = [metrics["accuracy_matrix"][j][j] for j in range(3)]
     assert metrics["reference_accuracy"] == diagonal and metrics["intransigence"] == 0.0
+
+
+def test_user_csv_trains_through_the_same_path(tmp_path):
+    rows = [("the market rallied on profits", "money"), ("the striker scored a goal", "sport")] * 30
+    (tmp_path / "news.csv").write_text("headline,topic\n" + "\n".join(f"{t} {i},{y}" for i, (t, y) in enumerate(rows)))
+    smoke = (ROOT / "configs" / "sequence" / "smoke.yaml").read_text()
+    config = smoke.replace(
+        "tasks: [bbc-business, bbc-sports, bbc-tech]",
+        "tasks:\n  - {name: mine, source: news.csv, text_column: headline, label_column: topic, max_length: 16}\n"
+        "  - bbc-tech",
+    )
+    (tmp_path / "mine.yaml").write_text(config)
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "mine.yaml"), "--out", str(out), "--monitor.every_n_val_epochs", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == ["mine", "bbc-tech"]
+    entry = AdapterLibrary(out / "library").get("head", "mine")
+    assert entry["config"]["label_names"] == ["money", "sport"]
+    assert metrics["accuracy_matrix"][1][0] == metrics["accuracy_matrix"][0][0]
+    assert [i["task"] for i in metrics["interim"]] == ["bbc-tech", "bbc-tech"]  # mid-task checks of earlier tasks
+    assert all(i["earlier"]["mine"] == metrics["accuracy_matrix"][0][0] for i in metrics["interim"])
