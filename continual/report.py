@@ -184,12 +184,16 @@ def read_metrics(folder: Path) -> dict:
     return metrics
 
 
+def _seconds(metrics: dict) -> str:
+    return "–" if metrics.get("wall_time_s") is None else f"{metrics['wall_time_s']:.1f}"
+
+
 def comparison_markdown(runs: list[tuple[Path, dict]]) -> str:
     rows, fusion_rows = [], []
     for folder, m in runs:
         if "tasks" in m:
             params = sum((t.get("trainable_params") or 0) for t in m["per_task"].values())
-            rows.append([str(folder), m["method"], m["acc"], m["bwt"], m["forgetting"], params, m.get("wall_time_s")])
+            rows.append([str(folder), m["method"], m["acc"], m["bwt"], m["forgetting"], params, _seconds(m)])
         else:
             fusion_rows.append(
                 [
@@ -199,7 +203,7 @@ def comparison_markdown(runs: list[tuple[Path, dict]]) -> str:
                     m["test"]["accuracy"],
                     m["test"]["macro_f1"],
                     m.get("trainable_params"),
-                    m.get("wall_time_s"),
+                    _seconds(m),
                 ]
             )
     parts = ["# adafuse — runs side by side", ""]

@@ -68,6 +68,7 @@ CONFIGS = [
     FusionConfig(query=False),
     FusionConfig(key=False, value=False),
     FusionConfig(temperature=True),
+    FusionConfig(value=False, regularization=False, value_initialized=False),  # AdapterHub's "static" config
 ]
 
 
