@@ -47,7 +47,7 @@ class ForgettingMonitor(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         n = self.every_n_val_epochs
-        if n <= 0 or self.current is None or trainer.sanity_checking or (trainer.current_epoch + 1) % n:
+        if n <= 0 or not self.current or trainer.sanity_checking or (trainer.current_epoch + 1) % n:
             return
         earlier = {self.task_names[j]: self.evaluate(j, self.current, True)["accuracy"] for j in range(self.current)}
         pl_module.model.train()  # evaluation switched modules to eval mode; restore the training setup
