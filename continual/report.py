@@ -208,7 +208,9 @@ def comparison_markdown(runs: list[tuple[Path, dict]]) -> str:
             )
     parts = ["# adafuse — runs side by side", ""]
     if rows:
-        parts.append(_table(["run", "method", "ACC", "BWT", "forgetting", "trainable params", "time (s)"], rows))
+        parts.append(
+            _table(["run", "method", "ACC", "BWT", "forgetting", "trainable params (sum of tasks)", "time (s)"], rows)
+        )
     if fusion_rows:
         parts += [
             "",
