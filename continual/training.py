@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from .config import TrainerConfig
@@ -77,15 +77,9 @@ def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.
         save_last=True,
         enable_version_counter=False,
     )
-    extra = {}
     if config.early_stopping_patience is not None:
-        from lightning.pytorch.callbacks import EarlyStopping
-
-        extra_callbacks = [EarlyStopping(BEST_METRIC, mode="max", patience=config.early_stopping_patience)]
-    else:
-        extra_callbacks = []
-    if config.limit_train_batches is not None:
-        extra["limit_train_batches"] = config.limit_train_batches
+        callbacks = [*callbacks, EarlyStopping(BEST_METRIC, mode="max", patience=config.early_stopping_patience)]
+    optional = {"limit_train_batches": config.limit_train_batches} if config.limit_train_batches is not None else {}
     return L.Trainer(
         max_epochs=config.max_epochs,
         accelerator=config.accelerator,
@@ -94,14 +88,14 @@ def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.
         strategy=config.strategy,
         precision=config.precision,
         gradient_clip_val=config.gradient_clip_val,
-        callbacks=[EpochSeed(seed), *callbacks, *extra_callbacks, checkpoint],
+        callbacks=[EpochSeed(seed), *callbacks, checkpoint],
         logger=loggers(out, task),
         enable_progress_bar=config.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=config.accelerator == "cpu",
         log_every_n_steps=10,
-        **extra,
+        **optional,
     )
 
 
