@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+from tqdm.auto import tqdm
 
 from adafuse.fusion.model import AdaptedModel
 
@@ -17,7 +20,7 @@ def predict_logits(
     model.eval()
     logits, labels = [], []
     try:
-        for batch in loader:
+        for batch in tqdm(loader, desc="evaluating", leave=False, disable=not sys.stderr.isatty()):
             batch = {k: v.to(device) for k, v in batch.items()}
             target = batch.pop("labels")
             logits.append(model(**batch).float().cpu())
