@@ -84,8 +84,23 @@ class FusionLayer(nn.Module):
         # Set between steps by the training loop (see continual.module); never changed by forward().
         self.temperature = config.temperature_start if config.temperature else 1.0
 
+    def score_map(self, up_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """M = W_Q^T (W_K U~^T) and b_Q (W_K U~^T), both over K(r+1) columns, formed once per step."""
+        m = up_flat.t()  # (d, K(r+1))
+        if self.key is not None:
+            m = self.key.weight @ m
+        bias = self.query.bias @ m if self.query is not None else None  # (K(r+1),)
+        if self.query is not None:
+            m = self.query.weight.t() @ m
+        return m, bias
+
     def forward(
-        self, x: torch.Tensor, g: torch.Tensor, up: torch.Tensor, residual: torch.Tensor
+        self,
+        x: torch.Tensor,
+        g: torch.Tensor,
+        up: torch.Tensor,
+        residual: torch.Tensor,
+        proj: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fuse K adapters.
 
@@ -94,6 +109,7 @@ class FusionLayer(nn.Module):
             g: bottleneck activations of the K adapters, (B, L, K, r).
             up: augmented up-projections U~ = [U_n^T; c_n], (K, r+1, d).
             residual: h, (B, L, d).
+            proj: x M + b if the caller already computed it (see ``AdapterSlot._fuse``), (B*L, K(r+1)).
 
         Returns:
             The fused output o, (B, L, d), and the attention weights s, (B, L, K).
@@ -102,16 +118,11 @@ class FusionLayer(nn.Module):
         d = x.shape[-1]
         up_flat = up.reshape(k * (r + 1), d)  # U~, (K(r+1), d)
 
-        # Scores: M = W_Q^T (W_K U~^T) and b_Q (W_K U~^T), both over K(r+1) columns, formed once per step.
-        m = up_flat.t()  # (d, K(r+1))
-        if self.key is not None:
-            m = self.key.weight @ m
-        bias = self.query.bias @ m if self.query is not None else None  # (K(r+1),)
-        if self.query is not None:
-            m = self.query.weight.t() @ m
-        flat = x.reshape(-1, d)  # (B*L, d)
-        proj = torch.addmm(bias, flat, m) if bias is not None else flat @ m  # (B*L, K(r+1))
-        proj = proj.view(bsz, length, k, r + 1)
+        if proj is None:
+            m, bias = self.score_map(up_flat)
+            flat = x.reshape(-1, d)  # (B*L, d)
+            proj = torch.addmm(bias, flat, m) if bias is not None else flat @ m  # (B*L, K(r+1))
+        proj = proj.reshape(bsz, length, k, r + 1)
         scores = (proj[..., :r] * g).sum(-1) + proj[..., r]  # (B, L, K): the g~_n = [g_n, 1] product, unrolled
 
         if self.training and self.config.dropout > 0:

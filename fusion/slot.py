@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .attention import fused_activations, stack_adapters
 from .sites import SiteSpec
@@ -67,8 +68,20 @@ class AdapterSlot(nn.Module):
         x = self._adapter_input(adapters[-1].config.input_is_normed, h, residual)
         query = h if fusion.config.query_before_ln else x
         down_w, down_b, up = stack_adapters(adapters)
-        g = fused_activations(x, down_w, down_b, len(adapters), adapters[-1].activation)  # (B, L, K, r)
-        out, weights = fusion(query, g, up, h)
+        k = len(adapters)
+        if query is x:  # the K down-projections and the score projection x M share one matmul
+            m, bias = fusion.score_map(up.reshape(-1, up.shape[-1]))
+            both = F.linear(
+                x,
+                torch.cat([down_w, m.t()]),
+                torch.cat([down_b, bias if bias is not None else down_b.new_zeros(m.shape[1])]),
+            )
+            kr = down_w.shape[0]
+            g = adapters[-1].activation(both[..., :kr]).reshape(*x.shape[:-1], k, -1)  # (B, L, K, r)
+            out, weights = fusion(query, g, up, h, proj=both[..., kr:])
+        else:
+            g = fused_activations(x, down_w, down_b, k, adapters[-1].activation)  # (B, L, K, r)
+            out, weights = fusion(query, g, up, h)
         if self.attention_recorder is not None:
             self.attention_recorder.append(weights.detach())
         return out
