@@ -28,7 +28,7 @@ from adafuse.tasks.spec import TaskSpec
 
 from .config import FuseConfig, dump_yaml
 from .evaluate import evaluate
-from .methods import seeded_adapter_state, seeded_state
+from .methods import seeded_adapter_state, seeded_head_state
 from .module import AdapterTaskModule, FusionModule
 from .report import write_fusion_report
 from .runner import claimed_output, prepare_environment, trainable_count
@@ -90,15 +90,7 @@ def run_fusion(
         )
         head = fusion_name if baseline is None else f"{target.name}-single"
         model.add_head(head, target.num_labels, config.head.pooling, config.head.dropout)
-        model.load_head_state(
-            head,
-            seeded_state(
-                lambda: type(model.heads[head])(
-                    model.hidden_size, target.num_labels, config.head.pooling, config.head.dropout
-                ),
-                config.seed * 31 + 1,
-            ),
-        )
+        model.load_head_state(head, seeded_head_state(model, target.num_labels, config.head, config.seed * 31 + 1))
         if baseline is None:
             model.add_fusion(fusion_name, sources, config.fusion)
             module = FusionModule(

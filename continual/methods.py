@@ -16,21 +16,23 @@ import torch
 from safetensors.torch import load_file, save
 
 from adafuse.fusion.bottleneck import BottleneckAdapter
+from adafuse.fusion.heads import ClassificationHead
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.storage import atomic_write
 from adafuse.tasks.spec import TaskData
 
-from .config import RunConfig, to_dict
+from .config import HeadConfig, RunConfig, to_dict
 from .evaluate import evaluate
 
 SHARED = "shared"
 
 
-def seeded_state(build, seed: int) -> dict[str, torch.Tensor]:
+def seeded_head_state(model: AdaptedModel, num_labels: int, head: HeadConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Initial tensors of a classification head drawn from ``seed`` (the global RNG is left untouched)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        module = build()
+        module = ClassificationHead(model.hidden_size, num_labels, head.pooling, head.dropout)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
@@ -68,14 +70,8 @@ class SequenceMethod:
             self.model.add_head(name, self.tasks[i].num_labels, self.config.head.pooling, self.config.head.dropout)
             fresh = True
         if fresh:
-            head = self.model.heads[name]
-            self.model.load_head_state(
-                name,
-                seeded_state(
-                    lambda: type(head)(self.model.hidden_size, head.num_labels, head.pooling, self.config.head.dropout),
-                    self._seed(i, 1),
-                ),
-            )
+            state = seeded_head_state(self.model, self.tasks[i].num_labels, self.config.head, self._seed(i, 1))
+            self.model.load_head_state(name, state)
         return name
 
     def ensure_adapter(self, name: str, seed: int, fresh: bool = False) -> str:
@@ -110,16 +106,20 @@ class SequenceMethod:
         self.model.load_head_state(name, self.library.load("head", name, self.fingerprint).tensors)
         return name
 
-    def write_head(self, i: int, metrics: dict) -> None:
+    def write_artefact(self, kind: str, i: int, tensors: dict[str, torch.Tensor], metrics: dict) -> None:
+        """Store task i's adapter or head under the method's name for that task."""
         self.library.add(
-            "head",
+            kind,
             self.name(i),
-            self.model.head_state(self.name(i)),
+            tensors,
             fingerprint=self.fingerprint,
             config=self.entry_config(i),
             task=self.tasks[i].name,
             metrics=metrics,
         )
+
+    def write_head(self, i: int, metrics: dict) -> None:
+        self.write_artefact("head", i, self.model.head_state(self.name(i)), metrics)
 
     def evaluate(self, j: int, i: int, live: bool = False) -> dict[str, float]:
         self.select(j, i, live)
@@ -164,16 +164,7 @@ class IsolatedAdapters(SequenceMethod):
         return {"adapters": (adapter,), "train_adapters": (adapter,), "head": head}
 
     def write(self, i: int, metrics: dict) -> None:
-        name = self.name(i)
-        self.library.add(
-            "adapter",
-            name,
-            self.model.adapter_state(name),
-            fingerprint=self.fingerprint,
-            config=self.entry_config(i),
-            task=self.tasks[i].name,
-            metrics=metrics,
-        )
+        self.write_artefact("adapter", i, self.model.adapter_state(self.name(i)), metrics)
         self.write_head(i, metrics)
 
     def is_done(self, i: int) -> bool:
@@ -207,15 +198,7 @@ class SharedAdapter(SequenceMethod):
         return {"adapters": (SHARED,), "train_adapters": (SHARED,), "head": self.ensure_head(i, fresh=True)}
 
     def write(self, i: int, metrics: dict) -> None:
-        self.library.add(
-            "adapter",
-            self.name(i),
-            self.model.adapter_state(SHARED),
-            fingerprint=self.fingerprint,
-            config=self.entry_config(i),
-            task=self.tasks[i].name,
-            metrics=metrics,
-        )
+        self.write_artefact("adapter", i, self.model.adapter_state(SHARED), metrics)
         self.write_head(i, metrics)
 
     def restore(self, i: int) -> None:
