@@ -22,6 +22,9 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+_BACKBONE_HELP = "backbone name, folder or YAML (default: the one the library records, else the embedded MiniLM)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adafuse", description="Continual learning with adapters and AdapterFusion.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -63,6 +66,37 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", help="artefact name")
             p.add_argument("--kind", default=None, choices=["adapter", "head", "fusion"])
         p.set_defaults(handler=getattr(commands, f"cmd_library_{name}"))
+    imp = lib_sub.add_parser("import", help="import an AdapterHub adapter or fusion folder (with its head)")
+    imp.add_argument("dir", help="folder written by AdapterHub save_adapter / save_adapter_fusion")
+    imp.add_argument("--from", dest="source_format", choices=["adapterhub"], default="adapterhub")
+    imp.add_argument("--library", required=True, help="library to import into (created if missing)")
+    imp.add_argument("--name", default=None, help="name in the library (default: the saved name)")
+    imp.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
+    imp.set_defaults(handler=commands.cmd_library_import)
+    exp = lib_sub.add_parser("export", help="write an adapter or fusion (and its head) in AdapterHub's layout")
+    exp.add_argument("name", help="adapter or fusion name")
+    exp.add_argument("--library", required=True, help="the library holding it")
+    exp.add_argument("--to", dest="target_format", choices=["adapterhub"], default="adapterhub")
+    exp.add_argument("--out", required=True, help="new (or empty) output folder")
+    exp.add_argument("--kind", default=None, choices=["adapter", "fusion"])
+    exp.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
+    exp.set_defaults(handler=commands.cmd_library_export)
+
+    predict = sub.add_parser("predict", help="label a file with a library adapter, fusion, or one per row")
+    predict.add_argument("--library", required=True, help="adapter library")
+    which = predict.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", default=None, help="adapter (and head of the same name) for every row")
+    which.add_argument("--fusion", default=None, help="fusion (and head of the same name) for every row")
+    which.add_argument("--task-column", default=None, help="column naming each row's adapter or fusion")
+    predict.add_argument("--input", required=True, help="CSV/TSV/JSONL with a text column, or plain text lines")
+    predict.add_argument("--out", required=True, help="output JSONL, one line per input row")
+    predict.add_argument("--text-column", default="text", help="text column or field (default: text)")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--max-length", type=int, default=128, help="tokens per text (default: 128)")
+    predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    predict.add_argument("--drop-layers", type=int, default=0, help="AdapterDrop: skip adapters of the lowest N layers")
+    predict.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
+    predict.set_defaults(handler=commands.cmd_predict)
 
     tasks = sub.add_parser("tasks", help="built-in tasks")
     tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True, parser_class=_Parser)

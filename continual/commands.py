@@ -108,6 +108,42 @@ def cmd_library_verify(args, _overrides=()) -> int:
     return 0
 
 
+def cmd_library_import(args, _overrides=()) -> int:
+    from .interop import import_adapterhub
+
+    import_adapterhub(Path(args.dir), Path(args.library), args.backbone, args.name)
+    return 0
+
+
+def cmd_library_export(args, _overrides=()) -> int:
+    from .interop import export_adapterhub
+
+    out = export_adapterhub(Path(args.library), args.name, Path(args.out), args.backbone, args.kind)
+    print(f"exported '{args.name}' in AdapterHub layout to {out}")
+    return 0
+
+
+def cmd_predict(args, _overrides=()) -> int:
+    from .predict import run_predict
+
+    count = run_predict(
+        Path(args.library),
+        Path(args.input),
+        Path(args.out),
+        adapter=args.adapter,
+        fusion=args.fusion,
+        task_column=args.task_column,
+        text_column=args.text_column,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        device=args.device,
+        drop_layers=args.drop_layers,
+        backbone=args.backbone,
+    )
+    print(f"{count} predictions -> {args.out}")
+    return 0
+
+
 def cmd_tasks_list(args, _overrides=()) -> int:
     from adafuse.tasks.builtin import SEQUENCES, load_builtin, task_names
 

@@ -184,6 +184,7 @@ def _write_fusion(
             config=entry_config,
             task=target.name,
             metrics=metrics,
+            backbone=asdict(config.backbone),
             **extra,
         )
 

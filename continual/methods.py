@@ -116,6 +116,7 @@ class SequenceMethod:
             config=self.entry_config(i),
             task=self.tasks[i].name,
             metrics=metrics,
+            backbone=to_dict(self.config.backbone),
         )
 
     def write_head(self, i: int, metrics: dict) -> None:

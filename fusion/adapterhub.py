@@ -55,7 +55,8 @@ def load_tensors(folder: Path, stem: str) -> dict[str, torch.Tensor]:
         try:
             return torch.load(binary, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling refusal is reported the same way
-            raise UserError(f"{binary}: refused to load (only plain tensors are accepted): {err}") from None
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"{binary}: refused to load (only plain tensors are accepted): {reason}") from None
     raise UserError(f"{folder}: neither {safe.name} nor {binary.name} found")
 
 

@@ -71,6 +71,9 @@ def resolve_source(name: str) -> tuple[str, bool]:
 
 
 def _from_pretrained(loader, name: str, what: str):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load is noise in every command's output
     source, local = resolve_source(name)
     try:
         return loader.from_pretrained(source, local_files_only=local)

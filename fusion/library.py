@@ -99,9 +99,14 @@ class AdapterLibrary:
         config: dict[str, Any] | None = None,
         task: str | None = None,
         metrics: dict[str, Any] | None = None,
+        backbone: dict[str, Any] | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
-        """Write one artefact (replacing one of the same kind and name) and its manifest entry."""
+        """Write one artefact (replacing one of the same kind and name) and its manifest entry.
+
+        ``backbone`` (how to load the backbone: a BackboneConfig as a dict) is recorded in the manifest the
+        first time it is given, so ``predict``/``export`` can load the right backbone without being told.
+        """
         if kind not in KIND_FOLDERS:
             raise UserError(f"unknown artefact kind '{kind}'; expected one of {', '.join(KIND_FOLDERS)}")
         check_name(name)
@@ -121,14 +126,15 @@ class AdapterLibrary:
         }
         with FileLock(self.root / LOCK):
             manifest = self.read_manifest()
-            backbone = manifest.get("backbone")
-            if backbone is not None and backbone["fingerprint"] != fingerprint:
+            current = manifest.get("backbone") or {}
+            if current and current["fingerprint"] != fingerprint:
                 raise UserError(
-                    f"library '{self.root}' belongs to backbone {backbone['fingerprint'][:16]}, "
+                    f"library '{self.root}' belongs to backbone {current['fingerprint'][:16]}, "
                     f"not to this backbone {fingerprint[:16]}"
                 )
             atomic_write(self.root / relative, data)
-            manifest["backbone"] = {"fingerprint": fingerprint}
+            recorded = current.get("config") or backbone
+            manifest["backbone"] = {"fingerprint": fingerprint, **({"config": recorded} if recorded else {})}
             artefacts = [e for e in manifest["artefacts"] if (e["kind"], e["name"]) != (kind, name)]
             manifest["artefacts"] = sorted([*artefacts, entry], key=lambda e: (e["kind"], e["name"]))
             atomic_write(self.manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())

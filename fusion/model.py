@@ -3,7 +3,7 @@
 The protocol is small (after torchtune/peft): ``add_adapter``/``add_fusion``/``add_head`` create modules,
 ``activate`` chooses what runs, ``set_trainable`` decides what gets gradients, and ``*_state``/``load_*``
 move one artefact's tensors in and out with keys that carry no artefact name
-(``"<layer>.<location>.down.weight"``).
+(``"<layer>.<location>.down.weight"``). A module added later takes the model's current train/eval mode.
 """
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ class AdaptedModel(nn.Module):
             raise UserError(f"adapter '{name}' already exists in the model")
         for _, location, slot in self.slots():
             if location in config.locations:
-                slot.adapters[name] = BottleneckAdapter(self.hidden_size, config)
+                slot.adapters[name] = BottleneckAdapter(self.hidden_size, config).train(self.training)
         self.adapter_configs[name] = config
 
     def add_head(self, name: str, num_labels: int, pooling: str = "cls", dropout: float = 0.1) -> None:
-        self.heads[name] = ClassificationHead(self.hidden_size, num_labels, pooling, dropout)
+        self.heads[name] = ClassificationHead(self.hidden_size, num_labels, pooling, dropout).train(self.training)
 
     def add_fusion(self, name: str, sources: list[str], config: FusionConfig) -> None:
         missing = [s for s in sources if s not in self.adapter_configs]
@@ -76,7 +76,7 @@ class AdaptedModel(nn.Module):
             raise UserError(f"fusion '{name}': sources differ in placement/bottleneck/non-linearity: {sorted(shapes)}")
         for _, location, slot in self.slots():
             if location in configs[0].locations:
-                slot.fusions[name] = FusionLayer(self.hidden_size, config)
+                slot.fusions[name] = FusionLayer(self.hidden_size, config).train(self.training)
         self.fusion_sources[name] = tuple(sources)
 
     def delete_adapter(self, name: str) -> None:
@@ -92,8 +92,18 @@ class AdaptedModel(nn.Module):
         self.fusion_sources.pop(name, None)
 
     # ---- what runs and what trains -----------------------------------------------------------------------
-    def activate(self, adapters: list[str] | tuple[str, ...] = (), fusion: str | None = None, head: str | None = None):
-        """Choose the active adapters (their deltas add up) or one fusion, and the head."""
+    def activate(
+        self,
+        adapters: list[str] | tuple[str, ...] = (),
+        fusion: str | None = None,
+        head: str | None = None,
+        skip_layers: int = 0,
+    ):
+        """Choose the active adapters (their deltas add up) or one fusion, and the head.
+
+        ``skip_layers`` = N leaves the adapters and fusions of the lowest N blocks out (AdapterDrop,
+        Rücklé et al. 2021): those blocks run as the bare backbone.
+        """
         for name in adapters:
             if name not in self.adapter_configs:
                 raise UserError(f"unknown adapter '{name}'; known: {sorted(self.adapter_configs)}")
@@ -101,22 +111,41 @@ class AdaptedModel(nn.Module):
             raise UserError(f"unknown fusion '{fusion}'; known: {sorted(self.fusion_sources)}")
         if head is not None and head not in self.heads:
             raise UserError(f"unknown head '{head}'; known: {sorted(self.heads)}")
-        for _, _, slot in self.slots():
-            slot.active = tuple(a for a in adapters if a in slot.adapters)
-            slot.active_fusion = (fusion, self.fusion_sources[fusion]) if fusion in slot.fusions else None
+        for index, _, slot in self.slots():
+            kept = index >= skip_layers
+            slot.active = tuple(a for a in adapters if a in slot.adapters) if kept else ()
+            slot.active_fusion = (fusion, self.fusion_sources[fusion]) if kept and fusion in slot.fusions else None
+            slot.routes = None
         self.active_head = head
+
+    def route(self, rows: dict[str, torch.Tensor], skip_layers: int = 0) -> None:
+        """Mixed-task batches: ``rows[name]`` are the batch rows that go through adapter or fusion ``name``.
+
+        One forward pass serves every task; apply each task's head to its rows of :meth:`encode`'s output.
+        """
+        for name in rows:
+            if name not in self.adapter_configs and name not in self.fusion_sources:
+                raise UserError(f"unknown adapter or fusion '{name}'")
+        self.activate(skip_layers=skip_layers)
+        for index, _, slot in self.slots():
+            routes = [
+                (name, self.fusion_sources.get(name, ()), index_rows)
+                for name, index_rows in rows.items()
+                if name in slot.fusions or (name in slot.adapters and name not in self.fusion_sources)
+            ]
+            slot.routes = routes if index >= skip_layers and routes else None
 
     @contextlib.contextmanager
     def bare_backbone(self):
         """Run the backbone without any adapter or fusion inside the block (the head stays)."""
-        saved = [(slot.active, slot.active_fusion) for _, _, slot in self.slots()]
+        saved = [(slot.active, slot.active_fusion, slot.routes) for _, _, slot in self.slots()]
         for _, _, slot in self.slots():
-            slot.active, slot.active_fusion = (), None
+            slot.active, slot.active_fusion, slot.routes = (), None, None
         try:
             yield self
         finally:
-            for (_, _, slot), (active, fused) in zip(self.slots(), saved, strict=True):
-                slot.active, slot.active_fusion = active, fused
+            for (_, _, slot), (active, fused, routes) in zip(self.slots(), saved, strict=True):
+                slot.active, slot.active_fusion, slot.routes = active, fused, routes
 
     def set_trainable(self, adapters=(), fusions=(), heads=(), backbone: bool = False) -> None:
         """Exactly the named adapters, fusions and heads (and the backbone only if asked) require grad."""

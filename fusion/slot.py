@@ -26,6 +26,8 @@ class AdapterSlot(nn.Module):
         self.fusions = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.active_fusion: tuple[str, tuple[str, ...]] | None = None  # (fusion name, source names)
+        # Per-row routing (mixed-task batches): (adapter or fusion name, its sources or (), batch row indices).
+        self.routes: list[tuple[str, tuple[str, ...], torch.Tensor]] | None = None
         self.attention_recorder: list[torch.Tensor] | None = None
 
     @property
@@ -34,7 +36,7 @@ class AdapterSlot(nn.Module):
 
     @property
     def is_bare(self) -> bool:
-        return not self.active and self.active_fusion is None
+        return not self.active and self.active_fusion is None and not self.routes
 
     def forward(self, *args, **kwargs):
         if self.is_bare:
@@ -54,6 +56,8 @@ class AdapterSlot(nn.Module):
 
     def mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The slot's output before the block's residual + layer norm: h plus the adapters' contribution."""
+        if self.routes:
+            return self._routed(h, residual)
         if self.active_fusion is not None:
             name, sources = self.active_fusion
             return self._fuse(name, [self.adapters[s] for s in sources], h, residual)
@@ -61,6 +65,19 @@ class AdapterSlot(nn.Module):
         for name in self.active:
             adapter = self.adapters[name]
             out = out + adapter(self._adapter_input(adapter.config.input_is_normed, h, residual))
+        return out
+
+    def _routed(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Each route's rows through its own adapter or fusion; rows without a route keep h."""
+        out = h.clone()
+        for name, sources, rows in self.routes:
+            h_rows, residual_rows = h.index_select(0, rows), residual.index_select(0, rows)
+            if sources:
+                mixed = self._fuse(name, [self.adapters[s] for s in sources], h_rows, residual_rows)
+            else:
+                adapter = self.adapters[name]
+                mixed = h_rows + adapter(self._adapter_input(adapter.config.input_is_normed, h_rows, residual_rows))
+            out = out.index_copy(0, rows, mixed)
         return out
 
     def _fuse(self, name: str, adapters: list[nn.Module], h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

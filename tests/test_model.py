@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import TINY, randomize, tiny_backbone, tiny_batch
 
+from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.bottleneck import BottleneckConfig
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.model import AdaptedModel
@@ -158,3 +159,15 @@ def test_unknown_names_refused():
         model.activate(["zzz"])
     with pytest.raises(UserError, match="already exists"):
         model.add_adapter("a", BottleneckConfig())
+
+
+def test_modules_added_later_follow_the_model_mode():
+    model = AdaptedModel(tiny_backbone()).eval()
+    model.add_adapter("a", BottleneckConfig())
+    model.add_adapter("b", BottleneckConfig())
+    model.add_head("a", 2)
+    model.add_fusion("f", ["a", "b"], FusionConfig(dropout=0.5))
+    assert not any(m.training for m in model.modules())
+    model.train()
+    model.add_head("c", 2)
+    assert model.heads["c"].training

@@ -1,0 +1,160 @@
+"""``adafuse library import`` / ``export``: AdapterHub ``adapters`` folders in and out of a library.
+
+Import reads everything, checks it against the backbone (architecture, width, every tensor's shape by
+loading it into the model) and only then writes the library. Export writes the AdapterHub layout into a
+fresh folder (atomically: a temporary folder renamed at the end).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from adafuse.fusion.adapterhub import read_adapter_folder, read_fusion_folder
+from adafuse.fusion.adapterhub_write import BackboneInfo, adapter_files, fusion_files, head_files
+from adafuse.fusion.attention import FusionConfig
+from adafuse.fusion.backbone import EMBEDDED
+from adafuse.fusion.bottleneck import BottleneckConfig
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.library import check_name
+from adafuse.fusion.storage import fsync_dir
+
+from .library_model import LibraryModel
+
+EMBEDDED_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def backbone_info(opened: LibraryModel) -> BackboneInfo:
+    backbone = opened.model.backbone
+    if not hasattr(backbone, "encoder"):
+        raise UserError(
+            f"AdapterHub interop supports BERT-like backbones (encoder.layer); this one is "
+            f"'{backbone.config.model_type}'"
+        )
+    name = EMBEDDED_HUB_NAME if opened.backbone.name == EMBEDDED else opened.backbone.name
+    return BackboneInfo(
+        model_type=backbone.config.model_type,
+        hidden_size=backbone.config.hidden_size,
+        prefix=backbone.base_model_prefix,
+        model_class=type(backbone).__name__.removesuffix("Model") + "AdapterModel",
+        model_name=name,
+    )
+
+
+def _check_backbone(meta: dict, opened: LibraryModel, folder: Path) -> None:
+    config = opened.model.backbone.config
+    theirs = (meta.get("model_type"), meta.get("hidden_size"))
+    if theirs != (config.model_type, config.hidden_size):
+        raise UserError(
+            f"{folder}: saved for a {theirs[0]} model of hidden size {theirs[1]}, but the library's backbone is "
+            f"{config.model_type} with hidden size {config.hidden_size}"
+        )
+
+
+def _label_names(head: dict) -> list[str]:
+    label2id = head.get("label2id") or {}
+    if sorted(label2id.values()) != list(range(head["num_labels"])):
+        return [f"label_{i}" for i in range(head["num_labels"])]
+    return [label for label, _ in sorted(label2id.items(), key=lambda item: item[1])]
+
+
+def import_adapterhub(folder: Path, library_dir: Path, backbone: str | None, name: str | None, log=print) -> list:
+    """Import one AdapterHub adapter or fusion folder (with its head, if saved) into the library."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"'{folder}': not a folder (expected an AdapterHub save_adapter/save_adapter_fusion folder)")
+    is_fusion = (folder / "adapter_fusion_config.json").is_file()
+    if not is_fusion and not (folder / "adapter_config.json").is_file():
+        raise UserError(f"'{folder}': neither adapter_config.json nor adapter_fusion_config.json found")
+    read = (read_fusion_folder if is_fusion else read_adapter_folder)(folder)
+    opened = LibraryModel.open(library_dir, backbone, create=True)
+    _check_backbone(read["meta"], opened, folder)
+    model, target = opened.model, check_name(name or read["name"])
+    if is_fusion:
+        for source in read["sources"]:
+            if opened.library.find("adapter", source) is None:
+                raise UserError(f"{folder}: source adapter '{source}' is not in the library; import it first")
+            opened.load_adapter(source)
+        model.add_fusion(target, read["sources"], read["config"])
+        model.load_fusion_state(target, read["tensors"])
+    else:
+        model.add_adapter(target, read["config"])
+        model.load_adapter_state(target, read["tensors"])
+    head = read["head"]
+    config = {
+        "method": "import",
+        "imported_from": "adapterhub",
+        "adapterhub_version": read["meta"].get("version"),
+        "head": {"pooling": "cls", "dropout": 0.1},
+    }
+    if head is not None:
+        model.add_head(target, head["num_labels"])
+        model.load_head_state(target, head["tensors"])
+        config |= {"num_labels": head["num_labels"], "label_names": _label_names(head)}
+    library = opened.library
+    if is_fusion:
+        config["fusion"] = asdict(read["config"])
+        extra = {"sources": [{"name": s, "sha256": library.get("adapter", s)["sha256"]} for s in read["sources"]]}
+        artefacts = [("fusion", model.fusion_state(target), extra)]
+    else:
+        config["adapter"] = asdict(read["config"])
+        artefacts = [("adapter", model.adapter_state(target), {})]
+    if head is not None:
+        artefacts.append(("head", model.head_state(target), {}))
+    backbone_record = {"fingerprint": opened.fingerprint, "backbone": asdict(opened.backbone)}
+    written = [library.add(k, target, tensors, config=config, **backbone_record, **x) for k, tensors, x in artefacts]
+    for entry in written:
+        log(f"imported {entry['kind']} '{entry['name']}' -> {opened.library.root / entry['file']}")
+    return written
+
+
+def export_adapterhub(library_dir: Path, name: str, out: Path, backbone: str | None, kind: str | None = None) -> Path:
+    """Write adapter or fusion ``name`` (and its head, if the library has one) as an AdapterHub folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out '{out}' exists and is not an empty folder")
+    opened = LibraryModel.open(library_dir, backbone)
+    library = opened.library
+    kinds = [kind] if kind else [k for k in ("adapter", "fusion") if library.find(k, name)]
+    if not kinds:
+        raise UserError(f"library '{library_dir}' has no adapter or fusion named '{name}'")
+    if len(kinds) > 1:
+        raise UserError(f"library '{library_dir}' has both an adapter and a fusion named '{name}'; pass --kind")
+    info = backbone_info(opened)
+    entry = library.get(kinds[0], name)
+    if kinds[0] == "adapter":
+        opened.load_adapter(name)
+        ah_name = name
+        config = BottleneckConfig(**entry["config"]["adapter"])
+        files = adapter_files(info, name, config, opened.model.adapter_state(name))
+    else:
+        sources = opened.load_fusion(name)
+        ah_name = ",".join(sources)
+        state = opened.model.fusion_state(name)
+        files = fusion_files(info, sources, FusionConfig(**entry["config"]["fusion"]), state)
+    if library.find("head", name) is not None:
+        labels = opened.load_head(name)
+        if opened.model.heads[name].pooling != "cls":
+            raise UserError(f"head '{name}' pools by mean; AdapterHub classification heads read the first token")
+        dropout = float(entry["config"].get("head", {}).get("dropout", 0.1))
+        files |= head_files(info, ah_name, opened.model.head_state(name), labels, dropout)
+    _write_folder(out, files)
+    return out
+
+
+def _write_folder(out: Path, files: dict[str, bytes]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        for filename, data in files.items():
+            (staging / filename).write_bytes(data)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+        fsync_dir(out.parent)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write '{out}': {err.strerror}") from None

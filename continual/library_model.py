@@ -1,0 +1,93 @@
+"""A library opened together with its backbone: what ``predict``, ``library import`` and ``export`` share.
+
+The backbone is the one recorded in the manifest (or the embedded MiniLM, or ``--backbone``: a name, a
+folder or a YAML file of :class:`BackboneConfig`); its fingerprint must be the library's. Artefacts are
+loaded by name into one :class:`AdaptedModel`, each after its sha256 check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adafuse.fusion.attention import FusionConfig
+from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model, load_tokenizer
+from adafuse.fusion.bottleneck import BottleneckConfig
+from adafuse.fusion.errors import UserError, VerificationError
+from adafuse.fusion.library import AdapterLibrary
+from adafuse.fusion.model import AdaptedModel
+
+from .config import build, load_config
+
+
+def backbone_config(option: str | None, library: AdapterLibrary) -> BackboneConfig:
+    """``--backbone`` (name, folder or YAML file), else the backbone the manifest records, else the embedded one."""
+    if option is None:
+        recorded = (library.read_manifest().get("backbone") or {}).get("config")
+        return build(BackboneConfig, recorded, "manifest backbone") if recorded else BackboneConfig()
+    if option.endswith((".yaml", ".yml")):
+        return load_config(BackboneConfig, option)
+    return BackboneConfig(name=option)
+
+
+@dataclass
+class LibraryModel:
+    library: AdapterLibrary
+    model: AdaptedModel
+    tokenizer: object
+    fingerprint: str
+    backbone: BackboneConfig
+    label_names: dict[str, list[str]] = field(default_factory=dict)  # head name -> label names
+
+    @classmethod
+    def open(cls, library_dir: str | Path, backbone: str | None = None, create: bool = False) -> LibraryModel:
+        library = AdapterLibrary(library_dir)
+        if not create and not library.exists():
+            raise UserError(f"'{library_dir}' is not an adapter library (no manifest.json)")
+        config = backbone_config(backbone, library)
+        model = load_model(config)
+        fp = fingerprint(model)
+        expected = (library.read_manifest().get("backbone") or {}).get("fingerprint")
+        if expected is not None and expected != fp:
+            raise UserError(
+                f"library '{library_dir}' belongs to backbone {expected[:16]}, but backbone "
+                f"'{backbone or config.name}' is {fp[:16]}; pass --backbone with the backbone it was trained on"
+            )
+        return cls(library, AdaptedModel(model), load_tokenizer(config), fp, config)
+
+    def load_adapter(self, name: str) -> None:
+        if name in self.model.adapter_configs:
+            return
+        entry = self.library.get("adapter", name)
+        self.model.add_adapter(name, BottleneckConfig(**entry["config"].get("adapter", {})))
+        self.model.load_adapter_state(name, self.library.load("adapter", name, self.fingerprint).tensors)
+
+    def load_head(self, name: str) -> list[str]:
+        """Load head ``name``; returns its label names (``label_<i>`` where the library has none)."""
+        if name not in self.label_names:
+            entry = self.library.get("head", name)
+            config = entry["config"]
+            head = config.get("head", {})
+            num_labels = int(config["num_labels"])
+            self.model.add_head(name, num_labels, head.get("pooling", "cls"), head.get("dropout", 0.1))
+            self.model.load_head_state(name, self.library.load("head", name, self.fingerprint).tensors)
+            self.label_names[name] = config.get("label_names") or [f"label_{i}" for i in range(num_labels)]
+        return self.label_names[name]
+
+    def load_fusion(self, name: str) -> list[str]:
+        """Load fusion ``name`` and its sources (refused if a source changed since it was trained)."""
+        entry = self.library.get("fusion", name)
+        sources = [s["name"] for s in entry.get("sources", [])]
+        for source in entry.get("sources", []):
+            current = self.library.find("adapter", source["name"])
+            if current is None or current["sha256"] != source["sha256"]:
+                raise VerificationError(
+                    f"fusion '{name}': source adapter '{source['name']}' is missing or changed since the fusion "
+                    f"was trained (expected sha256 {source['sha256'][:16]})"
+                )
+            self.load_adapter(source["name"])
+        if name not in self.model.fusion_sources:
+            self.model.add_fusion(name, sources, FusionConfig(**entry["config"].get("fusion", {})))
+            self.model.load_fusion_state(name, self.library.load("fusion", name, self.fingerprint).tensors)
+            self.model.set_fusion_temperature(1.0)  # a trained fusion predicts at temperature 1
+        return sources

@@ -1,0 +1,212 @@
+"""``adafuse predict``: label a file with a library adapter or fusion, or with one per row (mixed tasks).
+
+Input: CSV/TSV (a ``text`` column), JSONL (objects with ``text``, or strings) or plain text (one text a
+line). Output: one JSON line per input row, in order, with ``label``, ``label_name`` and
+``probabilities`` (label-id order). With ``task_column`` each row names its adapter or fusion; rows of
+different tasks share one forward pass (:meth:`AdaptedModel.route`) and each task's head reads its rows.
+The output is written to a temporary file and renamed at the end: an error leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from adafuse.fusion.errors import UserError
+
+from .library_model import LibraryModel
+
+TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+
+
+def read_rows(path: Path, text_column: str, task_column: str | None) -> Iterator[tuple[str, str | None]]:
+    """(text, task) per input row, streamed; bad rows raise a UserError naming the file and line."""
+    try:
+        handle = open(path, encoding="utf-8", newline="")
+    except OSError as err:
+        raise UserError(f"--input '{path}': {err.strerror}") from None
+    with handle:
+        try:
+            if path.suffix.lower() in TEXT_SUFFIXES:
+                reader = csv.DictReader(handle, delimiter=TEXT_SUFFIXES[path.suffix.lower()])
+                for column in (text_column, task_column):
+                    if column is not None and column not in (reader.fieldnames or []):
+                        raise UserError(f"{path}: no column '{column}' (found: {', '.join(reader.fieldnames or [])})")
+                for row in reader:
+                    yield row[text_column] or "", row[task_column] if task_column else None
+            elif path.suffix.lower() in (".jsonl", ".json"):
+                for number, line in enumerate(handle, 1):
+                    if line.strip():
+                        yield _json_row(line, path, number, text_column, task_column)
+            else:
+                if task_column is not None:
+                    raise UserError(f"{path}: --task-column needs a CSV, TSV or JSONL input, not plain text")
+                for line in handle:
+                    if line.strip():
+                        yield line.rstrip("\r\n"), None
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except csv.Error as err:
+            raise UserError(f"{path}: malformed CSV ({err})") from None
+
+
+def _json_row(line: str, path: Path, number: int, text_column: str, task_column: str | None):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+    if isinstance(row, str) and task_column is None:
+        return row, None
+    if not isinstance(row, dict):
+        found = type(row).__name__
+        raise UserError(f"{path} line {number}: expected a JSON object with '{text_column}', found {found}")
+    for column in (text_column, task_column):
+        if column is not None and not isinstance(row.get(column), str):
+            raise UserError(f"{path} line {number}: expected a string field '{column}'")
+    return row[text_column], row[task_column] if task_column else None
+
+
+def _batches(rows: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class Predictor:
+    """Routes a batch of (text, task) rows through one pass of the model and each task's head."""
+
+    def __init__(self, opened: LibraryModel, max_length: int, device: torch.device, drop_layers: int) -> None:
+        if not 0 <= drop_layers <= opened.model.num_layers:
+            raise UserError(f"--drop-layers {drop_layers}: expected 0..{opened.model.num_layers}")
+        self.opened = opened
+        self.max_length = max_length
+        self.device = device
+        self.drop_layers = drop_layers
+        self.kinds: dict[str, str] = {}
+        opened.model.to(device).eval()
+
+    def add_task(self, name: str, where: str = "") -> None:
+        """Load adapter or fusion ``name`` and the head of the same name."""
+        if name in self.kinds:
+            return
+        library = self.opened.library
+        kind = "fusion" if library.find("fusion", name) else "adapter" if library.find("adapter", name) else None
+        if kind is None or library.find("head", name) is None:
+            known = sorted(e["name"] for e in library.entries("head"))
+            raise UserError(
+                f"{where}task '{name}' is not an adapter or fusion with a head in '{library.root}' (has: {known})"
+            )
+        self.opened.load_fusion(name) if kind == "fusion" else self.opened.load_adapter(name)
+        self.opened.load_head(name)
+        self.opened.model.to(self.device).eval()  # new modules start in training mode
+        self.kinds[name] = kind
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str], tasks: list[str]) -> list[dict]:
+        model = self.opened.model
+        encoded = self.opened.tokenizer(
+            texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+        )
+        ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+        groups: dict[str, list[int]] = {}
+        for row, task in enumerate(tasks):
+            groups.setdefault(task, []).append(row)
+        rows = {task: torch.tensor(index, device=self.device) for task, index in groups.items()}
+        model.route(rows, skip_layers=self.drop_layers)
+        hidden = model.encode(ids, mask)  # (B, L, d)
+        results: list[dict | None] = [None] * len(texts)
+        for task, index in rows.items():
+            probabilities = torch.softmax(model.heads[task](hidden[index], mask[index]).float(), dim=-1).cpu()
+            names = self.opened.label_names[task]
+            labels = probabilities.argmax(-1).tolist()
+            for row, label, p in zip(groups[task], labels, probabilities.tolist(), strict=True):
+                results[row] = {"label": label, "label_name": names[label], "probabilities": p}
+        return results
+
+
+def run_predict(
+    library_dir: Path,
+    input_path: Path,
+    out_path: Path,
+    *,
+    adapter: str | None = None,
+    fusion: str | None = None,
+    task_column: str | None = None,
+    text_column: str = "text",
+    batch_size: int = 32,
+    max_length: int = 128,
+    device: str = "cpu",
+    drop_layers: int = 0,
+    backbone: str | None = None,
+) -> int:
+    """Predict every row of ``input_path`` into ``out_path`` (JSONL); returns the number of rows."""
+    if sum(x is not None for x in (adapter, fusion, task_column)) != 1:
+        raise UserError("predict: give exactly one of --adapter NAME, --fusion NAME or --task-column COLUMN")
+    if batch_size < 1 or max_length < 2:
+        raise UserError(f"predict: --batch-size ({batch_size}) must be >= 1 and --max-length ({max_length}) >= 2")
+    input_path, out_path = Path(input_path), Path(out_path)
+    if not input_path.is_file():
+        raise UserError(f"--input '{input_path}': file not found")
+    if out_path.is_dir():
+        raise UserError(f"--out '{out_path}' is a folder; expected a .jsonl file path")
+    predictor = Predictor(LibraryModel.open(library_dir, backbone), max_length, _device(device), drop_layers)
+    fixed = adapter or fusion
+    if fixed:
+        predictor.add_task(fixed)
+    count = 0
+    with _staged(out_path) as out, tqdm(unit=" rows", desc="predict", disable=None) as bar:
+        for batch in _batches(read_rows(input_path, text_column, task_column), batch_size):
+            tasks = [fixed or task for _, task in batch]
+            for offset, task in enumerate(tasks):
+                predictor.add_task(task, f"{input_path} row {count + offset + 1}: ")
+            for (_, task), result in zip(batch, predictor([t for t, _ in batch], tasks), strict=True):
+                out.write(json.dumps({"task": task, **result} if task_column else result) + "\n")
+            count += len(batch)
+            bar.update(len(batch))
+        if count == 0:
+            raise UserError(f"--input '{input_path}': no rows to predict")
+    return count
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}': expected cpu, cuda, cuda:N or auto") from None
+
+
+@contextlib.contextmanager
+def _staged(path: Path):
+    """A text handle on a temporary file next to ``path``, renamed over it only if the block succeeds."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(f"cannot write '{path}': {err.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

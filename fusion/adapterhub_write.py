@@ -1,0 +1,159 @@
+"""Writing AdapterHub ``adapters`` 1.3 folders: the layout ``model.load_adapter(DIR)`` /
+``model.load_adapter_fusion(DIR)`` read (configs as JSON, weights as safetensors).
+
+The inverse of :mod:`adafuse.fusion.adapterhub`: keys go back to
+``<prefix>.encoder.layer.<i>.<site>.adapters.<name>.adapter_down.0.weight`` and so on, configs carry
+every option AdapterHub expects with the values adafuse computes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save
+
+from .attention import FusionConfig
+from .bottleneck import BottleneckConfig
+from .errors import UserError
+
+VERSION = "adapters.1.3.0"
+_SITE_PATHS = {"attention": "attention.output", "output": "output"}
+_PARAM_NAMES = {"down.": "adapter_down.0.", "up.": "adapter_up."}
+# Options of an AdapterHub bottleneck config that adafuse's adapter always has at these values.
+_FIXED_OPTIONS = {
+    "adapter_residual_before_ln": False,
+    "cross_adapter": False,
+    "dropout": 0.0,
+    "factorized_phm_W": True,
+    "factorized_phm_rule": False,
+    "hypercomplex_nonlinearity": "glorot-uniform",
+    "init_weights": "bert",
+    "init_weights_seed": None,
+    "inv_adapter": None,
+    "inv_adapter_reduction_factor": None,
+    "is_parallel": False,
+    "learn_phm": True,
+    "leave_out": [],
+    "ln_after": False,
+    "ln_before": False,
+    "original_ln_after": True,
+    "phm_bias": True,
+    "phm_c_init": "normal",
+    "phm_dim": 4,
+    "phm_init_range": 0.0001,
+    "phm_layer": False,
+    "phm_rank": 1,
+    "residual_before_ln": True,
+    "scaling": 1.0,
+    "shared_W_phm": False,
+    "shared_phm_rule": True,
+    "stochastic_depth": 0.0,
+    "use_gating": False,
+}
+
+
+@dataclass
+class BackboneInfo:
+    """What an AdapterHub config records about the model: its type, width, class and name."""
+
+    model_type: str
+    hidden_size: int
+    prefix: str  # base_model_prefix, e.g. "bert"
+    model_class: str  # e.g. "BertAdapterModel"
+    model_name: str
+
+
+def _header(info: BackboneInfo, name: str, config: dict) -> dict:
+    return {
+        "config": config,
+        "hidden_size": info.hidden_size,
+        "model_class": info.model_class,
+        "model_name": info.model_name,
+        "model_type": info.model_type,
+        "name": name,
+        "version": VERSION,
+    }
+
+
+def _json(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _slot_keys(tensors: dict[str, torch.Tensor], info: BackboneInfo, container: str, name: str) -> dict:
+    """``3.output.down.weight`` -> ``bert.encoder.layer.3.output.<container>.<name>.adapter_down.0.weight``."""
+    out = {}
+    for key, value in tensors.items():
+        layer, location, param = key.split(".", 2)
+        for new, old in _PARAM_NAMES.items():
+            if param.startswith(new):
+                param = old + param[len(new) :]
+        path = f"{info.prefix}.encoder.layer.{layer}.{_SITE_PATHS[location]}.{container}.{name}.{param}"
+        out[path] = value.detach().contiguous().cpu()
+    return out
+
+
+def adapter_config_json(config: BottleneckConfig, info: BackboneInfo, name: str) -> dict:
+    size = config.size(info.hidden_size)
+    factor = info.hidden_size / size
+    if int(info.hidden_size // factor) != size:
+        raise UserError(f"adapter '{name}': bottleneck {size} cannot be written as an AdapterHub reduction factor")
+    options = {
+        **_FIXED_OPTIONS,
+        "mh_adapter": config.placement == "houlsby",
+        "output_adapter": True,
+        "non_linearity": config.non_linearity,
+        "original_ln_before": config.input_is_normed,
+        "reduction_factor": int(factor) if factor == int(factor) else factor,
+    }
+    return _header(info, name, dict(sorted(options.items())))
+
+
+def fusion_config_json(config: FusionConfig, info: BackboneInfo, sources: list[str]) -> dict:
+    options = {
+        "dropout_prob": config.dropout or None,
+        "key": config.key,
+        "query": config.query,
+        "query_before_ln": config.query_before_ln,
+        "regularization": config.regularization,
+        "residual_before": config.residual_before,
+        "temperature": False,  # a trained fusion predicts at temperature 1
+        "value": config.value,
+        "value_before_softmax": True,
+        "value_initialized": config.value_initialized,
+    }
+    name = ",".join(sources)
+    return {"adapter_names": list(sources), **_header(info, name, options)}
+
+
+def head_files(info: BackboneInfo, name: str, tensors: dict, label_names: list[str], dropout: float) -> dict:
+    config = {
+        "activation_function": "tanh",
+        "bias": True,
+        "dropout_prob": dropout,
+        "head_type": "classification",
+        "label2id": {label: index for index, label in enumerate(label_names)},
+        "layers": 2,
+        "num_labels": len(label_names),
+        "use_pooler": False,
+    }
+    weights = {f"heads.{name}.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return {"head_config.json": _json(_header(info, name, config)), "model_head.safetensors": save(weights)}
+
+
+def adapter_files(info: BackboneInfo, name: str, config: BottleneckConfig, tensors: dict) -> dict[str, bytes]:
+    """The files of an AdapterHub adapter folder (without its head)."""
+    return {
+        "adapter_config.json": _json(adapter_config_json(config, info, name)),
+        "adapter.safetensors": save(_slot_keys(tensors, info, "adapters", name)),
+    }
+
+
+def fusion_files(info: BackboneInfo, sources: list[str], config: FusionConfig, tensors: dict) -> dict[str, bytes]:
+    """The files of an AdapterHub fusion folder (without its head); AdapterHub names a fusion by its sources."""
+    name = ",".join(sources)
+    return {
+        "adapter_fusion_config.json": _json(fusion_config_json(config, info, sources)),
+        "model_adapter_fusion.safetensors": save(_slot_keys(tensors, info, "adapter_fusion_layer", name)),
+    }
