@@ -1,18 +1,20 @@
 """The ``adafuse`` command line: run, fuse, report, library, tasks.
 
-User mistakes end with one line on stderr and exit code 2; failed verification with exit code 1.
+Exit codes: 0 success; 1 a verification failed (damaged or changed library files); 2 a user mistake or
+an environment problem (bad config or data, missing file, full disk), told in one line on stderr;
+3 an internal error (a bug: one line too; ``--debug`` or ``ADAFUSE_DEBUG=1`` shows the traceback);
+130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import warnings
 
-from adafuse.fusion.errors import UserError, VerificationError
+from adafuse.fusion.errors import UserError, VerificationError, first_line
 
 from . import commands
 
@@ -112,23 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ADAFUSE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+    for category in (UserWarning, FutureWarning, DeprecationWarning):  # Lightning's advice is not for our users
+        warnings.filterwarnings("ignore", category=category, module="lightning")
     try:
         args, extra = build_parser().parse_known_args(argv)
         if extra and args.command not in ("run", "fuse"):
             raise UserError(f"unrecognized arguments: {' '.join(extra)}")
         return int(args.handler(args, extra) or 0)
-    except UserError as err:
-        print(f"adafuse: error: {err}", file=sys.stderr)
-        return 2
-    except VerificationError as err:
-        print(f"adafuse: verification failed: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:
+        if debug:
+            raise
+        code, message = _failure(err)
+        print(f"adafuse: {message}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("adafuse: interrupted", file=sys.stderr)
         return 130
+
+
+def _failure(err: Exception) -> tuple[int, str]:
+    """Exit code and one-line message for an exception that ends a command."""
+    if isinstance(err, UserError):
+        return 2, f"error: {err}"
+    if isinstance(err, VerificationError):
+        return 1, f"verification failed: {err}"
+    if isinstance(err, OSError):
+        where = f" '{err.filename}'" if err.filename else ""
+        return 2, f"error:{where} {err.strerror or err}"
+    return 3, f"internal error: {type(err).__name__}: {first_line(err)} (run again with --debug for the traceback)"
 
 
 def print_json(data) -> None:

@@ -16,9 +16,19 @@ def _out_dir(args, config_path: str, suffix: str = "") -> Path:
     return Path(args.out) if args.out else Path("runs") / (Path(config_path).stem + suffix)
 
 
+def _quiet_lightning() -> None:
+    """Lightning's INFO lines (GPU available, tips) are not for our users; it sets its level on import."""
+    import logging
+
+    import lightning.pytorch  # noqa: F401 - imported first so that the level below sticks
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
 def cmd_run(args, overrides: list[str]) -> int:
     from .runner import run_sequence
 
+    _quiet_lightning()
     if args.method:
         overrides = [*overrides, "--method", args.method]
     config = load_config(RunConfig, args.config, overrides)
@@ -35,6 +45,7 @@ def cmd_run(args, overrides: list[str]) -> int:
 def cmd_fuse(args, overrides: list[str]) -> int:
     from .fuse import run_fusion
 
+    _quiet_lightning()
     config = load_config(FuseConfig, args.config, overrides)
     out = _out_dir(args, args.config, "-baseline" if args.baseline else "")
     metrics = run_fusion(config, Path(args.library), out, baseline=args.baseline, base_dir=Path(args.config).parent)

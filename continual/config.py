@@ -19,7 +19,7 @@ import yaml
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import BackboneConfig
 from adafuse.fusion.bottleneck import BottleneckConfig
-from adafuse.fusion.errors import UserError
+from adafuse.fusion.errors import UserError, first_line
 from adafuse.tasks.spec import TaskSpec
 
 METHODS = ("adapters", "shared-adapter", "full-finetune")
@@ -48,11 +48,42 @@ class TrainerConfig:
     threads: int | None = None
     progress_bar: bool = True
 
+    def __post_init__(self) -> None:
+        at_least_one = (
+            "max_epochs",
+            "batch_size",
+            "eval_batch_size",
+            "num_nodes",
+            "early_stopping_patience",
+            "threads",
+        )
+        for key in at_least_one:
+            check_range(f"trainer.{key}", getattr(self, key), minimum=1)
+        check_range("trainer.lr", self.lr, minimum=0, exclusive=True)
+        check_range("trainer.head_lr", self.head_lr, minimum=0, exclusive=True)
+        check_range("trainer.weight_decay", self.weight_decay, minimum=0)
+        check_range("trainer.num_workers", self.num_workers, minimum=0)
+        check_range("trainer.warmup_ratio", self.warmup_ratio, minimum=0, maximum=1)
+
 
 @dataclass
 class HeadConfig:
     pooling: str = "cls"
     dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_range("head.dropout", self.dropout, minimum=0, maximum=1)
+
+
+def check_range(key: str, value, minimum=None, maximum=None, exclusive: bool = False) -> None:
+    """Refuse a number outside [minimum, maximum) (or (minimum, ...) with ``exclusive``); None passes."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    low = minimum is not None and (value <= minimum if exclusive else value < minimum)
+    high = maximum is not None and value >= maximum
+    if low or high or value != value:
+        bounds = f"{'>' if exclusive else '>='} {minimum}" if maximum is None else f"in [{minimum}, {maximum})"
+        raise UserError(f"{key}: {value} is out of range (expected {bounds})")
 
 
 @dataclass
@@ -81,6 +112,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"method: '{self.method}' is not one of {', '.join(METHODS)}")
+        check_range("max_length", self.max_length, minimum=2)
 
 
 @dataclass
@@ -98,6 +130,13 @@ class FuseConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        check_range("max_length", self.max_length, minimum=2)
+        check_range("shots", self.shots, minimum=1)
+        check_range("fusion.dropout", self.fusion.dropout, minimum=0, maximum=1)
+        check_range("fusion.reg_lambda", self.fusion.reg_lambda, minimum=0)
+        check_range("fusion.temperature_start", self.fusion.temperature_start, minimum=1)
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
@@ -170,7 +209,8 @@ def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
     try:
         return cls(**kwargs)
     except UserError as err:
-        raise UserError(f"{where + ': ' if where else ''}{err}") from None
+        prefix = f"{where}: " if where and not str(err).startswith(where) else ""
+        raise UserError(f"{prefix}{err}") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -182,7 +222,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read ({err})") from None
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
     return data

@@ -32,7 +32,7 @@ from .methods import seeded_adapter_state, seeded_head_state
 from .module import AdapterTaskModule, FusionModule
 from .report import write_fusion_report
 from .runner import claimed_output, prepare_environment, trainable_count
-from .training import LibraryWriter, last_checkpoint, make_trainer
+from .training import LibraryWriter, fit, make_trainer
 
 
 def _target(config: FuseConfig) -> TaskSpec:
@@ -66,8 +66,9 @@ def run_fusion(
     spec = _target(config)
     target = resolve_task(spec, base_dir, None, config.max_length)
     fusion_name = check_name(config.name or f"{target.name}-fusion")
-    with claimed_output(Path(out)) as out:
-        env = prepare_environment(config, out)
+    env = prepare_environment(config)
+    library.check_backbone(env.fingerprint)  # before anything is written
+    with claimed_output(Path(out), Path(library_dir)) as out:
         atomic_write(out / "config.yaml", dump_yaml(config).encode())
         model = env.model
         sources = [e["name"] for e in entries]
@@ -122,7 +123,7 @@ def run_fusion(
         writer = LibraryWriter(write, lambda: evaluate(model, data.eval_dataloader("test")))
         trainer = make_trainer(config.trainer, out, head, [writer], config.seed)
         log(f"training {'fusion' if baseline is None else 'a single adapter'} on {target.sizes()['train']} examples")
-        trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(out, head))
+        fit(trainer, module, data, out, head, config)
         module.prepare()
         validation = evaluate(model, data.eval_dataloader("validation"))
         attention = fusion_attention(model, data.eval_dataloader("test")) if baseline is None else None

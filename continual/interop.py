@@ -19,7 +19,7 @@ from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import EMBEDDED
 from adafuse.fusion.bottleneck import BottleneckConfig
 from adafuse.fusion.errors import UserError
-from adafuse.fusion.library import check_name
+from adafuse.fusion.library import AdapterLibrary, check_name
 from adafuse.fusion.storage import fsync_dir
 
 from .library_model import LibraryModel
@@ -116,13 +116,15 @@ def export_adapterhub(library_dir: Path, name: str, out: Path, backbone: str | N
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out '{out}' exists and is not an empty folder")
-    opened = LibraryModel.open(library_dir, backbone)
-    library = opened.library
-    kinds = [kind] if kind else [k for k in ("adapter", "fusion") if library.find(k, name)]
+    library = AdapterLibrary(library_dir)
+    if not library.exists():
+        raise UserError(f"'{library_dir}' is not an adapter library (no manifest.json)")
+    kinds = [k for k in ([kind] if kind else ["adapter", "fusion"]) if library.find(k, name)]
     if not kinds:
-        raise UserError(f"library '{library_dir}' has no adapter or fusion named '{name}'")
+        raise UserError(f"library '{library_dir}' has no {kind or 'adapter or fusion'} named '{name}'")
     if len(kinds) > 1:
         raise UserError(f"library '{library_dir}' has both an adapter and a fusion named '{name}'; pass --kind")
+    opened = LibraryModel.open(library_dir, backbone)
     info = backbone_info(opened)
     entry = library.get(kinds[0], name)
     if kinds[0] == "adapter":

@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.faults import fault_point
 from adafuse.fusion.model import AdaptedModel
 
 from .config import TrainerConfig
@@ -78,6 +79,7 @@ class AdapterTaskModule(L.LightningModule):
         return None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        fault_point("train-step")
         logits = self(batch)
         loss = F.cross_entropy(logits, batch["labels"])
         extra = self.extra_loss()

@@ -175,7 +175,7 @@ def read_metrics(folder: Path) -> dict:
     path = Path(folder) / "metrics.json"
     try:
         metrics = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise UserError(f"{path}: not found (expected the output folder of 'adafuse run' or 'adafuse fuse')") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None

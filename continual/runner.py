@@ -18,7 +18,7 @@ import torch
 
 from adafuse.fusion.backbone import fingerprint, load_model, load_tokenizer
 from adafuse.fusion.errors import UserError
-from adafuse.fusion.library import AdapterLibrary
+from adafuse.fusion.library import RUN_LOCK, AdapterLibrary
 from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.storage import FileLock, atomic_write
 from adafuse.tasks.datamodule import TaskDataModule
@@ -30,7 +30,7 @@ from .metrics import summarize
 from .module import AdapterTaskModule
 from .monitor import ForgettingMonitor
 from .report import write_run_report
-from .training import LibraryWriter, last_checkpoint, make_trainer
+from .training import LibraryWriter, fit, make_trainer
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Environment:
     backbone_params: int
 
 
-def prepare_environment(config, out: Path) -> Environment:
+def prepare_environment(config) -> Environment:
     if config.trainer.threads:
         torch.set_num_threads(config.trainer.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -63,23 +63,30 @@ def run_sequence(
 ) -> dict:
     started = time.perf_counter()
     tasks = resolve_sequence(config.sequence, config.tasks, base_dir, None, config.max_length)  # checked before writing
-    with claimed_output(Path(out)) as out:
-        return _run(config, tasks, out, library_dir or out / "library", log, started)
+    library_dir = Path(library_dir or Path(out) / "library")
+    env = prepare_environment(config)
+    AdapterLibrary(library_dir).check_backbone(env.fingerprint)  # before anything is written
+    with claimed_output(Path(out), library_dir) as out:
+        return _run(config, env, tasks, out, library_dir, log, started)
 
 
 @contextlib.contextmanager
-def claimed_output(out: Path):
-    """Create the output folder and hold its lock: a second job on the same folder gets a clear error."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create output folder '{out}': {err.strerror}") from None
-    with FileLock(out / ".run.lock", blocking=False):
+def claimed_output(out: Path, library_dir: Path):
+    """Create the output and library folders and hold their run locks for the whole job: a second job on
+    either gets a clear error naming this process. A lock dies with its process (no stale locks)."""
+    with contextlib.ExitStack() as stack:
+        for folder in dict.fromkeys([out, library_dir] if out.resolve() != library_dir.resolve() else [out]):
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"'{folder}' is a file; expected a folder (or a path that does not exist yet)")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"cannot create folder '{folder}': {err.strerror}") from None
+            stack.enter_context(FileLock(folder / RUN_LOCK, blocking=False))
         yield out
 
 
-def _run(config: RunConfig, tasks, out: Path, library_dir: Path, log, started: float) -> dict:
-    env = prepare_environment(config, out)
+def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Path, log, started: float) -> dict:
     atomic_write(out / "config.yaml", dump_yaml(config).encode())
     modules = [
         TaskDataModule(
@@ -122,14 +129,11 @@ def _run(config: RunConfig, tasks, out: Path, library_dir: Path, log, started: f
             env.model, num_labels=task.num_labels, trainer_config=config.trainer, **method.module_kwargs(i)
         )
         trainable = trainable_count(env.model)
-        writer = LibraryWriter(lambda m, i=i: method.write(i, m))
+        counts = {"trainable_params": trainable, "trainable_pct": round(100.0 * trainable / env.backbone_params, 4)}
+        writer = LibraryWriter(lambda m, i=i, counts=counts: method.write(i, {**m, **counts}))
         trainer = make_trainer(config.trainer, out, task.name, [writer, monitor], config.seed + i)
-        trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(out, task.name))
-        per_task[task.name] = {
-            **writer.result,
-            "trainable_params": trainable,
-            "trainable_pct": round(100.0 * trainable / env.backbone_params, 4),
-        }
+        fit(trainer, module, data, out, task.name, config)
+        per_task[task.name] = {**writer.result, **counts}
         log(
             f"[{i + 1}/{len(tasks)}] {task.name}: test accuracy {monitor.matrix[i][i]:.4f} "
             f"(validation {writer.result['val_accuracy']:.4f})"
@@ -165,7 +169,7 @@ def _reference_accuracies(config: RunConfig, env: Environment, tasks, modules, o
             )
             writer = LibraryWriter(lambda m, i=i: reference.write(i, m))
             trainer = make_trainer(config.trainer, out, reference.name(i), [writer], config.seed + i)
-            trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(out, reference.name(i)))
+            fit(trainer, module, data, out, reference.name(i), config)
         accuracies.append(reference.evaluate(i, i)["accuracy"])
     return accuracies
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +13,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .config import TrainerConfig
+from adafuse.fusion.storage import atomic_write
+
+from .config import TrainerConfig, dump_yaml
+from .module import NonFiniteLossError
 
 BEST_METRIC = "val_accuracy"
 
@@ -89,6 +96,7 @@ def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.
         precision=config.precision,
         gradient_clip_val=config.gradient_clip_val,
         callbacks=[EpochSeed(seed), *callbacks, checkpoint],
+        plugins=[AtomicCheckpointIO()],
         logger=loggers(out, task),
         enable_progress_bar=config.progress_bar,
         enable_model_summary=False,
@@ -111,6 +119,30 @@ def loggers(out: Path, task: str) -> list:
     return chosen
 
 
-def last_checkpoint(out: Path, task: str) -> str | None:
-    path = out / "checkpoints" / task / "last.ckpt"
-    return str(path) if path.is_file() else None
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written like every other file here: complete or not at all, even under SIGKILL."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(Path(path), buffer.getvalue())
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, data, out: Path, task: str, config) -> None:
+    """``trainer.fit``, resumed from the task's ``last.ckpt`` if an interrupted fit left one for this config.
+
+    Checkpoints are stamped with the job's config: those of another config are removed, not resumed, and
+    so are those of a fit whose loss became NaN/inf (they hold the diverging run).
+    """
+    folder = out / "checkpoints" / task
+    signature = hashlib.sha256(dump_yaml(config).encode()).hexdigest()
+    stamp = folder / "config.sha256"
+    if folder.exists() and (not stamp.is_file() or stamp.read_text() != signature):
+        shutil.rmtree(folder)
+    atomic_write(stamp, signature.encode())
+    last = folder / "last.ckpt"
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+    except NonFiniteLossError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise

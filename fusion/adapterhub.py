@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from .attention import FusionConfig
 from .bottleneck import BottleneckConfig
-from .errors import UserError
+from .errors import UserError, first_line
 
 _SLOT_KEY = re.compile(
     r"^(?:[a-z_]+\.)?encoder\.layer\.(\d+)\.(attention\.output|output)\.(adapters|adapter_fusion_layer)\.(.+)$"
@@ -37,12 +38,24 @@ _REQUIRED = {
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object whose ``config`` (if present) is an object too."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config", {}), dict):
+        raise UserError(f"{path}: expected a JSON object with a 'config' object (an AdapterHub config file)")
+    return data
+
+
+def _parsed(where: str, build):
+    """``build()``, with a malformed value anywhere in an AdapterHub config reported as one clean error."""
+    try:
+        return build()
+    except (TypeError, ValueError, AttributeError, KeyError) as err:
+        raise UserError(f"{where}: unexpected value in the AdapterHub config ({type(err).__name__}: {err})") from None
 
 
 def load_tensors(folder: Path, stem: str) -> dict[str, torch.Tensor]:
@@ -53,10 +66,11 @@ def load_tensors(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     binary = folder / f"pytorch_{stem}.bin"
     if binary.is_file():
         try:
-            return torch.load(binary, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's remarks on pickle protocols are not the user's concern
+                warnings.simplefilter("ignore")
+                return torch.load(binary, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling refusal is reported the same way
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"{binary}: refused to load (only plain tensors are accepted): {reason}") from None
+            raise UserError(f"{binary}: refused to load (only plain tensors are accepted): {first_line(err)}") from None
     raise UserError(f"{folder}: neither {safe.name} nor {binary.name} found")
 
 
@@ -118,9 +132,10 @@ def read_adapter_folder(folder: Path) -> dict:
     folder = Path(folder)
     meta = read_json(folder / "adapter_config.json")
     name = meta.get("name") or folder.name
+    where = str(folder / "adapter_config.json")
     result = {
-        "name": name,
-        "config": bottleneck_config(meta, str(folder / "adapter_config.json")),
+        "name": _name(name, where),
+        "config": _parsed(where, lambda: bottleneck_config(meta, where)),
         "tensors": map_slot_keys(load_tensors(folder, "adapter"), name, str(folder)),
         "meta": meta,
         "head": read_head(folder, name),
@@ -131,25 +146,37 @@ def read_adapter_folder(folder: Path) -> dict:
 def read_fusion_folder(folder: Path) -> dict:
     folder = Path(folder)
     meta = read_json(folder / "adapter_fusion_config.json")
-    name = meta.get("name") or folder.name
+    where = str(folder / "adapter_fusion_config.json")
+    name = _name(meta.get("name") or folder.name, where)
+    sources = meta.get("adapter_names", name.split(","))
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
+        raise UserError(f"{where}: 'adapter_names' must be a non-empty list of adapter names")
     return {
         "name": name,
-        "sources": list(meta.get("adapter_names", name.split(","))),
-        "config": fusion_config(meta),
+        "sources": sources,
+        "config": _parsed(where, lambda: fusion_config(meta)),
         "tensors": map_slot_keys(load_tensors(folder, "model_adapter_fusion"), name, str(folder)),
         "meta": meta,
         "head": read_head(folder, name),
     }
 
 
+def _name(name, where: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{where}: 'name' must be a non-empty string, found {name!r}")
+    return name
+
+
 def read_head(folder: Path, head_name: str) -> dict | None:
     if not (folder / "head_config.json").is_file():
         return None
-    meta = read_json(folder / "head_config.json")
-    config = meta.get("config", {})
+    where = folder / "head_config.json"
+    config = read_json(where).get("config", {})
     if config.get("head_type") != "classification" or config.get("layers", 2) != 2 or config.get("use_pooler"):
-        raise UserError(
-            f"{folder / 'head_config.json'}: only 2-layer classification heads without pooler are supported"
-        )
+        raise UserError(f"{where}: only 2-layer classification heads without pooler are supported")
+    num_labels = config.get("num_labels")
+    label2id = config.get("label2id")
+    if not isinstance(num_labels, int) or num_labels < 2 or not isinstance(label2id, dict | None):
+        raise UserError(f"{where}: expected an integer num_labels >= 2 and a label2id object")
     tensors = head_tensors(load_tensors(folder, "model_head"), head_name)
-    return {"num_labels": int(config["num_labels"]), "label2id": config.get("label2id"), "tensors": tensors}
+    return {"num_labels": num_labels, "label2id": label2id, "tensors": tensors}

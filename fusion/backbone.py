@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 EMBEDDED = "embedded"
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "torch_dtype", "dtype", "id2label", "label2id"}
@@ -79,8 +79,7 @@ def _from_pretrained(loader, name: str, what: str):
         return loader.from_pretrained(source, local_files_only=local)
     except OSError as err:
         where = "local folder" if local else "Hub name (needs network access)"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not load {what} from {where} '{name}': {first_line}") from None
+        raise UserError(f"could not load {what} from {where} '{name}': {first_line(err)}") from None
 
 
 def load_tokenizer(config: BackboneConfig):

@@ -30,7 +30,8 @@ FORMAT = "adafuse-library"
 VERSION = 1
 KIND_FOLDERS = {"adapter": "adapters", "head": "heads", "fusion": "fusions"}
 MANIFEST = "manifest.json"
-LOCK = ".lock"
+LOCK = ".lock"  # held while one artefact is written
+RUN_LOCK = ".run.lock"  # held by a whole run/fuse job that writes into the library
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,+=@-]{0,199}$")
 _ENTRY_KEYS = {"name", "kind", "file", "sha256", "fingerprint", "config", "task", "metrics", "created"}
@@ -127,11 +128,7 @@ class AdapterLibrary:
         with FileLock(self.root / LOCK):
             manifest = self.read_manifest()
             current = manifest.get("backbone") or {}
-            if current and current["fingerprint"] != fingerprint:
-                raise UserError(
-                    f"library '{self.root}' belongs to backbone {current['fingerprint'][:16]}, "
-                    f"not to this backbone {fingerprint[:16]}"
-                )
+            self.check_backbone(fingerprint, manifest)
             atomic_write(self.root / relative, data)
             recorded = current.get("config") or backbone
             manifest["backbone"] = {"fingerprint": fingerprint, **({"config": recorded} if recorded else {})}
@@ -139,6 +136,15 @@ class AdapterLibrary:
             manifest["artefacts"] = sorted([*artefacts, entry], key=lambda e: (e["kind"], e["name"]))
             atomic_write(self.manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         return entry
+
+    def check_backbone(self, fingerprint: str, manifest: dict[str, Any] | None = None) -> None:
+        """Refuse a backbone other than the one this library's artefacts were trained on."""
+        current = (manifest or self.read_manifest()).get("backbone") or {}
+        if current and current["fingerprint"] != fingerprint:
+            raise UserError(
+                f"library '{self.root}' belongs to backbone {current['fingerprint'][:16]}, "
+                f"not to this backbone {fingerprint[:16]}"
+            )
 
     # ---- reading ------------------------------------------------------------------------------------------
     def load(self, kind: str, name: str, fingerprint: str | None = None) -> LoadedArtefact:
@@ -219,7 +225,7 @@ class AdapterLibrary:
                 and path.name in KIND_FOLDERS.values()
             ):
                 continue
-            if relative.as_posix() in (MANIFEST, LOCK) or path.resolve() in known and not path.is_symlink():
+            if relative.as_posix() in (MANIFEST, LOCK, RUN_LOCK) or path.resolve() in known and not path.is_symlink():
                 continue
             if path.name.startswith(".") and path.name.endswith(".tmp"):
                 continue  # an interrupted write's temp file: harmless, never read

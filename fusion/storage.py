@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .faults import fault_point
 
 
 def fsync_dir(folder: Path) -> None:
@@ -41,6 +42,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        fault_point(f"write:{path.name}")  # crash tests: killed with the new file complete but not in place
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as err:

@@ -12,7 +12,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from adafuse.fusion.errors import UserError
+from adafuse.fusion.errors import UserError, first_line
 from adafuse.fusion.storage import atomic_write, sha256_bytes
 
 from .spec import SPLITS, SplitData, TaskData, TaskSpec
@@ -64,9 +64,7 @@ def _load_file(path: Path, cache_dir: Path | None):
     except Exception as err:  # noqa: BLE001 - any parser failure is the user's file
         if "corresponds to no data" in str(err):
             raise UserError(f"{path}: the file has no rows (empty split)") from None
-        raise UserError(
-            f"{path}: could not be read as {fmt} ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        ) from None
+        raise UserError(f"{path}: could not be read as {fmt} ({type(err).__name__}: {first_line(err, 200)})") from None
 
 
 def _find_split_files(folder: Path) -> dict[str, Path]:

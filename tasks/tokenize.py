@@ -7,7 +7,10 @@ bbc-topics tasks (same articles, different labels) share one tokenisation of the
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
+
+from adafuse.fusion.faults import fault_point
 
 from .spec import SplitData
 
@@ -31,13 +34,17 @@ def split_key(split: SplitData, tokenizer, max_length: int) -> str:
 
 def tokenize_split(split: SplitData, tokenizer, max_length: int, cache_dir: Path | None = None):
     """A ``datasets.Dataset`` with input_ids, attention_mask (token_type_ids) and labels."""
+    import datasets
     from datasets import Dataset
 
+    if not sys.stderr.isatty():  # progress bars only on a terminal, not in logs and captured output
+        datasets.disable_progress_bars()
     key = split_key(split, tokenizer, max_length)
     if key not in _MEMORY:
         columns = {"text": split.texts} | ({"text_pair": split.pairs} if split.pairs is not None else {})
 
         def encode(batch):
+            fault_point("tokenize")
             pair = batch.get("text_pair")
             return tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
 

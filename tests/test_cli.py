@@ -75,3 +75,59 @@ def test_library_verify_exit_codes(tmp_path, capsys):
     assert main(["library", "verify", str(tmp_path)]) == 1
     out = capsys.readouterr()
     assert "a.safetensors" in out.out and "verification failed" in out.err
+
+
+def _make_inputs(tmp):
+    """Files the bad-input cases below point at."""
+    (tmp / "afile").write_text("not a folder")
+    (tmp / "broken.yaml").write_text("trainer: [lr: 1\n")
+    (tmp / "list.yaml").write_text("- 1\n- 2\n")
+    empty = AdapterLibrary(tmp / "empty")
+    empty.add("head", "h", {"w": torch.ones(2)}, fingerprint="e" * 64)  # a library without adapters
+    foreign = AdapterLibrary(tmp / "foreign")
+    foreign.add("adapter", "bbc-business", {"w": torch.ones(2)}, fingerprint="f" * 64, config={"adapter": {}})
+
+
+SMOKE_RUN = "configs/sequence/smoke.yaml"
+SMOKE_FUSE = "configs/fusion/smoke.yaml"
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["run", "{tmp}/broken.yaml", "--out", "{tmp}/x"], "not valid YAML"),
+        (["run", "{tmp}/list.yaml", "--out", "{tmp}/x"], "expected a mapping at the top level"),
+        (["run", SMOKE_RUN, "--out", "{tmp}/x", "--trainer.max_epochs", "two"], "'two' is not a int"),
+        (["run", SMOKE_RUN, "--out", "{tmp}/x", "--trainer.batch_size", "0"], "trainer.batch_size: 0 is out of range"),
+        (["run", SMOKE_RUN, "--out", "{tmp}/x", "--trainer.lr", "-0.1"], "trainer.lr: -0.1 is out of range"),
+        (["run", SMOKE_RUN, "--out", "{tmp}/x", "--adapter.reduction_factor", "0"], "reduction_factor: 0 must be"),
+        (["run", SMOKE_RUN, "--out", "{tmp}/x", "--method", "magic"], "method: 'magic' is not one of"),
+        (["run", SMOKE_RUN, "--out", "{tmp}/x", "--trainer.lr"], "has no value"),
+        (["run", SMOKE_RUN, "--out", "{tmp}/afile"], "is a file; expected a folder"),
+        (["fuse", SMOKE_FUSE, "--library", "{tmp}/empty", "--out", "{tmp}/x"], "holds no adapters to fuse"),
+        (
+            ["fuse", SMOKE_FUSE, "--library", "{tmp}/foreign", "--out", "{tmp}/x"],
+            "belongs to backbone ffffffffffffffff",
+        ),
+        (["fuse", SMOKE_FUSE, "--library", "{tmp}/foreign", "--out", "{tmp}/x", "--sources", "[nope]"], "no adapter"),
+        (["fuse", SMOKE_FUSE, "--library", "{tmp}/foreign", "--out", "{tmp}/x", "--fusion.dropout", "2"], "dropout"),
+        (["library", "show", "{tmp}/empty", "nope"], "has no artefact named 'nope'"),
+        (["library", "export", "nope", "--library", "{tmp}/empty", "--out", "{tmp}/x"], "no adapter or fusion"),
+        (["library", "import", "{tmp}/afile", "--library", "{tmp}/x"], "not a folder"),
+        (["library", "import", "{tmp}", "--library", "{tmp}/x"], "neither adapter_config.json"),
+        (["library", "verify", "{tmp}/afile"], "not found"),
+        (["library", "list", "{tmp}/empty", "--bogus"], "unrecognized arguments: --bogus"),
+        (["predict", "--library", "{tmp}/empty", "--input", "{tmp}/missing.txt", "--out", "{tmp}/x"], "--adapter"),
+        (["predict", "--library", "{tmp}/x", "--adapter", "a", "--input", "{tmp}/afile", "--out", "{tmp}/x/p"], "not"),
+        (["tasks", "frob"], "invalid choice: 'frob'"),
+        (["report", "{tmp}/afile"], "not found"),
+    ],
+)
+def test_more_bad_inputs_one_line_exit_2(tmp_path, capsys, monkeypatch, args, match):
+    monkeypatch.chdir(ROOT)
+    _make_inputs(tmp_path)
+    capsys.readouterr()
+    code = main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and match in err[0], (code, err)
+    assert not (tmp_path / "x").exists()
