@@ -181,7 +181,7 @@ def main() -> None:
             handle.write(json.dumps({**record, "batch_size": args.batch_size, "max_length": args.max_length}) + "\n")
     table = markdown(records, args)
     print(table)
-    with out.with_suffix(".md").open("a") as handle:
+    with Path(str(out) + ".md").open("a") as handle:
         handle.write(table + "\n")
 
 

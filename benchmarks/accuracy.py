@@ -1,0 +1,156 @@
+"""The BBC protocol end to end through the public CLI, over seeds: accuracy, forgetting, wall time.
+
+    python benchmarks/accuracy.py --seeds 0,1,2 --methods adapters,shared-adapter,full-finetune --fusion \
+        --work runs/accuracy --out runs/accuracy.jsonl
+
+For each seed: ``adafuse run configs/sequence/bbc-topics.yaml --method M --seed S`` per method, then (with
+``--fusion``) ``adafuse fuse configs/fusion/bbc-topic5-fewshot.yaml`` on that seed's adapters library and
+its ``--baseline single-adapter``. Each finished job's metrics.json is read back into one JSONL record;
+a job whose metrics.json exists is not run again (delete its folder to re-measure). The Markdown table
+(mean ± std over seeds) is printed and appended to ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# full fine-tuning moves 22 M parameters: its usual small learning rate, with the head at the adapters' rate
+METHOD_OVERRIDES = {"full-finetune": ["--trainer.lr", "2e-5", "--trainer.head_lr", "1e-3"]}
+
+
+def run_job(args: list[str], out: Path) -> dict:
+    """Run one ``adafuse`` command (unless its metrics.json exists) and return its metrics."""
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        command = [sys.executable, "-m", "adafuse.continual.cli", *args, "--out", str(out)]
+        print("$", " ".join(command[2:]), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+    return json.loads(metrics.read_text())
+
+
+def sequence_record(metrics: dict, seed: int) -> dict:
+    per_task = metrics["per_task"]
+    return {
+        "kind": "sequence",
+        "method": metrics["method"],
+        "seed": seed,
+        "tasks": {name: per_task[name]["final_accuracy"] for name in metrics["tasks"]},
+        "acc": metrics["acc"],
+        "bwt": metrics["bwt"],
+        "forgetting": metrics["forgetting"],
+        "fwt": metrics["fwt"],
+        "wall_time_s": metrics["wall_time_s"],
+        "trainable_params": max(t["trainable_params"] for t in per_task.values()),
+    }
+
+
+def fusion_record(metrics: dict, seed: int) -> dict:
+    return {
+        "kind": "fusion",
+        "method": metrics["method"],
+        "seed": seed,
+        "target": metrics["target"],
+        "test_accuracy": metrics["test"]["accuracy"],
+        "test_macro_f1": metrics["test"]["macro_f1"],
+        "sources_unchanged": metrics["source_accuracy_before"] == metrics["source_accuracy_after"],
+        "wall_time_s": metrics["wall_time_s"],
+        "trainable_params": metrics["trainable_params"],
+    }
+
+
+def mean_std(values: list[float | None], digits: int = 4) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def render_table(records: list[dict]) -> str:
+    """Markdown tables, mean ± std over seeds, one row per method (pure: records in, text out)."""
+    lines = []
+    sequences = [r for r in records if r["kind"] == "sequence"]
+    if sequences:
+        tasks = list(sequences[0]["tasks"])
+        header = ["method", "seeds", *tasks, "ACC", "BWT", "forgetting", "FWT", "wall s", "trainable"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for method in dict.fromkeys(r["method"] for r in sequences):
+            rows = [r for r in sequences if r["method"] == method]
+            cells = [method, str(len(rows))]
+            cells += [mean_std([r["tasks"].get(t) for r in rows]) for t in tasks]
+            cells += [mean_std([r[k] for r in rows]) for k in ("acc", "bwt", "forgetting", "fwt")]
+            cells += [mean_std([r["wall_time_s"] for r in rows], 0), f"{rows[0]['trainable_params']:,}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    fusions = [r for r in records if r["kind"] == "fusion"]
+    if fusions:
+        lines += [
+            "| target | method | seeds | test accuracy | test macro-F1 | sources unchanged | wall s | trainable |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for method in dict.fromkeys(r["method"] for r in fusions):
+            rows = [r for r in fusions if r["method"] == method]
+            lines.append(
+                f"| {rows[0]['target']} | {method} | {len(rows)} | {mean_std([r['test_accuracy'] for r in rows])} | "
+                f"{mean_std([r['test_macro_f1'] for r in rows])} | {all(r['sources_unchanged'] for r in rows)} | "
+                f"{mean_std([r['wall_time_s'] for r in rows], 0)} | {rows[0]['trainable_params']:,} |"
+            )
+        gains = _paired_gains(fusions)
+        if gains:
+            lines += ["", f"fusion − single-adapter (paired by seed): {mean_std(gains)} test accuracy"]
+    return "\n".join(lines) + "\n"
+
+
+def _paired_gains(fusions: list[dict]) -> list[float]:
+    by_seed = {(r["method"], r["seed"]): r["test_accuracy"] for r in fusions}
+    return [
+        by_seed[("fusion", seed)] - by_seed[("single-adapter", seed)]
+        for (method, seed) in by_seed
+        if method == "fusion" and ("single-adapter", seed) in by_seed
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default="adapters,shared-adapter,full-finetune")
+    parser.add_argument("--fusion", action="store_true", help="also fusion + single-adapter baseline per seed")
+    parser.add_argument("--config", default="configs/sequence/bbc-topics.yaml")
+    parser.add_argument("--fuse-config", default="configs/fusion/bbc-topic5-fewshot.yaml")
+    parser.add_argument("--work", default="runs/accuracy", help="folder of the runs (reused when re-run)")
+    parser.add_argument("--out", required=True, help="JSONL of records; the table goes to <out>.md")
+    args, overrides = parser.parse_known_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    if args.fusion and "adapters" not in methods:
+        methods.insert(0, "adapters")  # fusion needs that seed's adapter library
+    work = Path(args.work)
+    records = []
+    for seed in seeds:
+        for method in methods:
+            command = ["run", args.config, "--method", method, "--seed", str(seed), *METHOD_OVERRIDES.get(method, [])]
+            records.append(sequence_record(run_job([*command, *overrides], work / f"seed{seed}" / method), seed))
+        if args.fusion:
+            library = str(work / f"seed{seed}" / "adapters" / "library")
+            fuse = ["fuse", args.fuse_config, "--library", library, "--seed", str(seed)]
+            records.append(fusion_record(run_job(fuse, work / f"seed{seed}" / "fusion"), seed))
+            baseline = [*fuse, "--baseline", "single-adapter"]
+            records.append(fusion_record(run_job(baseline, work / f"seed{seed}" / "single-adapter"), seed))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = render_table(records)
+    print(table)
+    with Path(str(out) + ".md").open("a") as handle:
+        handle.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The benchmark scripts run and report in the documented format (their timings are never asserted)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, tiny_backbone
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SPEED_FIELDS = {
+    "impl", "backbone", "method", "K", "B", "L", "step_ms_median", "samples_per_s", "peak_rss_mb",
+    "trainable_params", "total_params", "device", "threads", "step_ms_all", "loss_first", "loss_last",
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_speed_script_on_a_tiny_backbone(tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_backbone("bert").save_pretrained(folder)
+    out = tmp_path / "speed.jsonl"
+    methods = "floor_fwd,floor_train,single_train,single_infer,fusion_train,fusion_infer"
+    args = ["--backbone", str(folder), "--methods", methods, "--fusion-k", "2", "-B", "2", "-L", "8"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "speed.py"),
+            *args,
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["K"]) for r in records] == [
+        ("floor_fwd", 0), ("floor_train", 0), ("single_train", 1), ("single_infer", 1), ("fusion_train", 2),
+        ("fusion_infer", 2),
+    ]  # fmt: skip
+    for record in records:
+        assert SPEED_FIELDS <= set(record) and record["impl"] == "adafuse" and record["step_ms_median"] > 0
+        assert record["B"] == 2 and record["L"] == 8 and record["total_params"] > 0
+    assert records[2]["trainable_params"] > records[1]["trainable_params"] > 0
+    table = Path(str(out) + ".md").read_text()
+    assert "single_train / floor_train" in table and "fusion_train K=2 / single_train" in table
+    assert TINY["bert"]["hidden_size"] == 16
+
+
+def _sequence(method, seed, acc, bwt):
+    return {
+        "kind": "sequence", "method": method, "seed": seed, "tasks": {"a": acc, "b": acc - 0.1}, "acc": acc,
+        "bwt": bwt, "forgetting": -bwt, "fwt": 0.0, "wall_time_s": 100.0 + seed, "trainable_params": 1234,
+    }  # fmt: skip
+
+
+def _fusion(method, seed, acc):
+    return {
+        "kind": "fusion", "method": method, "seed": seed, "target": "t", "test_accuracy": acc,
+        "test_macro_f1": acc - 0.05, "sources_unchanged": True, "wall_time_s": 10.0, "trainable_params": 99,
+    }  # fmt: skip
+
+
+def test_accuracy_table_from_records():
+    render = _module("accuracy").render_table
+    records = [
+        _sequence("adapters", 0, 0.9, 0.0),
+        _sequence("adapters", 1, 0.8, 0.0),
+        _sequence("shared-adapter", 0, 0.7, -0.2),
+        _fusion("fusion", 0, 0.90),
+        _fusion("single-adapter", 0, 0.85),
+        _fusion("fusion", 1, 0.80),
+        _fusion("single-adapter", 1, 0.81),
+    ]
+    table = render(records)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| adapters | 2 | 0.8500 ± 0.0707 | 0.7500 ± 0.0707 | 0.8500 ± 0.0707 | 0.0000 ± 0.0000 |" in table
+    assert "| shared-adapter | 1 | 0.7000 | 0.6000 | 0.7000 | -0.2000 | 0.2000 |" in table
+    assert rows["adapters"].endswith("| 100 ± 1 | 1,234 |")
+    assert "| t | fusion | 2 | 0.8500 ± 0.0707 |" in table
+    assert "fusion − single-adapter (paired by seed): 0.0200 ± 0.0424 test accuracy" in table
+
+
+def test_inference_table_from_records():
+    markdown = _module("inference").markdown
+
+    class Args:
+        batch_size, max_length, device, threads = 32, 128, "cpu", 2
+
+    records = [
+        {"bench": "mixed", "mode": "routed", "rows": 10, "seconds": 2.0, "max_prob_diff": 0.0},
+        {"bench": "mixed", "mode": "per-task", "rows": 10, "seconds": 3.0, "max_prob_diff": 1e-7},
+        {"bench": "adapterdrop", "kind": "adapter", "artefact": "a", "task": "a", "drop_layers": 0,
+         "test_accuracy": 0.9, "seconds": 4.0},
+        {"bench": "adapterdrop", "kind": "adapter", "artefact": "a", "task": "a", "drop_layers": 2,
+         "test_accuracy": 0.8, "seconds": 2.0},
+    ]  # fmt: skip
+    table = markdown(records, Args)
+    assert "| per-task | 10 | 3.00 | 1.50 x | 1.0e-07 |" in table
+    assert "| adapter a | a | 2 | 0.8000 | 2.00 | 2.00 x |" in table
