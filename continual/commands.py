@@ -10,10 +10,16 @@ from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.storage import atomic_write
 
 from .config import FuseConfig, RunConfig, load_config
+from .distributed import is_main
 
 
 def _out_dir(args, config_path: str, suffix: str = "") -> Path:
     return Path(args.out) if args.out else Path("runs") / (Path(config_path).stem + suffix)
+
+
+def _log():
+    """Progress lines from the writer process only (under DDP every rank runs the same loop)."""
+    return print if is_main() else lambda *_args, **_kwargs: None
 
 
 def _quiet_lightning() -> None:
@@ -33,7 +39,10 @@ def cmd_run(args, overrides: list[str]) -> int:
         overrides = [*overrides, "--method", args.method]
     config = load_config(RunConfig, args.config, overrides)
     out = _out_dir(args, args.config)
-    metrics = run_sequence(config, out, Path(args.library) if args.library else None, Path(args.config).parent)
+    library = Path(args.library) if args.library else None
+    metrics = run_sequence(config, out, library, Path(args.config).parent, log=_log())
+    if not is_main():
+        return 0
     print(
         f"\nACC {metrics['acc']:.4f}  BWT {_f(metrics['bwt'])}  forgetting {_f(metrics['forgetting'])}  "
         f"FWT {_f(metrics['fwt'])}"
@@ -48,7 +57,10 @@ def cmd_fuse(args, overrides: list[str]) -> int:
     _quiet_lightning()
     config = load_config(FuseConfig, args.config, overrides)
     out = _out_dir(args, args.config, "-baseline" if args.baseline else "")
-    metrics = run_fusion(config, Path(args.library), out, baseline=args.baseline, base_dir=Path(args.config).parent)
+    base = Path(args.config).parent
+    metrics = run_fusion(config, Path(args.library), out, baseline=args.baseline, base_dir=base, log=_log())
+    if not is_main():
+        return 0
     print(
         f"\n{metrics['method']} on {metrics['target']}: test accuracy {metrics['test']['accuracy']:.4f}, "
         f"macro-F1 {metrics['test']['macro_f1']:.4f}"

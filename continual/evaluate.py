@@ -1,4 +1,8 @@
-"""Plain batched evaluation of whatever the model has active (no Lightning loop overhead)."""
+"""Plain batched evaluation of whatever the model has active (no Lightning loop overhead).
+
+Under DDP each process takes every world-size-th batch and the predictions are gathered: every rank
+gets the single-process result exactly (no padded or repeated examples).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from tqdm.auto import tqdm
 
 from adafuse.fusion.model import AdaptedModel
 
+from .distributed import gather_tensors, shard
+
 
 @torch.inference_mode()
 def predict_logits(
@@ -19,15 +25,19 @@ def predict_logits(
     was_training = model.training
     model.eval()
     logits, labels = [], []
+    shards, mine = shard()
     try:
-        for batch in tqdm(loader, desc="evaluating", leave=False, disable=not sys.stderr.isatty()):
+        for index, batch in enumerate(tqdm(loader, desc="evaluating", leave=False, disable=not sys.stderr.isatty())):
+            if index % shards != mine:
+                continue
             batch = {k: v.to(device) for k, v in batch.items()}
             target = batch.pop("labels")
             logits.append(model(**batch).float().cpu())
             labels.append(target.cpu())
     finally:
         model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
+    empty = torch.empty(0)
+    return gather_tensors(torch.cat(logits) if logits else empty, torch.cat(labels) if labels else empty)
 
 
 def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -27,6 +27,7 @@ from adafuse.tasks.resolve import resolve_task
 from adafuse.tasks.spec import TaskSpec
 
 from .config import FuseConfig, dump_yaml
+from .distributed import barrier, is_main
 from .evaluate import evaluate
 from .methods import seeded_adapter_state, seeded_head_state
 from .module import AdapterTaskModule, FusionModule
@@ -69,7 +70,8 @@ def run_fusion(
     env = prepare_environment(config)
     library.check_backbone(env.fingerprint)  # before anything is written
     with claimed_output(Path(out), Path(library_dir)) as out:
-        atomic_write(out / "config.yaml", dump_yaml(config).encode())
+        if is_main():
+            atomic_write(out / "config.yaml", dump_yaml(config).encode())
         model = env.model
         sources = [e["name"] for e in entries]
         hashes_before = {e["name"]: sha256_file(library.resolve(e["file"])) for e in entries}
@@ -149,8 +151,10 @@ def run_fusion(
             "head_lr": config.trainer.head_lr or config.trainer.lr,
             "seed": config.seed,
         }
-        atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-        write_fusion_report(out, metrics)
+        if is_main():
+            atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+            write_fusion_report(out, metrics)
+        barrier()
         return metrics
 
 

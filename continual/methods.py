@@ -123,8 +123,20 @@ class SequenceMethod:
         self.write_artefact("head", i, self.model.head_state(self.name(i)), metrics)
 
     def evaluate(self, j: int, i: int, live: bool = False) -> dict[str, float]:
+        """Evaluate task j after task i; task j's modules leave the model afterwards unless j is the current
+        task, so memory stays flat however long the sequence (one adapter trains, one is evaluated)."""
         self.select(j, i, live)
-        return evaluate(self.model, self.loaders[j], self.model_device())
+        try:
+            return evaluate(self.model, self.loaders[j], self.model_device())
+        finally:
+            if j != i:
+                self.release(j)
+
+    def release(self, j: int) -> None:
+        """Remove task j's head from the model (it is reloaded from the library when needed)."""
+        self.model.activate()
+        if self.name(j) in self.model.heads:
+            del self.model.heads[self.name(j)]
 
     def model_device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -171,6 +183,10 @@ class IsolatedAdapters(SequenceMethod):
     def is_done(self, i: int) -> bool:
         entry = self.library.find("adapter", self.name(i))
         return super().is_done(i) and entry is not None and entry["fingerprint"] == self.fingerprint
+
+    def release(self, j: int) -> None:
+        super().release(j)
+        self.model.delete_adapter(self.name(j))
 
     def select(self, j: int, i: int, live: bool) -> None:
         name = self.name(j)

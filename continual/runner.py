@@ -25,6 +25,7 @@ from adafuse.tasks.datamodule import TaskDataModule
 from adafuse.tasks.resolve import resolve_sequence
 
 from .config import RunConfig, dump_yaml
+from .distributed import barrier, is_main
 from .methods import METHOD_CLASSES, ReferenceAdapters
 from .metrics import summarize
 from .module import AdapterTaskModule
@@ -74,6 +75,9 @@ def run_sequence(
 def claimed_output(out: Path, library_dir: Path):
     """Create the output and library folders and hold their run locks for the whole job: a second job on
     either gets a clear error naming this process. A lock dies with its process (no stale locks)."""
+    if not is_main():  # under DDP the writer (rank 0) holds the locks; the other ranks only read
+        yield out
+        return
     with contextlib.ExitStack() as stack:
         for folder in dict.fromkeys([out, library_dir] if out.resolve() != library_dir.resolve() else [out]):
             if folder.exists() and not folder.is_dir():
@@ -87,7 +91,8 @@ def claimed_output(out: Path, library_dir: Path):
 
 
 def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Path, log, started: float) -> dict:
-    atomic_write(out / "config.yaml", dump_yaml(config).encode())
+    if is_main():
+        atomic_write(out / "config.yaml", dump_yaml(config).encode())
     modules = [
         TaskDataModule(
             t,
@@ -123,6 +128,8 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
             per_task[task.name] = {**entry["metrics"], "reused": True}
             log(f"[{i + 1}/{len(tasks)}] {task.name}: found in the library, not retrained")
             continue
+        if i > 0:
+            method.release(i - 1)  # the finished task's modules leave the model; the library has them
         log(f"[{i + 1}/{len(tasks)}] {task.name}: training ({task.sizes()['train']} examples)")
         L.seed_everything(config.seed + i, workers=True, verbose=False)
         module = AdapterTaskModule(
@@ -143,8 +150,10 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
         method.reset_backbone()
         reference = _reference_accuracies(config, env, tasks, modules, out, log)
     metrics = _metrics(config, tasks, monitor, per_task, env, time.perf_counter() - started, reference)
-    atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-    write_run_report(out, metrics)
+    if is_main():
+        atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+        write_run_report(out, metrics)
+    barrier()
     return metrics
 
 

@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from adafuse.fusion.storage import atomic_write
 
 from .config import TrainerConfig, dump_yaml
+from .distributed import barrier, is_main
 from .module import NonFiniteLossError
 
 BEST_METRIC = "val_accuracy"
@@ -71,7 +72,9 @@ class LibraryWriter(L.Callback):
         if self.evaluate_test is not None:
             test = self.evaluate_test()
             self.result |= {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]}
-        self.write(self.result)
+        if is_main():  # under DDP one writer; the others wait until the artefacts are there to read
+            self.write(self.result)
+        barrier()
 
 
 def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.Callback], seed: int) -> L.Trainer:
@@ -137,12 +140,15 @@ def fit(trainer: L.Trainer, module: L.LightningModule, data, out: Path, task: st
     folder = out / "checkpoints" / task
     signature = hashlib.sha256(dump_yaml(config).encode()).hexdigest()
     stamp = folder / "config.sha256"
-    if folder.exists() and (not stamp.is_file() or stamp.read_text() != signature):
-        shutil.rmtree(folder)
-    atomic_write(stamp, signature.encode())
+    if is_main():
+        if folder.exists() and (not stamp.is_file() or stamp.read_text() != signature):
+            shutil.rmtree(folder)
+        atomic_write(stamp, signature.encode())
+    barrier()
     last = folder / "last.ckpt"
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
     except NonFiniteLossError:
-        shutil.rmtree(folder, ignore_errors=True)
+        if is_main():
+            shutil.rmtree(folder, ignore_errors=True)
         raise

@@ -29,8 +29,15 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _file_mode() -> int:
+    """What ``open()`` would give a new file under the current umask (mkstemp's own default is 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically and durably."""
+    """Replace ``path`` by ``data`` atomically and durably (with the permissions a plain write would give)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +45,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError as err:
         raise UserError(f"cannot write '{path}': {err.strerror}") from None
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
