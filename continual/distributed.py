@@ -28,8 +28,10 @@ def rank() -> int:
     """Global rank: from the process group once it exists, else from the launcher's environment."""
     if initialized():
         return dist.get_rank()
-    if "RANK" in os.environ:
+    if "RANK" in os.environ:  # torchrun
         return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in os.environ:  # srun, one task per device
+        return int(os.environ["SLURM_PROCID"])
     local = int(os.environ.get("LOCAL_RANK", 0))
     node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
     return local if node == 0 else node * 1000 + local  # any non-zero value marks "not the writer"

@@ -24,6 +24,12 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+# Figures stop growing (and stop carrying per-cell numbers) past this many tasks or sources: a 50-task
+# matrix at one inch a cell would take a gigabyte to render; the numbers are in report.md anyway.
+MAX_INCHES = 16.0
+ANNOTATE_MAX = 20
+
+
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
@@ -40,7 +46,8 @@ def heatmap(matrix: list[list[float | None]], rows: list[str], cols: list[str], 
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after training")
     ax.set_title(title)
-    annotate(ax, matrix, "{:.3f}", dark_below=0.6)
+    if len(cols) <= ANNOTATE_MAX:
+        annotate(ax, matrix, "{:.3f}", dark_below=0.6)
 
 
 def annotate(ax, matrix: list[list[float | None]], fmt: str, dark_below: float) -> None:
@@ -141,7 +148,7 @@ def write_run_report(out: Path, metrics: dict) -> None:
     import matplotlib.pyplot as plt
 
     atomic_write(out / "report.md", run_markdown(metrics).encode())
-    size = max(4.0, 1.1 * len(metrics["tasks"]) + 2)
+    size = min(MAX_INCHES, max(4.0, 1.1 * len(metrics["tasks"]) + 2))
     figure, ax = plt.subplots(figsize=(size, size * 0.85))
     heatmap(
         metrics["accuracy_matrix"], metrics["tasks"], metrics["tasks"], f"accuracy matrix ({metrics['method']})", ax
@@ -160,12 +167,14 @@ def write_fusion_report(out: Path, metrics: dict) -> None:
     attention = metrics.get("attention")
     if attention:
         rows = [f"layer {i}" for i in range(len(attention))]
-        figure, ax = plt.subplots(figsize=(1.2 * len(metrics["sources"]) + 3, 0.5 * len(rows) + 2))
+        width = min(MAX_INCHES, 1.2 * len(metrics["sources"]) + 3)
+        figure, ax = plt.subplots(figsize=(width, min(MAX_INCHES, 0.5 * len(rows) + 2)))
         image = ax.imshow(attention, vmin=0.0, vmax=1.0, cmap="magma")
         ax.set_xticks(range(len(metrics["sources"])), metrics["sources"], rotation=45, ha="right")
         ax.set_yticks(range(len(rows)), rows)
         ax.set_title(f"mean fusion attention on {metrics['target']} (test)")
-        annotate(ax, attention, "{:.2f}", dark_below=0.5)
+        if len(metrics["sources"]) <= ANNOTATE_MAX:
+            annotate(ax, attention, "{:.2f}", dark_below=0.5)
         figure.colorbar(image, ax=ax)
         atomic_write(out / "fusion_attention.png", _png(figure))
         plt.close(figure)

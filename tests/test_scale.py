@@ -118,3 +118,25 @@ def test_fusion_over_32_library_adapters(tmp_path):
     assert len(metrics["sources"]) == 32 and all(len(row) == 32 for row in metrics["attention"])
     assert all(abs(sum(row) - 1.0) < 1e-4 for row in metrics["attention"])
     assert AdapterLibrary(tmp_path / "library").verify() == []
+
+
+@pytest.mark.parametrize(
+    "env,main_process",
+    [
+        ({}, True),
+        ({"LOCAL_RANK": "1"}, False),  # a process Lightning re-launched for device 1
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),
+        ({"RANK": "3", "LOCAL_RANK": "1"}, False),  # torchrun
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+        ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5"}, False),  # srun
+        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, True),
+    ],
+)
+def test_writer_rank_from_the_launchers_environment(monkeypatch, env, main_process):
+    from adafuse.continual import distributed
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.is_main() is main_process
