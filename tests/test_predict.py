@@ -159,3 +159,20 @@ def test_fusion_with_changed_source_is_refused(library, tmp_path, capsys):
         == 1
     )
     assert "source adapter 'b' is missing or changed" in capsys.readouterr().err and not out.exists()
+
+
+def test_tampered_adapter_is_refused_at_load(library, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "lib"
+    shutil.copytree(library, copy)
+    path = copy / "adapters" / "a.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    (tmp_path / "in.txt").write_text("hello\n")
+    out = tmp_path / "out.jsonl"
+    args = ["predict", "--library", str(copy), "--adapter", "a", "--input", str(tmp_path / "in.txt"), "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sha256 does not match the manifest" in err[0] and not out.exists()
