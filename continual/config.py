@@ -95,44 +95,47 @@ class MonitorConfig:
 
 
 @dataclass
-class RunConfig:
+class JobConfig:
+    """What every job has: seed, truncation length, the backbone, the adapter shape, head and trainer."""
+
+    seed: int = 0
+    max_length: int = 128
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    adapter: BottleneckConfig = field(default_factory=BottleneckConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        check_range("max_length", self.max_length, minimum=2)
+
+
+@dataclass
+class RunConfig(JobConfig):
     """``adafuse run``: a task sequence (a built-in ``sequence`` name or a list of ``tasks``)."""
 
     sequence: str | None = "bbc-topics"
     tasks: list[TaskSpec | str] | None = None
     method: str = "adapters"
-    seed: int = 0
-    max_length: int = 128
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    adapter: BottleneckConfig = field(default_factory=BottleneckConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in METHODS:
             raise UserError(f"method: '{self.method}' is not one of {', '.join(METHODS)}")
-        check_range("max_length", self.max_length, minimum=2)
 
 
 @dataclass
-class FuseConfig:
+class FuseConfig(JobConfig):
     """``adafuse fuse``: AdapterFusion over library adapters for a target task."""
 
     target: TaskSpec | str = "bbc-topic5-fewshot"
     sources: list[str] | str = "all"
     name: str | None = None
-    seed: int = 0
-    max_length: int = 128
     shots: int | None = None
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    adapter: BottleneckConfig = field(default_factory=BottleneckConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self) -> None:
-        check_range("max_length", self.max_length, minimum=2)
+        super().__post_init__()
         check_range("shots", self.shots, minimum=1)
         check_range("fusion.dropout", self.fusion.dropout, minimum=0, maximum=1)
         check_range("fusion.reg_lambda", self.fusion.reg_lambda, minimum=0)

@@ -9,11 +9,8 @@ The output is written to a temporary file and renamed at the end: an error leave
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.storage import staged_file
 
 from .library_model import LibraryModel
 
@@ -167,7 +165,7 @@ def run_predict(
     if fixed:
         predictor.add_task(fixed)
     count = 0
-    with _staged(out_path) as out, tqdm(unit=" rows", desc="predict", disable=None) as bar:
+    with staged_file(out_path, "w", encoding="utf-8") as out, tqdm(unit=" rows", desc="predict", disable=None) as bar:
         for batch in _batches(read_rows(input_path, text_column, task_column), batch_size):
             tasks = [fixed or task for _, task in batch]
             for offset, task in enumerate(tasks):
@@ -190,23 +188,3 @@ def _device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise UserError(f"--device '{name}': expected cpu, cuda, cuda:N or auto") from None
-
-
-@contextlib.contextmanager
-def _staged(path: Path):
-    """A text handle on a temporary file next to ``path``, renamed over it only if the block succeeds."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise UserError(f"cannot write '{path}': {err.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

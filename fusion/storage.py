@@ -36,8 +36,10 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically and durably (with the permissions a plain write would give)."""
+@contextlib.contextmanager
+def staged_file(path: Path, mode: str = "wb", encoding: str | None = None):
+    """A handle on a temporary file next to ``path`` that replaces ``path`` (durably) only if the block
+    completes; on any error or interruption the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,17 +48,25 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise UserError(f"cannot write '{path}': {err.strerror}") from None
     try:
         os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         fault_point(f"write:{path.name}")  # crash tests: killed with the new file complete but not in place
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as err:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise UserError(f"cannot write '{path}': {err.strerror}") from None
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write '{path}': {err.strerror}") from None
+        raise
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically and durably (with the permissions a plain write would give)."""
+    with staged_file(path) as handle:
+        handle.write(data)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -50,6 +50,18 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:
             param.add_(torch.randn(param.shape, generator=generator) * std)
 
 
+VOLATILE = {"wall_time_s", "train_wall_time_s", "reused", "versions"}
+
+
+def stable(value):
+    """metrics.json without what differs between any two runs (wall times, reuse flags, versions)."""
+    if isinstance(value, dict):
+        return {k: stable(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [stable(v) for v in value]
+    return value
+
+
 @pytest.fixture
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import stable
 
 from adafuse.continual.cli import main
 from adafuse.fusion.library import AdapterLibrary
@@ -16,15 +17,6 @@ from adafuse.fusion.library import AdapterLibrary
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = [str(ROOT / "configs" / "sequence" / "smoke.yaml"), "--trainer.limit_train_batches", "4"]
 FUSE = [str(ROOT / "configs" / "fusion" / "smoke.yaml"), "--trainer.max_epochs", "3"]
-VOLATILE = {"wall_time_s", "train_wall_time_s", "reused", "versions"}
-
-
-def stable(value):
-    if isinstance(value, dict):
-        return {k: stable(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [stable(v) for v in value]
-    return value
 
 
 def cli(*args, fault=None):

@@ -8,22 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import stable
 
 from adafuse.continual.cli import main
 from adafuse.fusion.library import AdapterLibrary
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "sequence" / "smoke.yaml")
-VOLATILE = {"wall_time_s", "train_wall_time_s", "reused", "versions"}
-
-
-def stable(value):
-    """metrics.json without wall times (which differ between any two runs)."""
-    if isinstance(value, dict):
-        return {k: stable(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [stable(v) for v in value]
-    return value
 
 
 @pytest.fixture(scope="module")
