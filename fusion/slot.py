@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .attention import fused_activations, stack_adapters
+from .attention import down_and_scores, fused_activations, stack_adapters
 from .sites import SiteSpec
 
 
@@ -88,11 +87,7 @@ class AdapterSlot(nn.Module):
         k = len(adapters)
         if query is x:  # the K down-projections and the score projection x M share one matmul
             m, bias = fusion.score_map(up.reshape(-1, up.shape[-1]))
-            both = F.linear(
-                x,
-                torch.cat([down_w, m.t()]),
-                torch.cat([down_b, bias if bias is not None else down_b.new_zeros(m.shape[1])]),
-            )
+            both = down_and_scores(x, down_w, down_b, m, bias)
             kr = down_w.shape[0]
             g = adapters[-1].activation(both[..., :kr]).reshape(*x.shape[:-1], k, -1)  # (B, L, K, r)
             out, weights = fusion(query, g, up, h, proj=both[..., kr:])

@@ -135,3 +135,18 @@ def test_temperature_is_set_from_outside_not_by_forward():
     assert all(layer.temperature == 50.0 for layer in layers)
     model.set_fusion_temperature(2.0)
     assert all(layer.temperature == 2.0 for layer in layers)
+
+
+def test_frozen_down_and_scores_gradients():
+    from adafuse.fusion.attention import _FrozenDownAndScores, down_and_scores
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=generator).requires_grad_()
+    down_w, down_b = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    m = torch.randn(8, 9, dtype=torch.float64, generator=generator).requires_grad_()
+    bias = torch.randn(9, dtype=torch.float64, generator=generator).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, m, b: _FrozenDownAndScores.apply(x, down_w, down_b, m.t(), b), (x, m, bias)
+    )
+    plain = torch.nn.functional.linear(x, torch.cat([down_w, m.t()]), torch.cat([down_b, bias]))
+    assert torch.allclose(down_and_scores(x, down_w, down_b, m, bias), plain)
