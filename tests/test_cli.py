@@ -131,3 +131,25 @@ def test_more_bad_inputs_one_line_exit_2(tmp_path, capsys, monkeypatch, args, ma
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and match in err[0], (code, err)
     assert not (tmp_path / "x").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
+    from adafuse.fusion.errors import UserError
+
+    with pytest.raises(UserError, match="not an adapter library"):
+        main(["--debug", "library", "list", str(tmp_path)])
+    monkeypatch.setenv("ADAFUSE_DEBUG", "1")
+    with pytest.raises(UserError):
+        main(["library", "list", str(tmp_path)])
+
+
+def test_internal_error_is_one_line_exit_3(tmp_path, monkeypatch, capsys):
+    from adafuse.continual import commands
+
+    def broken(args, overrides=()):
+        raise RuntimeError("something\nmulti-line")
+
+    monkeypatch.setattr(commands, "cmd_library_list", broken)
+    assert main(["library", "list", str(tmp_path)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["adafuse: internal error: RuntimeError: something (run again with --debug for the traceback)"]
