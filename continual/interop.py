@@ -73,6 +73,9 @@ def import_adapterhub(folder: Path, library_dir: Path, backbone: str | None, nam
     opened = LibraryModel.open(library_dir, backbone, create=True)
     _check_backbone(read["meta"], opened, folder)
     model, target = opened.model, check_name(name or read["name"])
+    kind = "fusion" if is_fusion else "adapter"
+    if opened.library.find(kind, target) is not None:  # never overwrite finished work (fusions may depend on it)
+        raise UserError(f"library '{library_dir}' already has an {kind} named '{target}'; import it with --name NEW")
     if is_fusion:
         for source in read["sources"]:
             if opened.library.find("adapter", source) is None:

@@ -136,3 +136,10 @@ def test_export_refuses_a_non_empty_out(imported, tmp_path, capsys):
     assert main(["library", "export", "task_a", "--library", str(imported), "--out", str(tmp_path / "full")]) == 2
     _one_line_error(capsys, "exists and is not an empty folder")
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_import_never_overwrites(imported, fixtures_dir, capsys):
+    before = (imported / "manifest.json").read_bytes()
+    assert _import(fixtures_dir / "task_b", imported) == 2
+    _one_line_error(capsys, "already has an adapter named 'task_b'; import it with --name NEW")
+    assert (imported / "manifest.json").read_bytes() == before
