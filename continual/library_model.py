@@ -14,7 +14,7 @@ from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model, load_tokenizer
 from adafuse.fusion.bottleneck import BottleneckConfig
 from adafuse.fusion.errors import UserError, VerificationError
-from adafuse.fusion.library import AdapterLibrary
+from adafuse.fusion.library import AdapterLibrary, changed_sources
 from adafuse.fusion.model import AdaptedModel
 
 from .config import build, load_config
@@ -78,14 +78,13 @@ class LibraryModel:
         """Load fusion ``name`` and its sources (refused if a source changed since it was trained)."""
         entry = self.library.get("fusion", name)
         sources = [s["name"] for s in entry.get("sources", [])]
-        for source in entry.get("sources", []):
-            current = self.library.find("adapter", source["name"])
-            if current is None or current["sha256"] != source["sha256"]:
-                raise VerificationError(
-                    f"fusion '{name}': source adapter '{source['name']}' is missing or changed since the fusion "
-                    f"was trained (expected sha256 {source['sha256'][:16]})"
-                )
-            self.load_adapter(source["name"])
+        changed = changed_sources(entry, {(e["kind"], e["name"]): e for e in self.library.entries()})
+        if changed:
+            raise VerificationError(
+                f"fusion '{name}': source adapter '{changed[0]}' is missing or changed since the fusion was trained"
+            )
+        for source in sources:
+            self.load_adapter(source)
         if name not in self.model.fusion_sources:
             self.model.add_fusion(name, sources, FusionConfig(**entry["config"].get("fusion", {})))
             self.model.load_fusion_state(name, self.library.load("fusion", name, self.fingerprint).tensors)

@@ -79,7 +79,7 @@ def claimed_output(out: Path, library_dir: Path):
         yield out
         return
     with contextlib.ExitStack() as stack:
-        for folder in dict.fromkeys([out, library_dir] if out.resolve() != library_dir.resolve() else [out]):
+        for folder in [out] if out.resolve() == library_dir.resolve() else [out, library_dir]:
             if folder.exists() and not folder.is_dir():
                 raise UserError(f"'{folder}' is a file; expected a folder (or a path that does not exist yet)")
             try:

@@ -205,12 +205,11 @@ class AdapterLibrary:
                 parse_safetensors(data, path)
             except VerificationError as err:
                 problems.append(str(err))
-            for source in entry.get("sources", []) if entry["kind"] == "fusion" else []:
-                current = by_name.get(("adapter", source.get("name")))
-                if current is None or current["sha256"] != source.get("sha256"):
-                    problems.append(
-                        f"fusion '{entry['name']}': source adapter '{source.get('name')}' is missing or changed"
-                    )
+            if entry["kind"] == "fusion":
+                problems += [
+                    f"fusion '{entry['name']}': source adapter '{name}' is missing or changed"
+                    for name in changed_sources(entry, by_name)
+                ]
         problems += self._foreign_files(known)
         return problems
 
@@ -231,6 +230,16 @@ class AdapterLibrary:
                 continue  # an interrupted write's temp file: harmless, never read
             problems.append(f"{path}: unknown file (not in the manifest)")
         return problems
+
+
+def changed_sources(fusion: dict[str, Any], entries: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """Names of a fusion entry's source adapters that are missing from ``entries`` or have another sha256."""
+    changed = []
+    for source in fusion.get("sources", []):
+        current = entries.get(("adapter", source.get("name")))
+        if current is None or current["sha256"] != source.get("sha256"):
+            changed.append(source.get("name"))
+    return changed
 
 
 def manifest_problems(manifest: Any) -> list[str]:
