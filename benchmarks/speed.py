@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"])
+    p.add_argument(
+        "--malloc", default="tuned", choices=["tuned", "default"], help="glibc thresholds as the adafuse CLI sets them"
+    )
     p.add_argument("--child", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -79,6 +82,9 @@ def build(args, method: str, k: int):
 def measure(args, method: str, k: int) -> dict:
     import torch
 
+    from adafuse.continual.allocator import tune_malloc
+
+    malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
     torch.set_num_threads(args.threads)
     model = build(args, method, k)
     vocab = model.backbone.config.vocab_size
@@ -134,6 +140,7 @@ def measure(args, method: str, k: int) -> dict:
         "L": args.length,
         "placement": args.placement,
         "precision": args.precision,
+        "malloc": malloc,
         "step_ms_median": round(median, 3),
         "samples_per_s": round(args.batch_size / median * 1000, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -185,7 +192,7 @@ def ratio_table(records: list[dict]) -> str:
     header = (
         f"\n### adafuse speed ratios — {first['backbone']}, B={first['B']}, L={first['L']}, "
         f"{first['device']}, threads={first['threads']}, precision={first['precision']}, "
-        f"placement={first['placement']}\n\n| ratio | value |\n|---|---|\n"
+        f"placement={first['placement']}, malloc={first.get('malloc', 'default')}\n\n| ratio | value |\n|---|---|\n"
     )
     medians = "\n".join(f"| {r['method']} K={r['K']} step ms | {r['step_ms_median']:.1f} |" for r in records)
     return header + "\n".join(f"| {name} | {value:.3f} |" for name, value in rows) + "\n" + medians + "\n"

@@ -17,6 +17,7 @@ import warnings
 from adafuse.fusion.errors import UserError, VerificationError, first_line
 
 from . import commands
+from .allocator import tune_malloc
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("ADAFUSE_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tune_malloc()
     for category in (UserWarning, FutureWarning, DeprecationWarning):  # Lightning's advice is not for our users
         warnings.filterwarnings("ignore", category=category, module="lightning")
     try:

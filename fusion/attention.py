@@ -18,8 +18,12 @@ factors g~_n = [g_n, 1] and U~_n = [U_n^T; c_n] (r+1 rows):
 
 M and U~ W_V^T depend on the weights only and cost O(d^2 K r) once per step, not per token: for
 K(r+1) < d the whole layer costs less per token than one d x d projection. No (B, L, K, d) tensor is
-formed. With dropout on the scores
-(AdapterHub's ``BertFusion``) the common terms no longer cancel and are added back exactly.
+formed. With dropout on the scores (AdapterHub's ``BertFusion``) the common terms no longer cancel and
+are added back exactly.
+
+``FusionLayer.forward`` computes this with autograd in every mode; in the common one (query = adapter
+input, no score dropout, frozen sources, no autocast) the slot runs the per-token part through
+:class:`adafuse.fusion.fastpath.FusedAttention` instead, the same equations with a hand-written backward.
 """
 
 from __future__ import annotations
@@ -84,32 +88,41 @@ class FusionLayer(nn.Module):
         # Set between steps by the training loop (see continual.module); never changed by forward().
         self.temperature = config.temperature_start if config.temperature else 1.0
 
-    def score_map(self, up_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def score_map(self, up_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """M = W_Q^T (W_K U~^T) and b_Q (W_K U~^T), both over K(r+1) columns, formed once per step."""
         m = up_flat.t()  # (d, K(r+1))
         if self.key is not None:
             m = self.key.weight @ m
-        bias = self.query.bias @ m if self.query is not None else None  # (K(r+1),)
+        bias = self.query.bias @ m if self.query is not None else m.new_zeros(m.shape[1])  # (K(r+1),)
         if self.query is not None:
             m = self.query.weight.t() @ m
         return m, bias
 
+    def value_map(self, up_flat: torch.Tensor) -> torch.Tensor:
+        """V~ = U~ W_V^T: the value projection folded into the K(r+1) up-projection rows, (K(r+1), d)."""
+        return up_flat if self.value is None else up_flat @ self.value.weight.t()
+
+    @property
+    def drops_scores(self) -> bool:
+        """Dropout acts on the raw scores in this mode, so the terms common to all adapters must be kept."""
+        return self.training and self.config.dropout > 0
+
+    def add_residual(self, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """o = sum_n s_n a_n W_V^T + h, or (h + sum_n s_n a_n) W_V^T with ``residual_before``."""
+        if self.config.residual_before:
+            return out + (self.value(residual) if self.value is not None else residual)
+        return out + residual
+
     def forward(
-        self,
-        x: torch.Tensor,
-        g: torch.Tensor,
-        up: torch.Tensor,
-        residual: torch.Tensor,
-        proj: torch.Tensor | None = None,
+        self, x: torch.Tensor, g: torch.Tensor, up: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fuse K adapters.
+        """Fuse K adapters with autograd throughout (every mode; the slot's fast path covers the common one).
 
         Args:
             x: query input, (B, L, d).
             g: bottleneck activations of the K adapters, (B, L, K, r).
             up: augmented up-projections U~ = [U_n^T; c_n], (K, r+1, d).
             residual: h, (B, L, d).
-            proj: x M + b if the caller already computed it (see ``AdapterSlot._fuse``), (B*L, K(r+1)).
 
         Returns:
             The fused output o, (B, L, d), and the attention weights s, (B, L, K).
@@ -117,26 +130,18 @@ class FusionLayer(nn.Module):
         bsz, length, k, r = g.shape
         d = x.shape[-1]
         up_flat = up.reshape(k * (r + 1), d)  # U~, (K(r+1), d)
-
-        if proj is None:
-            m, bias = self.score_map(up_flat)
-            flat = x.reshape(-1, d)  # (B*L, d)
-            proj = torch.addmm(bias, flat, m) if bias is not None else flat @ m  # (B*L, K(r+1))
-        proj = proj.reshape(bsz, length, k, r + 1)
+        m, bias = self.score_map(up_flat)
+        proj = F.linear(x, m.t(), bias).view(bsz, length, k, r + 1)  # (B, L, K, r+1)
         scores = (proj[..., :r] * g).sum(-1) + proj[..., r]  # (B, L, K): the g~_n = [g_n, 1] product, unrolled
-
-        if self.training and self.config.dropout > 0:
+        if self.drops_scores:
             scores = self.score_dropout(scores + self._common_score(x, residual))
         weights = torch.softmax(scores / self.temperature, dim=-1)  # (B, L, K)
 
         # Values: sum_n s_n a_n W_V^T = [s_n g~_n] (U~ W_V^T): W_V folds into the K(r+1) x d up-projections.
-        values = up_flat if self.value is None else up_flat @ self.value.weight.t()  # (K(r+1), d)
-        values = values.view(k, r + 1, d)
+        values = self.value_map(up_flat).view(k, r + 1, d)
         mixed = (weights.unsqueeze(-1) * g).reshape(bsz, length, k * r)  # (B, L, K r)
         out = mixed @ values[:, :r].reshape(k * r, d) + weights @ values[:, r]  # (B, L, d)
-        if self.config.residual_before:  # o = (h + sum_n s_n a_n) W_V^T
-            return out + (self.value(residual) if self.value is not None else residual), weights
-        return out + residual, weights
+        return self.add_residual(out, residual), weights
 
     def _common_score(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """q . b_K (+ p . h with ``residual_before``): equal for every adapter, (B, L, 1)."""
@@ -173,41 +178,3 @@ def fused_activations(x: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tenso
     """g for all K adapters with one matmul: (B, L, d) -> (B, L, K, r)."""
     g = act(F.linear(x, down_w, down_b))  # (B, L, K r)
     return g.view(*x.shape[:-1], k, -1)
-
-
-class _FrozenDownAndScores(torch.autograd.Function):
-    """``x [D; M^T]^T + [e; b]`` in one matmul, where D (the K frozen down-projections) gets no gradient.
-
-    Autograd on a concatenated weight would compute the weight gradient for all K r + K(r+1) rows and
-    discard the frozen K r of them; this computes it for the M rows only (at K = 16 that halves the
-    largest matmul of the fusion's backward pass).
-    """
-
-    @staticmethod
-    def forward(ctx, x, down_w, down_b, m_t, bias):
-        weight = torch.cat([down_w, m_t])  # (K r + K(r+1), d)
-        flat = x.reshape(-1, x.shape[-1])  # (B*L, d)
-        out = torch.addmm(torch.cat([down_b, bias]), flat, weight.t())
-        ctx.save_for_backward(flat, weight)
-        ctx.rows = down_w.shape[0]
-        ctx.input_shape = x.shape
-        return out.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        flat, weight = ctx.saved_tensors
-        grad = grad.reshape(-1, weight.shape[0])
-        grad_x = (grad @ weight).view(ctx.input_shape) if ctx.needs_input_grad[0] else None
-        scores = grad[:, ctx.rows :]
-        grad_m = scores.t() @ flat if ctx.needs_input_grad[3] else None
-        grad_bias = scores.sum(0) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_m, grad_bias
-
-
-def down_and_scores(x, down_w, down_b, m, bias):
-    """(B, L, d) -> (B, L, K r + K(r+1)): the K frozen down-projections and the scores' x M + b, one matmul."""
-    if bias is None:
-        bias = m.new_zeros(m.shape[1])
-    if down_w.requires_grad or down_b.requires_grad:  # adapters being trained: plain autograd
-        return F.linear(x, torch.cat([down_w, m.t()]), torch.cat([down_b, bias]))
-    return _FrozenDownAndScores.apply(x, down_w, down_b, m.t(), bias)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import down_and_scores, fused_activations, stack_adapters
+from .attention import fused_activations, stack_adapters
+from .fastpath import FusedAttention
 from .sites import SiteSpec
 
 
@@ -28,6 +29,7 @@ class AdapterSlot(nn.Module):
         # Per-row routing (mixed-task batches): (adapter or fusion name, its sources or (), batch row indices).
         self.routes: list[tuple[str, tuple[str, ...], torch.Tensor]] | None = None
         self.attention_recorder: list[torch.Tensor] | None = None
+        self._maps_memo = None  # see _fusion_maps
 
     @property
     def layer_norm(self) -> nn.Module:
@@ -82,18 +84,51 @@ class AdapterSlot(nn.Module):
     def _fuse(self, name: str, adapters: list[nn.Module], h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         fusion = self.fusions[name]
         x = self._adapter_input(adapters[-1].config.input_is_normed, h, residual)
-        query = h if fusion.config.query_before_ln else x
-        down_w, down_b, up = stack_adapters(adapters)
-        k = len(adapters)
-        if query is x:  # the K down-projections and the score projection x M share one matmul
-            m, bias = fusion.score_map(up.reshape(-1, up.shape[-1]))
-            both = down_and_scores(x, down_w, down_b, m, bias)
-            kr = down_w.shape[0]
-            g = adapters[-1].activation(both[..., :kr]).reshape(*x.shape[:-1], k, -1)  # (B, L, K, r)
-            out, weights = fusion(query, g, up, h, proj=both[..., kr:])
+        sources_frozen = not any(p.requires_grad for adapter in adapters for p in adapter.parameters())
+        fast = (
+            not fusion.config.query_before_ln
+            and not fusion.drops_scores
+            and sources_frozen
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+        if fast:  # the common case: one hand-differentiated pass (adafuse.fusion.fastpath)
+            weight, bias, values = self._fusion_maps(name, fusion, adapters)
+            act = adapters[-1].config.non_linearity
+            rows = sum(adapter.down.out_features for adapter in adapters)
+            out, weights = FusedAttention.apply(x, weight, bias, values, rows, len(adapters), fusion.temperature, act)
+            out = fusion.add_residual(out, h)
         else:
-            g = fused_activations(x, down_w, down_b, k, adapters[-1].activation)  # (B, L, K, r)
+            query = h if fusion.config.query_before_ln else x
+            down_w, down_b, up = stack_adapters(adapters)
+            g = fused_activations(x, down_w, down_b, len(adapters), adapters[-1].activation)  # (B, L, K, r)
             out, weights = fusion(query, g, up, h)
         if self.attention_recorder is not None:
             self.attention_recorder.append(weights.detach())
         return out
+
+    def _fusion_maps(self, name: str, fusion: nn.Module, adapters: list[nn.Module]):
+        """[D; M^T], [e; b] and V~ for the fast path, from the weights.
+
+        Without autograd (inference, validation) they are memoised per slot until one of the tensors they
+        are made of changes (an optimizer step, a load, ``.to()``): the key holds each tensor with its
+        version counter and storage.
+        """
+        tensors = [t for adapter in adapters for t in adapter.parameters()] + list(fusion.parameters())
+        key = (name, [(t, t._version, t.data_ptr()) for t in tensors])
+        memo = self._maps_memo
+        if not torch.is_grad_enabled() and memo is not None and _same_key(memo[0], key):
+            return memo[1]
+        down_w, down_b, up = stack_adapters(adapters)
+        up_flat = up.reshape(-1, up.shape[-1])  # U~, (K(r+1), d)
+        m, bias = fusion.score_map(up_flat)
+        maps = torch.cat([down_w, m.t()]), torch.cat([down_b, bias]), fusion.value_map(up_flat)
+        self._maps_memo = (key, maps) if not torch.is_grad_enabled() else None
+        return maps
+
+
+def _same_key(a, b) -> bool:
+    return (
+        a[0] == b[0]
+        and len(a[1]) == len(b[1])
+        and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1], b[1], strict=True))
+    )

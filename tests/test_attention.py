@@ -137,16 +137,118 @@ def test_temperature_is_set_from_outside_not_by_forward():
     assert all(layer.temperature == 2.0 for layer in layers)
 
 
-def test_frozen_down_and_scores_gradients():
-    from adafuse.fusion.attention import _FrozenDownAndScores, down_and_scores
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu", "tanh"])
+def test_fused_attention_gradcheck(act):
+    from adafuse.fusion.fastpath import FusedAttention
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=generator).requires_grad_()
-    down_w, down_b = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    m = torch.randn(8, 9, dtype=torch.float64, generator=generator).requires_grad_()
-    bias = torch.randn(9, dtype=torch.float64, generator=generator).requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda x, m, b: _FrozenDownAndScores.apply(x, down_w, down_b, m.t(), b), (x, m, bias)
-    )
-    plain = torch.nn.functional.linear(x, torch.cat([down_w, m.t()]), torch.cat([down_b, bias]))
-    assert torch.allclose(down_and_scores(x, down_w, down_b, m, bias), plain)
+    k, r, d = 3, 2, 5
+    rows = k * r
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator)
+
+    x = randn(2, 4, d).requires_grad_()
+    down = randn(rows, d)  # frozen: no gradient asked
+    m_t = randn(k * (r + 1), d).requires_grad_()
+    down_b, score_b = randn(rows), randn(k * (r + 1)).requires_grad_()
+    values = randn(k * (r + 1), d).requires_grad_()
+
+    def fused(x, m_t, score_b, values):
+        weight, bias = torch.cat([down, m_t]), torch.cat([down_b, score_b])
+        return FusedAttention.apply(x, weight, bias, values, rows, k, 0.7, act)[0]
+
+    assert torch.autograd.gradcheck(fused, (x, m_t, score_b, values))
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu", "tanh"])
+def test_fast_path_equals_naive_for_every_non_linearity(act, monkeypatch):
+    model = AdaptedModel(tiny_backbone())
+    for name in ("s0", "s1", "s2"):
+        model.add_adapter(name, BottleneckConfig(reduction_factor=4, non_linearity=act))
+    model.add_fusion("f", ["s0", "s1", "s2"], FusionConfig(temperature=True))
+    model.add_head("f", 3)
+    randomize(model, std=0.2)
+    model.set_fusion_temperature(3.0)
+    model.activate(fusion="f", head="f")
+    model.set_trainable(fusions=["f"], heads=["f"])
+    model.double()
+    fast_logits, fast_grads = run(model)
+    monkeypatch.setattr(AdapterSlot, "_fuse", naive_fuse)
+    naive_logits, naive_grads = run(model)
+    torch.testing.assert_close(fast_logits, naive_logits, rtol=1e-10, atol=1e-10)
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], naive_grads[name], rtol=1e-8, atol=1e-10, msg=name)
+
+
+def count_fast_calls(monkeypatch):
+    from adafuse.fusion import fastpath
+
+    calls = []
+    original = fastpath.FusedAttention.apply
+    monkeypatch.setattr(fastpath.FusedAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "config, fast",
+    [
+        (FusionConfig(), True),
+        (FusionConfig(residual_before=True, value=False), True),
+        (FusionConfig(dropout=0.3), False),  # training with score dropout: the exact common terms are needed
+        (FusionConfig(query_before_ln=True), False),
+    ],
+)
+def test_which_path_runs(config, fast, monkeypatch):
+    calls = count_fast_calls(monkeypatch)
+    model = fused_model(2, "pfeiffer", config)
+    run(model, train_mode=True)
+    assert bool(calls) == fast
+    calls.clear()
+    model.set_trainable(adapters=["s0"], heads=["f"])  # a source being trained: plain autograd
+    run(model, train_mode=True)
+    assert not calls
+
+
+def test_inference_maps_are_memoised_until_a_weight_changes(monkeypatch):
+    model = fused_model(3, "pfeiffer", FusionConfig())
+    model.eval()
+    slots = [s for _, _, s in model.slots() if "f" in s.fusions]
+    layers = [s.fusions["f"] for s in slots]
+    made = []
+    original = type(layers[0]).score_map
+    monkeypatch.setattr(type(layers[0]), "score_map", lambda self, up: made.append(1) or original(self, up))
+    with torch.inference_mode():
+        first = model(**tiny_batch())
+        assert len(made) == len(layers)
+        assert torch.equal(model(**tiny_batch()), first)
+        assert len(made) == len(layers)  # reused
+    with torch.no_grad():
+        layers[0].query.weight.add_(0.5)  # what an optimizer step does
+        slots[1].adapters["s1"].up.weight.mul_(2.0)  # a source reloaded in another layer
+        changed = model(**tiny_batch())
+    assert len(made) == 2 * len(layers)
+    reference = fused_model(3, "pfeiffer", FusionConfig())
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(changed, reference(**tiny_batch()))
+        made.clear()
+        model.double()  # new storage, same parameters: recomputed in float64
+        assert model(**tiny_batch()).dtype == torch.float64
+    assert len(made) == len(layers)
+    model.float()
+    model.train()
+    logits, grads = run(model)  # with autograd the maps are formed every step and get gradients
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if ".query.weight" in n)
+
+
+def test_autocast_uses_the_autograd_path():
+    model = fused_model(2, "pfeiffer", FusionConfig())
+    model.eval()  # no dropout, so the two forwards compare; autograd stays on
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(**tiny_batch())
+    logits.float().pow(2).sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".fusions." in n and "value" in n)
+    reference = model(**tiny_batch())
+    torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05)

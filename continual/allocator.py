@@ -1,0 +1,33 @@
+"""glibc malloc settings for CPU tensor work (Linux only; ``ADAFUSE_MALLOC=default`` leaves malloc alone).
+
+PyTorch's CPU allocator calls malloc/free for every tensor. glibc serves a block above its mmap threshold
+(128 KiB at start, raised on the fly up to 32 MiB) from fresh mmap'd pages, and hands a freed heap top
+above its trim threshold back to the OS; either way the next allocation of that size touches new pages,
+one page fault per 4 KiB. A MiniLM batch of 16 x 128 tokens allocates and frees the same 3-12 MB
+activations in every layer and took ~22,000 page faults per inference step that way (measured with
+``ru_minflt``); how many depends on the order of earlier allocations, so adding a module to a block
+also slowed the unchanged blocks around it by a few percent. Fixed thresholds keep freed blocks in the
+heap for reuse: 0 faults per step after the first, no change in peak memory (PyTorch's CPU tuning guide
+reaches the same end with jemalloc or tcmalloc preloaded).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters from <malloc.h>
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value on 64-bit
+TRIM_THRESHOLD = 2**30
+
+
+def tune_malloc() -> bool:
+    """Fix glibc's mmap and trim thresholds for this process; True if they were set."""
+    if os.environ.get("ADAFUSE_MALLOC", "tuned") == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...): leave it
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

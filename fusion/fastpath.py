@@ -1,0 +1,105 @@
+"""The per-token part of AdapterFusion as one autograd Function with a hand-written backward.
+
+:mod:`adafuse.fusion.attention` derives the re-associated form; per token (N = B*L rows) it is
+
+    z     = x [D; M^T]^T + [e; b]                 one (N, d) x (d, K r + K(r+1)) matmul
+    g_n   = act(z_pre,n),  p~_n = z_score,n        (N, K, r) and (N, K, r+1)
+    s     = softmax_n((p~_n[:r] . g_n + p~_n[r]) / T)
+    o     = [s_1 g~_1 ... s_K g~_K] V~             one (N, K(r+1)) x (K(r+1), d) matmul, V~ = U~ W_V^T
+
+with D, e the K frozen down-projections, M, b the score map and V~ the value map (both formed once per
+step from the weights, so autograd handles them). Autograd over these few lines would save g, the
+products and the softmax separately and fill zero tensors for every slice's gradient; here only z and s
+are saved (g is recomputed from z), the bias column rides in the matmuls, and the backward writes each
+gradient once into one (N, K r + K(r+1)) buffer that feeds two matmuls: grad x and grad M.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .bottleneck import ACTIVATIONS
+
+# d act / dz applied to an incoming gradient, for the non-linearities of adafuse.fusion.bottleneck.
+_DERIVATIVES = {
+    "gelu": lambda grad, z: torch.ops.aten.gelu_backward(grad, z),
+    "swish": lambda grad, z: torch.ops.aten.silu_backward(grad, z),
+    "silu": lambda grad, z: torch.ops.aten.silu_backward(grad, z),
+    "tanh": lambda grad, z: torch.ops.aten.tanh_backward(grad, torch.tanh(z)),
+}
+
+
+def _activation_backward(act: str, grad: torch.Tensor, z: torch.Tensor) -> None:
+    """grad <- grad * act'(z), in place."""
+    if act == "relu":
+        grad.masked_fill_(z <= 0, 0.0)
+    else:
+        grad.copy_(_DERIVATIVES[act](grad, z))
+
+
+def _mix(g: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[s_n g_n, s_n] for every adapter: (N, K, r), (N, K) -> (N, K(r+1))."""
+    n, k, r = g.shape
+    mixed = g.new_empty(n, k, r + 1)
+    torch.mul(g, weights.unsqueeze(-1), out=mixed[..., :r])
+    mixed[..., r] = weights
+    return mixed.view(n, k * (r + 1))
+
+
+class FusedAttention(torch.autograd.Function):
+    """o = mix(softmax(scores(x))) V~ for K frozen adapters; gradients for x, M, b and V~ only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, rows: int, k: int, temperature: float, act: str):
+        """x (B, L, d); weight [D; M^T] (K r + K(r+1), d); bias (same rows); values V~ (K(r+1), d).
+
+        Returns o (B, L, d) without the residual, and the attention weights s (B, L, K).
+        """
+        flat = x.reshape(-1, x.shape[-1])  # (N, d)
+        z = torch.addmm(bias, flat, weight.t())  # (N, K r + K(r+1))
+        n, r = flat.shape[0], rows // k
+        g = ACTIVATIONS[act](z[:, :rows]).reshape(n, k, r)  # (N, K, r)
+        proj = z[:, rows:].view(n, k, r + 1)  # (N, K, r+1)
+        scores = torch.linalg.vecdot(proj[..., :r], g) + proj[..., r]  # (N, K)
+        weights = torch.softmax(scores / temperature, dim=-1)  # (N, K)
+        out = _mix(g, weights) @ values  # (N, d)
+        ctx.save_for_backward(flat, weight, values, z, weights)
+        ctx.shape, ctx.k, ctx.temperature, ctx.act = x.shape, k, temperature, act
+        ctx.mark_non_differentiable(weights)
+        return out.view(x.shape), weights.view(*x.shape[:-1], k)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_weights):
+        flat, weight, values, z, weights = ctx.saved_tensors
+        k, n = ctx.k, flat.shape[0]
+        rows = weight.shape[0] - values.shape[0]
+        r = rows // k
+        go = grad_out.reshape(n, -1)  # (N, d)
+        g = ACTIVATIONS[ctx.act](z[:, :rows]).reshape(n, k, r)  # recomputed, (N, K, r)
+        proj = z[:, rows:].view(n, k, r + 1)
+
+        grad_values = _mix(g, weights).t() @ go if ctx.needs_input_grad[3] else None  # (K(r+1), d)
+        grad_mixed = (go @ values.t()).view(n, k, r + 1)  # (N, K, r+1)
+        grad_s = torch.linalg.vecdot(grad_mixed[..., :r], g) + grad_mixed[..., r]  # (N, K)
+        grad_scores = weights * (grad_s - (grad_s * weights).sum(-1, keepdim=True))
+        grad_scores /= ctx.temperature  # (N, K)
+
+        grad_z = z.new_empty(z.shape)  # (N, K r + K(r+1)): [grad of the pre-activations, grad of x M + b]
+        grad_pre = grad_z[:, :rows].view(n, k, r)
+        grad_proj = grad_z[:, rows:].view(n, k, r + 1)
+        torch.mul(g, grad_scores.unsqueeze(-1), out=grad_proj[..., :r])
+        grad_proj[..., r] = grad_scores
+        torch.mul(grad_mixed[..., :r], weights.unsqueeze(-1), out=grad_pre)  # through s_n g_n
+        grad_pre.addcmul_(proj[..., :r], grad_scores.unsqueeze(-1))  # through the scores
+        _activation_backward(ctx.act, grad_pre, z[:, :rows].view(n, k, r))
+
+        grad_x = (grad_z @ weight).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:  # the frozen D rows get zeros; only the M rows are computed
+            grad_weight = weight.new_zeros(weight.shape)
+            torch.mm(grad_z[:, rows:].t(), flat, out=grad_weight[rows:])
+        if ctx.needs_input_grad[2]:
+            grad_bias = weight.new_zeros(weight.shape[0])
+            torch.sum(grad_z[:, rows:], dim=0, out=grad_bias[rows:])
+        return grad_x, grad_weight, grad_bias, grad_values, None, None, None, None
