@@ -1,12 +1,16 @@
-"""Step-time and memory benchmark: floor, single adapter and AdapterFusion, each in a fresh process.
+"""Step-time and memory benchmark: floor, single adapter and AdapterFusion.
 
     python benchmarks/speed.py --methods floor_fwd,floor_train,single_train,single_infer,fusion_train,fusion_infer \
-        --fusion-k 2,4,8,16 -B 16 -L 128 --warmup 3 --steps 10 --out speed.jsonl
+        --fusion-k 2,4,8,16 -B 16 -L 128 --warmup 3 --steps 20 --out speed.jsonl
 
-One JSONL record per measurement (fields as in the design notes), then a Markdown table of ratios measured
-in this one run, printed and appended to ``<out>.md``. A training step is forward + loss + backward +
-optimizer step; inference is a forward under ``torch.inference_mode``. The batch is fixed and seeded:
-token ids uniform in the vocabulary, mask all ones, binary labels.
+Step times come from one process that holds every configuration in one model (the single adapter, K source
+adapters and a fusion per K, a head each) and runs them round-robin, one step each per round: a slow spell
+of a shared machine then hits every configuration alike, and each ratio is the median over rounds of the
+two steps' ratio in that round (paired). Peak memory comes from a fresh process per configuration (it runs
+``--rss-steps`` steps of that configuration alone). One JSONL record per measurement, then a Markdown table
+of the ratios measured in this one run, printed and appended to ``<out>.md``. A training step is forward +
+loss + backward + optimizer step; inference is a forward under ``torch.inference_mode``. The batch is fixed
+and seeded: token ids uniform in the vocabulary, mask all ones, binary labels.
 """
 
 from __future__ import annotations
@@ -31,22 +35,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-B", "--batch-size", type=int, default=16)
     p.add_argument("-L", "--length", type=int, default=128)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20, help="timed rounds (after --warmup rounds)")
+    p.add_argument("--rss-steps", type=int, default=3, help="steps of each fresh memory process (0: no memory runs)")
     p.add_argument("--out", default="speed.jsonl")
     p.add_argument("--backbone", default="embedded")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"])
     p.add_argument(
         "--malloc", default="tuned", choices=["tuned", "default"], help="glibc thresholds as the adafuse CLI sets them"
     )
     p.add_argument("--child", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
+    p.add_argument("--child-interleaved", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def build(args, method: str, k: int):
+def build(args, configs: list[tuple[str, int]]):
+    """One model holding what every configuration needs, each its own: an adapter or a fusion over the first K
+    of the shared source adapters, and a head (so training one configuration never changes another)."""
     import torch
 
     from adafuse.fusion.attention import FusionConfig
@@ -56,52 +63,47 @@ def build(args, method: str, k: int):
 
     torch.manual_seed(0)
     model = AdaptedModel(load_model(BackboneConfig(name=args.backbone)))
-    model.add_head("head", 2)
     adapter = BottleneckConfig(placement=args.placement)
-    if method.startswith("single"):
-        model.add_adapter("a0", adapter)
-        model.activate(["a0"], head="head")
-        model.set_trainable(adapters=["a0"], heads=["head"])
-    elif method.startswith("fusion"):
-        names = [f"a{i}" for i in range(k)]
-        for name in names:
-            model.add_adapter(name, adapter)
-        with torch.no_grad():  # trained-looking sources: non-zero up-projections
-            for _, _, slot in model.slots():
-                for a in slot.adapters.values():
-                    a.up.weight.normal_(std=0.02)
-        model.add_fusion("fusion", names, FusionConfig())
-        model.activate(fusion="fusion", head="head")
-        model.set_trainable(fusions=["fusion"], heads=["head"])
-    else:
-        model.activate([], head="head")
-        model.set_trainable(heads=["head"])
+    sources = [f"source{i}" for i in range(max((k for m, k in configs if m.startswith("fusion")), default=0))]
+    for name in sources:
+        model.add_adapter(name, adapter)
+    with torch.no_grad():  # trained-looking sources: non-zero up-projections
+        for _, _, slot in model.slots():
+            for name in sources:
+                if name in slot.adapters:
+                    slot.adapters[name].up.weight.normal_(std=0.02)
+    for method, k in configs:
+        if method.startswith("single"):
+            model.add_adapter(f"{method}{k}", adapter)
+        elif method.startswith("fusion"):
+            model.add_fusion(f"{method}{k}", sources[:k], FusionConfig())
+        model.add_head(f"{method}{k}", 2)
     return model.to(args.device)
 
 
-def measure(args, method: str, k: int) -> dict:
+def make_step(args, model, method: str, k: int, batch):
+    """A function that runs one timed step of this configuration and returns (ms, loss or None)."""
     import torch
 
-    from adafuse.continual.allocator import tune_malloc
-
-    malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
-    torch.set_num_threads(args.threads)
-    model = build(args, method, k)
-    vocab = model.backbone.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (args.batch_size, args.length), generator=g).to(args.device)
-    mask = torch.ones_like(ids)
-    labels = torch.randint(0, 2, (args.batch_size,), generator=g).to(args.device)
+    ids, mask, labels = batch
+    head = f"{method}{k}"  # the name of this configuration's head, adapter or fusion
     train = method.endswith("train")
-    model.train(train)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4) if train else None
+    if method.startswith("single"):
+        what, active = {"adapters": [head]}, {"adapters": [head]}
+    elif method.startswith("fusion"):
+        what, active = {"fusions": [head]}, {"fusion": head}
+    else:
+        what, active = {}, {}
+    model.set_trainable(**what, heads=[head])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if train else None  # as the product trains
     embeddings = model.backbone.get_input_embeddings()
     autocast = torch.autocast(
         device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"
     )
-    losses, times = [], []
+    cuda = args.device.startswith("cuda")
 
-    def step():
+    def run():
         if not train:
             with torch.inference_mode(), autocast:
                 return model(ids, mask).float().sum().item()
@@ -110,7 +112,7 @@ def measure(args, method: str, k: int) -> dict:
             if method == "floor_train":  # backward all the way to the (frozen) embeddings
                 embeds = embeddings(ids).detach().requires_grad_(True)
                 hidden = model.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-                logits = model.heads["head"](hidden, mask)
+                logits = model.heads[head](hidden, mask)
             else:
                 logits = model(ids, mask)
             loss = torch.nn.functional.cross_entropy(logits.float(), labels) + model.fusion_regularization()
@@ -118,43 +120,87 @@ def measure(args, method: str, k: int) -> dict:
         optimizer.step()
         return loss.item()
 
-    for i in range(args.warmup + args.steps):
-        if args.device.startswith("cuda"):
+    def step():
+        model.activate(**active, head=head)
+        model.set_trainable(**what, heads=[head])
+        model.train(train)
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        value = step()
-        if args.device.startswith("cuda"):
+        value = run()
+        if cuda:
             torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append((time.perf_counter() - start) * 1000)
-            losses.append(value)
-    median = statistics.median(times)
+        return (time.perf_counter() - start) * 1000, value if train else None
+
+    return step, sum(p.numel() for p in params)
+
+
+def fixed_batch(args, model):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.backbone.config.vocab_size, (args.batch_size, args.length), generator=g)
+    labels = torch.randint(0, 2, (args.batch_size,), generator=g)
+    return ids.to(args.device), torch.ones_like(ids).to(args.device), labels.to(args.device)
+
+
+def measure(args, configs: list[tuple[str, int]], layout: str) -> list[dict]:
+    """Time every configuration, round-robin, in this process; one record each."""
+    import torch
     import transformers
 
-    return {
-        "impl": "adafuse",
-        "backbone": args.backbone,
-        "method": method,
-        "K": 0 if method.startswith("floor") else 1 if method.startswith("single") else k,
-        "B": args.batch_size,
-        "L": args.length,
-        "placement": args.placement,
-        "precision": args.precision,
-        "malloc": malloc,
-        "step_ms_median": round(median, 3),
-        "samples_per_s": round(args.batch_size / median * 1000, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if args.device.startswith("cuda") else None,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "threads": args.threads,
-        "step_ms_all": [round(t, 3) for t in times],
-        "loss_first": losses[0] if train else None,
-        "loss_last": losses[-1] if train else None,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
+    from adafuse.continual.allocator import tune_malloc
+
+    malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
+    torch.set_num_threads(args.threads)
+    model = build(args, configs)
+    batch = fixed_batch(args, model)
+    steps = [make_step(args, model, method, k, batch) for method, k in configs]
+    times = [[] for _ in configs]
+    losses = [[] for _ in configs]
+    rounds = args.warmup + (args.steps if layout == "interleaved" else args.rss_steps)
+    for i in range(rounds):
+        for j in range(len(configs)):
+            index = (i + j) % len(configs)  # rotate the order so no configuration always follows the same one
+            ms, loss = steps[index][0]()
+            if i >= args.warmup:
+                times[index].append(ms)
+                losses[index].append(loss)
+    records = []
+    for (method, k), (_, trainable), ms, loss in zip(configs, steps, times, losses, strict=True):
+        median = statistics.median(ms)
+        records.append(
+            {
+                "impl": "adafuse",
+                "layout": layout,
+                "backbone": args.backbone,
+                "method": method,
+                "K": 0 if method.startswith("floor") else 1 if method.startswith("single") else k,
+                "B": args.batch_size,
+                "L": args.length,
+                "placement": args.placement,
+                "precision": args.precision,
+                "malloc": malloc,
+                "step_ms_median": round(median, 3),
+                "samples_per_s": round(args.batch_size / median * 1000, 3),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+                if layout == "process"
+                else None,
+                "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                if args.device.startswith("cuda") and layout == "process"
+                else None,
+                "trainable_params": trainable,
+                "total_params": sum(p.numel() for p in model.parameters()),
+                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                "threads": args.threads,
+                "step_ms_all": [round(t, 3) for t in ms],
+                "loss_first": loss[0],
+                "loss_last": loss[-1],
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            }
+        )
+    return records
 
 
 def plan(args) -> list[tuple[str, int]]:
@@ -164,66 +210,79 @@ def plan(args) -> list[tuple[str, int]]:
             sys.exit(f"speed.py: unknown method '{method}'; expected one of {', '.join(METHODS)}")
         ks = [int(k) for k in args.fusion_k.split(",")] if method.startswith("fusion") else [0]
         runs += [(method, k) for k in ks]
-    return runs * args.repeat
+    return runs
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """Median over rounds of a's step time / b's step time in the same round (interleaved records)."""
+    return statistics.median(x / y for x, y in zip(a["step_ms_all"], b["step_ms_all"], strict=True))
 
 
 def ratio_table(records: list[dict]) -> str:
-    def med(method, k=None):
-        values = [r["step_ms_median"] for r in records if r["method"] == method and (k is None or r["K"] == k)]
-        return statistics.median(values) if values else None
-
-    def rss(method, k=None):
-        values = [r["peak_rss_mb"] for r in records if r["method"] == method and (k is None or r["K"] == k)]
-        return statistics.median(values) if values else None
-
+    timed = {(r["method"], r["K"]): r for r in records if r.get("layout", "interleaved") == "interleaved"}
+    memory = {(r["method"], r["K"]): r for r in records if r.get("layout") == "process"}
+    pairs = [("single_train", 1, "floor_train", 0), ("single_infer", 1, "floor_fwd", 0)]
+    for k in sorted({k for method, k in timed if method.startswith("fusion")}):
+        pairs += [("fusion_train", k, "single_train", 1), ("fusion_infer", k, "single_infer", 1)]
     rows = []
-    if med("single_train") and med("floor_train"):
-        rows.append(("single_train / floor_train", med("single_train") / med("floor_train")))
-    if med("single_infer") and med("floor_fwd"):
-        rows.append(("single_infer / floor_fwd", med("single_infer") / med("floor_fwd")))
-    for k in sorted({r["K"] for r in records if r["method"].startswith("fusion")}):
-        if med("fusion_train", k) and med("single_train"):
-            rows.append((f"fusion_train K={k} / single_train", med("fusion_train", k) / med("single_train")))
-        if med("fusion_infer", k) and med("single_infer"):
-            rows.append((f"fusion_infer K={k} / single_infer", med("fusion_infer", k) / med("single_infer")))
-        if rss("fusion_train", k) and rss("single_train"):
-            rows.append((f"peak RSS fusion_train K={k} / single_train", rss("fusion_train", k) / rss("single_train")))
-    first = records[0]
+    for method, k, base, base_k in pairs:
+        a, b = timed.get((method, k)), timed.get((base, base_k))
+        if a and b:
+            rows.append((f"{method}{f' K={k}' if k > 1 else ''} / {base}", paired_ratio(a, b)))
+    for method, k in sorted(memory):
+        if method == "fusion_train" and ("single_train", 1) in memory:
+            rss = memory[(method, k)]["peak_rss_mb"] / memory[("single_train", 1)]["peak_rss_mb"]
+            rows.append((f"peak RSS fusion_train K={k} / single_train", rss))
+    first = (list(timed.values()) or records)[0]
     header = (
         f"\n### adafuse speed ratios — {first['backbone']}, B={first['B']}, L={first['L']}, "
         f"{first['device']}, threads={first['threads']}, precision={first['precision']}, "
-        f"placement={first['placement']}, malloc={first.get('malloc', 'default')}\n\n| ratio | value |\n|---|---|\n"
+        f"placement={first['placement']}, malloc={first.get('malloc', 'default')}, "
+        f"{len(first['step_ms_all'])} interleaved rounds\n\n| ratio | value |\n|---|---|\n"
     )
-    medians = "\n".join(f"| {r['method']} K={r['K']} step ms | {r['step_ms_median']:.1f} |" for r in records)
+    medians = "\n".join(
+        f"| {r['method']} K={r['K']} step ms (median) | {r['step_ms_median']:.1f} |" for r in timed.values()
+    )
+    medians += "".join(
+        f"\n| {m} K={r['K']} peak RSS MB (own process) | {r['peak_rss_mb']:.0f} |" for (m, _), r in memory.items()
+    )
     return header + "\n".join(f"| {name} | {value:.3f} |" for name, value in rows) + "\n" + medians + "\n"
+
+
+def _child(args, passthrough: list[str], extra: list[str], env: dict) -> list[dict]:
+    result = subprocess.run([sys.executable, __file__, *passthrough, *extra], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr[-2000:])
+        raise SystemExit(1)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.child_interleaved:
+        print(json.dumps(measure(args, plan(args), "interleaved")))
+        return 0
     if args.child:
-        print(json.dumps(measure(args, args.child[0], int(args.child[1]))))
+        print(json.dumps(measure(args, [(args.child[0], int(args.child[1]))], "process")))
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    records = []
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    passthrough = list(argv if argv is not None else sys.argv[1:])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
-    for method, k in plan(args):
-        result = subprocess.run(
-            [sys.executable, __file__, *passthrough, "--child", method, str(k)], capture_output=True, text=True, env=env
-        )
-        if result.returncode != 0:
-            sys.stderr.write(result.stderr[-2000:])
-            return 1
-        record = json.loads(result.stdout.strip().splitlines()[-1])
-        records.append(record)
-        with out.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+    records = _child(args, passthrough, ["--child-interleaved"], env)
+    for record in records:
         print(
-            f"{method:<13} K={record['K']:<3} {record['step_ms_median']:9.1f} ms  "
-            f"{record['samples_per_s']:8.1f} samples/s  RSS {record['peak_rss_mb']:.0f} MB",
+            f"{record['method']:<13} K={record['K']:<3} {record['step_ms_median']:9.1f} ms  "
+            f"{record['samples_per_s']:8.1f} samples/s  (interleaved)",
             flush=True,
         )
+    if args.rss_steps > 0:
+        for method, k in plan(args):
+            record = _child(args, passthrough, ["--child", method, str(k)], env)[0]
+            records.append(record)
+            print(f"{method:<13} K={record['K']:<3} peak RSS {record['peak_rss_mb']:.0f} MB (own process)", flush=True)
+    with out.open("a") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
     table = ratio_table(records)
     print(table)
     with Path(str(out) + ".md").open("a") as handle:

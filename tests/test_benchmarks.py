@@ -18,8 +18,8 @@ def _module(name: str):
 
 
 SPEED_FIELDS = {
-    "impl", "backbone", "method", "K", "B", "L", "step_ms_median", "samples_per_s", "peak_rss_mb",
-    "trainable_params", "total_params", "device", "threads", "step_ms_all", "loss_first", "loss_last",
+    "impl", "layout", "backbone", "method", "K", "B", "L", "step_ms_median", "samples_per_s", "peak_rss_mb",
+    "trainable_params", "total_params", "device", "threads", "step_ms_all", "loss_first", "loss_last", "malloc",
 }  # fmt: skip
 
 
@@ -36,8 +36,10 @@ def test_speed_script_on_a_tiny_backbone(tmp_path):
             str(ROOT / "benchmarks" / "speed.py"),
             *args,
             "--warmup",
-            "0",
+            "1",
             "--steps",
+            "3",
+            "--rss-steps",
             "1",
             "--out",
             str(out),
@@ -47,17 +49,38 @@ def test_speed_script_on_a_tiny_backbone(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["method"], r["K"]) for r in records] == [
+    configs = [
         ("floor_fwd", 0), ("floor_train", 0), ("single_train", 1), ("single_infer", 1), ("fusion_train", 2),
         ("fusion_infer", 2),
     ]  # fmt: skip
+    timed = [r for r in records if r["layout"] == "interleaved"]
+    memory = [r for r in records if r["layout"] == "process"]
+    assert [(r["method"], r["K"]) for r in timed] == configs == [(r["method"], r["K"]) for r in memory]
     for record in records:
         assert SPEED_FIELDS <= set(record) and record["impl"] == "adafuse" and record["step_ms_median"] > 0
         assert record["B"] == 2 and record["L"] == 8 and record["total_params"] > 0
-    assert records[2]["trainable_params"] > records[1]["trainable_params"] > 0
+    assert all(len(r["step_ms_all"]) == 3 and r["peak_rss_mb"] is None for r in timed)
+    assert all(len(r["step_ms_all"]) == 1 and r["peak_rss_mb"] > 0 for r in memory)
+    assert timed[2]["trainable_params"] > timed[1]["trainable_params"] > 0
+    assert timed[4]["loss_first"] is not None and timed[5]["loss_first"] is None
     table = Path(str(out) + ".md").read_text()
     assert "single_train / floor_train" in table and "fusion_train K=2 / single_train" in table
+    assert "peak RSS fusion_train K=2 / single_train" in table and "3 interleaved rounds" in table
     assert TINY["bert"]["hidden_size"] == 16
+
+
+def test_speed_ratios_are_paired_by_round():
+    speed = _module("speed")
+    base = {"backbone": "b", "B": 1, "L": 1, "device": "cpu", "threads": 1, "precision": "32", "placement": "p"}
+    single = {**base, "layout": "interleaved", "method": "single_train", "K": 1, "step_ms_all": [100, 200, 100]}
+    fusion = {**base, "layout": "interleaved", "method": "fusion_train", "K": 2, "step_ms_all": [110, 220, 300]}
+    single["step_ms_median"], fusion["step_ms_median"] = 100, 220
+    # round ratios 1.1, 1.1, 3.0 -> 1.1 (the ratio of the medians would say 2.2)
+    assert speed.paired_ratio(fusion, single) == pytest.approx(1.1)
+    memory = [{**single, "layout": "process", "peak_rss_mb": 500}, {**fusion, "layout": "process", "peak_rss_mb": 550}]
+    table = speed.ratio_table([single, fusion, *memory])
+    assert "| fusion_train K=2 / single_train | 1.100 |" in table
+    assert "| peak RSS fusion_train K=2 / single_train | 1.100 |" in table
 
 
 def _sequence(method, seed, acc, bwt):
