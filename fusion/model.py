@@ -81,12 +81,14 @@ class AdaptedModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         for _, _, slot in self.slots():
+            slot.forget_maps()
             if name in slot.adapters:
                 del slot.adapters[name]
         self.adapter_configs.pop(name, None)
 
     def delete_fusion(self, name: str) -> None:
         for _, _, slot in self.slots():
+            slot.forget_maps()
             if name in slot.fusions:
                 del slot.fusions[name]
         self.fusion_sources.pop(name, None)

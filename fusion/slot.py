@@ -29,7 +29,7 @@ class AdapterSlot(nn.Module):
         # Per-row routing (mixed-task batches): (adapter or fusion name, its sources or (), batch row indices).
         self.routes: list[tuple[str, tuple[str, ...], torch.Tensor]] | None = None
         self.attention_recorder: list[torch.Tensor] | None = None
-        self._maps_memo = None  # see _fusion_maps
+        self._maps_memo: dict[str, tuple] = {}  # fusion name -> (key, maps); see _fusion_maps
 
     @property
     def layer_norm(self) -> nn.Module:
@@ -109,26 +109,29 @@ class AdapterSlot(nn.Module):
     def _fusion_maps(self, name: str, fusion: nn.Module, adapters: list[nn.Module]):
         """[D; M^T], [e; b] and V~ for the fast path, from the weights.
 
-        Without autograd (inference, validation) they are memoised per slot until one of the tensors they
-        are made of changes (an optimizer step, a load, ``.to()``): the key holds each tensor with its
-        version counter and storage.
+        Without autograd (inference, validation) they are memoised per slot and fusion until one of the
+        tensors they are made of changes (an optimizer step, a load, ``.to()``): the key holds each tensor with
+        its version counter and storage.
         """
         tensors = [t for adapter in adapters for t in adapter.parameters()] + list(fusion.parameters())
-        key = (name, [(t, t._version, t.data_ptr()) for t in tensors])
-        memo = self._maps_memo
+        key = [(t, t._version, t.data_ptr()) for t in tensors]
+        memo = self._maps_memo.get(name)
         if not torch.is_grad_enabled() and memo is not None and _same_key(memo[0], key):
             return memo[1]
         down_w, down_b, up = stack_adapters(adapters)
         up_flat = up.reshape(-1, up.shape[-1])  # U~, (K(r+1), d)
         m, bias = fusion.score_map(up_flat)
         maps = torch.cat([down_w, m.t()]), torch.cat([down_b, bias]), fusion.value_map(up_flat)
-        self._maps_memo = (key, maps) if not torch.is_grad_enabled() else None
+        if torch.is_grad_enabled():
+            self._maps_memo.pop(name, None)
+        else:
+            self._maps_memo[name] = (key, maps)
         return maps
 
+    def forget_maps(self) -> None:
+        """Drop the memoised maps (they hold references to the tensors they were made of)."""
+        self._maps_memo.clear()
 
-def _same_key(a, b) -> bool:
-    return (
-        a[0] == b[0]
-        and len(a[1]) == len(b[1])
-        and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1], b[1], strict=True))
-    )
+
+def _same_key(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b, strict=True))

@@ -252,3 +252,22 @@ def test_autocast_uses_the_autograd_path():
     assert all(p.grad is not None for n, p in model.named_parameters() if ".fusions." in n and "value" in n)
     reference = model(**tiny_batch())
     torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05)
+
+
+def test_each_fusion_keeps_its_own_maps_and_deleting_drops_them(monkeypatch):
+    model = fused_model(3, "pfeiffer", FusionConfig())
+    model.add_fusion("g", ["s0", "s2"], FusionConfig())
+    randomize(model, std=0.2)
+    model.eval()
+    slots = [s for _, _, s in model.slots() if "f" in s.fusions]
+    batch = tiny_batch()
+    with torch.inference_mode():
+        model.activate(fusion="f", head="f")
+        first = model(**batch)
+        model.activate(fusion="g", head="f")
+        model(**batch)
+        assert all(set(slot._maps_memo) == {"f", "g"} for slot in slots)
+        model.activate(fusion="f", head="f")
+        assert torch.equal(model(**batch), first)  # f's maps survived g's pass
+    model.delete_fusion("g")
+    assert all(not slot._maps_memo for slot in slots)
