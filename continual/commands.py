@@ -149,19 +149,10 @@ def cmd_library_export(args, _overrides=()) -> int:
 def cmd_predict(args, _overrides=()) -> int:
     from .predict import run_predict
 
+    options = ("adapter", "fusion", "task_column", "text_column", "batch_size", "max_length", "device")
+    options += ("drop_layers", "backbone")  # run_predict's keyword arguments, named as the flags are
     count = run_predict(
-        Path(args.library),
-        Path(args.input),
-        Path(args.out),
-        adapter=args.adapter,
-        fusion=args.fusion,
-        task_column=args.task_column,
-        text_column=args.text_column,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        device=args.device,
-        drop_layers=args.drop_layers,
-        backbone=args.backbone,
+        Path(args.library), Path(args.input), Path(args.out), **{name: getattr(args, name) for name in options}
     )
     print(f"{count} predictions -> {args.out}")
     return 0

@@ -46,6 +46,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def on_main(write, *args) -> None:
+    """Rank 0 calls ``write(*args)``; every rank then waits for it (one writer under DDP, nothing to wait for alone)."""
+    if is_main():
+        write(*args)
+    barrier()
+
+
 def gather_tensors(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each rank's tensors concatenated over all ranks (in rank order); unchanged in a single process."""
     if not initialized():

@@ -8,7 +8,6 @@ re-evaluates every source task before and after (their accuracies must not move)
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,11 +26,11 @@ from adafuse.tasks.resolve import resolve_task
 from adafuse.tasks.spec import TaskSpec
 
 from .config import FuseConfig, dump_yaml
-from .distributed import barrier, is_main
+from .distributed import is_main, on_main
 from .evaluate import evaluate
 from .methods import seeded_adapter_state, seeded_head_state
 from .module import AdapterTaskModule, FusionModule
-from .report import write_fusion_report
+from .report import write_fusion_report, write_results
 from .runner import claimed_output, prepare_environment, trainable_count
 from .training import LibraryWriter, fit, make_trainer
 
@@ -151,10 +150,7 @@ def run_fusion(
             "head_lr": config.trainer.head_lr or config.trainer.lr,
             "seed": config.seed,
         }
-        if is_main():
-            atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-            write_fusion_report(out, metrics)
-        barrier()
+        on_main(write_results, out, metrics, write_fusion_report)
         return metrics
 
 

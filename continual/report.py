@@ -180,6 +180,12 @@ def write_fusion_report(out: Path, metrics: dict) -> None:
         plt.close(figure)
 
 
+def write_results(out: Path, metrics: dict, write_report) -> None:
+    """metrics.json, then the report that ``write_report(out, metrics)`` renders from it."""
+    atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    write_report(out, metrics)
+
+
 def read_metrics(folder: Path) -> dict:
     path = Path(folder) / "metrics.json"
     try:

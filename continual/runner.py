@@ -8,7 +8,6 @@ so far from the library. Re-running the same command on a killed run's folder re
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,12 +24,12 @@ from adafuse.tasks.datamodule import TaskDataModule
 from adafuse.tasks.resolve import resolve_sequence
 
 from .config import RunConfig, dump_yaml
-from .distributed import barrier, is_main
+from .distributed import is_main, on_main
 from .methods import METHOD_CLASSES, ReferenceAdapters
 from .metrics import summarize
 from .module import AdapterTaskModule
 from .monitor import ForgettingMonitor
-from .report import write_run_report
+from .report import write_results, write_run_report
 from .training import LibraryWriter, fit, make_trainer
 
 
@@ -150,10 +149,7 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
         method.reset_backbone()
         reference = _reference_accuracies(config, env, tasks, modules, out, log)
     metrics = _metrics(config, tasks, monitor, per_task, env, time.perf_counter() - started, reference)
-    if is_main():
-        atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-        write_run_report(out, metrics)
-    barrier()
+    on_main(write_results, out, metrics, write_run_report)
     return metrics
 
 

@@ -18,7 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from adafuse.fusion.storage import atomic_write
 
 from .config import TrainerConfig, dump_yaml
-from .distributed import barrier, is_main
+from .distributed import barrier, is_main, on_main
 from .module import NonFiniteLossError
 
 BEST_METRIC = "val_accuracy"
@@ -72,9 +72,7 @@ class LibraryWriter(L.Callback):
         if self.evaluate_test is not None:
             test = self.evaluate_test()
             self.result |= {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]}
-        if is_main():  # under DDP one writer; the others wait until the artefacts are there to read
-            self.write(self.result)
-        barrier()
+        on_main(self.write, self.result)  # the other ranks wait until the artefacts are there to read
 
 
 def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.Callback], seed: int) -> L.Trainer:

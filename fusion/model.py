@@ -80,18 +80,19 @@ class AdaptedModel(nn.Module):
         self.fusion_sources[name] = tuple(sources)
 
     def delete_adapter(self, name: str) -> None:
-        for _, _, slot in self.slots():
-            slot.forget_maps()
-            if name in slot.adapters:
-                del slot.adapters[name]
+        self._delete_from_slots(name, "adapters")
         self.adapter_configs.pop(name, None)
 
     def delete_fusion(self, name: str) -> None:
-        for _, _, slot in self.slots():
-            slot.forget_maps()
-            if name in slot.fusions:
-                del slot.fusions[name]
+        self._delete_from_slots(name, "fusions")
         self.fusion_sources.pop(name, None)
+
+    def _delete_from_slots(self, name: str, kind: str) -> None:
+        for _, _, slot in self.slots():
+            slot.forget_maps()  # memoised fusion maps may hold the deleted tensors
+            container = getattr(slot, kind)
+            if name in container:
+                del container[name]
 
     # ---- what runs and what trains -----------------------------------------------------------------------
     def activate(
