@@ -249,7 +249,7 @@ def ratio_table(records: list[dict]) -> str:
     return header + "\n".join(f"| {name} | {value:.3f} |" for name, value in rows) + "\n" + medians + "\n"
 
 
-def _child(args, passthrough: list[str], extra: list[str], env: dict) -> list[dict]:
+def _child(passthrough: list[str], extra: list[str], env: dict) -> list[dict]:
     result = subprocess.run([sys.executable, __file__, *passthrough, *extra], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-2000:])
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     passthrough = list(argv if argv is not None else sys.argv[1:])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
-    records = _child(args, passthrough, ["--child-interleaved"], env)
+    records = _child(passthrough, ["--child-interleaved"], env)
     for record in records:
         print(
             f"{record['method']:<13} K={record['K']:<3} {record['step_ms_median']:9.1f} ms  "
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
         )
     if args.rss_steps > 0:
         for method, k in plan(args):
-            record = _child(args, passthrough, ["--child", method, str(k)], env)[0]
+            record = _child(passthrough, ["--child", method, str(k)], env)[0]
             records.append(record)
             print(f"{method:<13} K={record['K']:<3} peak RSS {record['peak_rss_mb']:.0f} MB (own process)", flush=True)
     with out.open("a") as handle:

@@ -50,13 +50,14 @@ class FusedAttention(torch.autograd.Function):
     """o = mix(softmax(scores(x))) V~ for K frozen adapters; gradients for x, M, b and V~ only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, rows: int, k: int, temperature: float, act: str):
+    def forward(ctx, x, weight, bias, values, k: int, temperature: float, act: str):
         """x (B, L, d); weight [D; M^T] (K r + K(r+1), d); bias (same rows); values V~ (K(r+1), d).
 
         Returns o (B, L, d) without the residual, and the attention weights s (B, L, K).
         """
         flat = x.reshape(-1, x.shape[-1])  # (N, d)
         z = torch.addmm(bias, flat, weight.t())  # (N, K r + K(r+1))
+        rows = weight.shape[0] - values.shape[0]  # K r
         n, r = flat.shape[0], rows // k
         g = ACTIVATIONS[act](z[:, :rows]).reshape(n, k, r)  # (N, K, r)
         proj = z[:, rows:].view(n, k, r + 1)  # (N, K, r+1)
@@ -102,4 +103,4 @@ class FusedAttention(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = weight.new_zeros(weight.shape[0])
             torch.sum(grad_z[:, rows:], dim=0, out=grad_bias[rows:])
-        return grad_x, grad_weight, grad_bias, grad_values, None, None, None, None
+        return grad_x, grad_weight, grad_bias, grad_values, None, None, None

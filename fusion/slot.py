@@ -94,8 +94,7 @@ class AdapterSlot(nn.Module):
         if fast:  # the common case: one hand-differentiated pass (adafuse.fusion.fastpath)
             weight, bias, values = self._fusion_maps(name, fusion, adapters)
             act = adapters[-1].config.non_linearity
-            rows = sum(adapter.down.out_features for adapter in adapters)
-            out, weights = FusedAttention.apply(x, weight, bias, values, rows, len(adapters), fusion.temperature, act)
+            out, weights = FusedAttention.apply(x, weight, bias, values, len(adapters), fusion.temperature, act)
             out = fusion.add_residual(out, h)
         else:
             query = h if fusion.config.query_before_ln else x
@@ -113,24 +112,26 @@ class AdapterSlot(nn.Module):
         tensors they are made of changes (an optimizer step, a load, ``.to()``): the key holds each tensor with
         its version counter and storage.
         """
+        if torch.is_grad_enabled():  # weights change every step: nothing to keep
+            self._maps_memo.pop(name, None)
+            return _maps(fusion, adapters)
         tensors = [t for adapter in adapters for t in adapter.parameters()] + list(fusion.parameters())
         key = [(t, t._version, t.data_ptr()) for t in tensors]
         memo = self._maps_memo.get(name)
-        if not torch.is_grad_enabled() and memo is not None and _same_key(memo[0], key):
-            return memo[1]
-        down_w, down_b, up = stack_adapters(adapters)
-        up_flat = up.reshape(-1, up.shape[-1])  # U~, (K(r+1), d)
-        m, bias = fusion.score_map(up_flat)
-        maps = torch.cat([down_w, m.t()]), torch.cat([down_b, bias]), fusion.value_map(up_flat)
-        if torch.is_grad_enabled():
-            self._maps_memo.pop(name, None)
-        else:
-            self._maps_memo[name] = (key, maps)
-        return maps
+        if memo is None or not _same_key(memo[0], key):
+            memo = self._maps_memo[name] = (key, _maps(fusion, adapters))
+        return memo[1]
 
     def forget_maps(self) -> None:
         """Drop the memoised maps (they hold references to the tensors they were made of)."""
         self._maps_memo.clear()
+
+
+def _maps(fusion: nn.Module, adapters: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    down_w, down_b, up = stack_adapters(adapters)
+    up_flat = up.reshape(-1, up.shape[-1])  # U~, (K(r+1), d)
+    m, bias = fusion.score_map(up_flat)
+    return torch.cat([down_w, m.t()]), torch.cat([down_b, bias]), fusion.value_map(up_flat)
 
 
 def _same_key(a: list, b: list) -> bool:

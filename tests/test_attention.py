@@ -156,7 +156,7 @@ def test_fused_attention_gradcheck(act):
 
     def fused(x, m_t, score_b, values):
         weight, bias = torch.cat([down, m_t]), torch.cat([down_b, score_b])
-        return FusedAttention.apply(x, weight, bias, values, rows, k, 0.7, act)[0]
+        return FusedAttention.apply(x, weight, bias, values, k, 0.7, act)[0]
 
     assert torch.autograd.gradcheck(fused, (x, m_t, score_b, values))
 
