@@ -20,6 +20,7 @@ from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import BackboneConfig
 from adafuse.fusion.bottleneck import BottleneckConfig
 from adafuse.fusion.errors import UserError, first_line
+from adafuse.fusion.heads import POOLINGS
 from adafuse.tasks.spec import TaskSpec
 
 METHODS = ("adapters", "shared-adapter", "full-finetune")
@@ -68,10 +69,15 @@ class TrainerConfig:
 
 @dataclass
 class HeadConfig:
-    pooling: str = "cls"
+    """The classification head: ``pooling`` auto (the architecture's own: first token on encoders, last
+    non-padding token on decoders, mean on T5's encoder), cls, last or mean."""
+
+    pooling: str = "auto"
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise UserError(f"head.pooling: '{self.pooling}' is not one of {', '.join(POOLINGS)}")
         check_range("head.dropout", self.dropout, minimum=0, maximum=1)
 
 

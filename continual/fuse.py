@@ -66,7 +66,7 @@ def run_fusion(
     spec = _target(config)
     target = resolve_task(spec, base_dir, None, config.max_length)
     fusion_name = check_name(config.name or f"{target.name}-fusion")
-    env = prepare_environment(config)
+    env = prepare_environment(config, [target])
     library.check_backbone(env.fingerprint)  # before anything is written
     with claimed_output(Path(out), Path(library_dir)) as out:
         if is_main():
@@ -236,9 +236,11 @@ def fusion_attention(model: AdaptedModel, loader) -> list[list[float]]:
         mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, L, 1)
         tokens += float(mask.sum())
         for index, slot in enumerate(slots):
+            if not slot.attention_recorder:  # a site the task does not run (T5's decoder when classifying)
+                continue
             weights = slot.attention_recorder[0]  # (B, L, K)
             summed = (weights * mask).sum((0, 1))
             totals[index] = summed if totals[index] is None else totals[index] + summed
     for slot in slots:
         slot.attention_recorder = None
-    return [(t / tokens).tolist() for t in totals]
+    return [(t / tokens).tolist() for t in totals if t is not None]

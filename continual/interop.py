@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from adafuse.fusion.adapterhub import read_adapter_folder, read_fusion_folder
+from adafuse.fusion.adapterhub import read_adapter_folder, read_fusion_folder, read_head, read_json
 from adafuse.fusion.adapterhub_write import BackboneInfo, adapter_files, fusion_files, head_files
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import EMBEDDED
@@ -29,11 +29,6 @@ EMBEDDED_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 def backbone_info(opened: LibraryModel) -> BackboneInfo:
     backbone = opened.model.backbone
-    if not hasattr(backbone, "encoder"):
-        raise UserError(
-            f"AdapterHub interop supports BERT-like backbones (encoder.layer); this one is "
-            f"'{backbone.config.model_type}'"
-        )
     name = EMBEDDED_HUB_NAME if opened.backbone.name == EMBEDDED else opened.backbone.name
     return BackboneInfo(
         model_type=backbone.config.model_type,
@@ -41,6 +36,7 @@ def backbone_info(opened: LibraryModel) -> BackboneInfo:
         prefix=backbone.base_model_prefix,
         model_class=type(backbone).__name__.removesuffix("Model") + "AdapterModel",
         model_name=name,
+        site_paths=opened.model.site_paths,
     )
 
 
@@ -61,51 +57,57 @@ def _label_names(head: dict) -> list[str]:
     return [label for label, _ in sorted(label2id.items(), key=lambda item: item[1])]
 
 
+def _read_folder(folder: Path, site_paths) -> tuple[str, dict]:
+    """(kind, what was read) of an AdapterHub adapter, fusion or head-only (``save_head``) folder."""
+    if (folder / "adapter_fusion_config.json").is_file():
+        return "fusion", read_fusion_folder(folder, site_paths)
+    if (folder / "adapter_config.json").is_file():
+        return "adapter", read_adapter_folder(folder, site_paths)
+    if (folder / "head_config.json").is_file():
+        meta = read_json(folder / "head_config.json")
+        name = meta.get("name") or folder.name
+        return "head", {"name": name, "meta": meta, "head": read_head(folder, name)}
+    raise UserError(f"'{folder}': none of adapter_config.json, adapter_fusion_config.json, head_config.json found")
+
+
 def import_adapterhub(folder: Path, library_dir: Path, backbone: str | None, name: str | None, log=print) -> list:
-    """Import one AdapterHub adapter or fusion folder (with its head, if saved) into the library."""
+    """Import one AdapterHub adapter or fusion folder (with its head, if saved), or a saved head, into the library."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"'{folder}': not a folder (expected an AdapterHub save_adapter/save_adapter_fusion folder)")
-    is_fusion = (folder / "adapter_fusion_config.json").is_file()
-    if not is_fusion and not (folder / "adapter_config.json").is_file():
-        raise UserError(f"'{folder}': neither adapter_config.json nor adapter_fusion_config.json found")
-    read = (read_fusion_folder if is_fusion else read_adapter_folder)(folder)
     opened = LibraryModel.open(library_dir, backbone, create=True)
-    _check_backbone(read["meta"], opened, folder)
-    model, target = opened.model, check_name(name or read["name"])
-    kind = "fusion" if is_fusion else "adapter"
-    if opened.library.find(kind, target) is not None:  # never overwrite finished work (fusions may depend on it)
+    for config_file in ("adapter_fusion_config.json", "adapter_config.json", "head_config.json"):
+        if (folder / config_file).is_file():  # the architecture first: its keys only map onto its own sites
+            _check_backbone(read_json(folder / config_file), opened, folder)
+            break
+    kind, read = _read_folder(folder, opened.model.site_paths)
+    model, library, target = opened.model, opened.library, check_name(name or read["name"])
+    if library.find(kind, target) is not None:  # never overwrite finished work (fusions may depend on it)
         raise UserError(f"library '{library_dir}' already has an {kind} named '{target}'; import it with --name NEW")
-    if is_fusion:
+    config = {"method": "import", "imported_from": "adapterhub", "adapterhub_version": read["meta"].get("version")}
+    artefacts = []
+    if kind == "fusion":
         for source in read["sources"]:
-            if opened.library.find("adapter", source) is None:
+            if library.find("adapter", source) is None:
                 raise UserError(f"{folder}: source adapter '{source}' is not in the library; import it first")
             opened.load_adapter(source)
         model.add_fusion(target, read["sources"], read["config"])
         model.load_fusion_state(target, read["tensors"])
-    else:
-        model.add_adapter(target, read["config"])
-        model.load_adapter_state(target, read["tensors"])
-    head = read["head"]
-    config = {
-        "method": "import",
-        "imported_from": "adapterhub",
-        "adapterhub_version": read["meta"].get("version"),
-        "head": {"pooling": "cls", "dropout": 0.1},
-    }
-    if head is not None:
-        model.add_head(target, head["num_labels"])
-        model.load_head_state(target, head["tensors"])
-        config |= {"num_labels": head["num_labels"], "label_names": _label_names(head)}
-    library = opened.library
-    if is_fusion:
         config["fusion"] = asdict(read["config"])
         extra = {"sources": [{"name": s, "sha256": library.get("adapter", s)["sha256"]} for s in read["sources"]]}
-        artefacts = [("fusion", model.fusion_state(target), extra)]
-    else:
+        artefacts.append(("fusion", model.fusion_state(target), extra))
+    elif kind == "adapter":
+        model.add_adapter(target, read["config"])
+        model.load_adapter_state(target, read["tensors"])
         config["adapter"] = asdict(read["config"])
-        artefacts = [("adapter", model.adapter_state(target), {})]
+        artefacts.append(("adapter", model.adapter_state(target), {}))
+    head = read["head"]
     if head is not None:
+        model.add_head(target, head["num_labels"] or 0, head_type=head["type"], **head["options"])
+        model.load_head_state(target, head["tensors"])
+        config["head"] = {"type": head["type"], "pooling": "auto", "dropout": 0.1, "options": head["options"]}
+        if head["num_labels"]:
+            config |= {"num_labels": head["num_labels"], "label_names": _label_names(head)}
         artefacts.append(("head", model.head_state(target), {}))
     backbone_record = {"fingerprint": opened.fingerprint, "backbone": asdict(opened.backbone)}
     written = [library.add(k, target, tensors, config=config, **backbone_record, **x) for k, tensors, x in artefacts]
@@ -142,10 +144,13 @@ def export_adapterhub(library_dir: Path, name: str, out: Path, backbone: str | N
         files = fusion_files(info, sources, FusionConfig(**entry["config"]["fusion"]), state)
     if library.find("head", name) is not None:
         labels = opened.load_head(name)
-        if opened.model.heads[name].pooling != "cls":
-            raise UserError(f"head '{name}' pools by mean; AdapterHub classification heads read the first token")
+        head, model = opened.model.heads[name], opened.model
+        pooling = getattr(head, "pooling", None)  # None: a language-model head
+        if pooling is not None and (pooling != model.resolve_pooling("auto") or model.sites.features is not None):
+            # AdapterHub reads the first token (encoders), the last one (decoders), T5's decoder eos tokens
+            raise UserError(f"head '{name}' pools by '{pooling}', which AdapterHub's {info.model_type} heads do not")
         dropout = float(entry["config"].get("head", {}).get("dropout", 0.1))
-        files |= head_files(info, ah_name, opened.model.head_state(name), labels, dropout)
+        files |= head_files(info, ah_name, head, opened.model.head_state(name), labels, dropout)
     _write_folder(out, files)
     return out
 

@@ -34,10 +34,17 @@ def backbone_config(option: str | None, library: AdapterLibrary) -> BackboneConf
 class LibraryModel:
     library: AdapterLibrary
     model: AdaptedModel
-    tokenizer: object
     fingerprint: str
     backbone: BackboneConfig
     label_names: dict[str, list[str]] = field(default_factory=dict)  # head name -> label names
+    _tokenizer: object = None
+
+    @property
+    def tokenizer(self):
+        """Loaded when first needed: import and export work on backbones saved without one (and on ViT)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.backbone)
+        return self._tokenizer
 
     @classmethod
     def open(cls, library_dir: str | Path, backbone: str | None = None, create: bool = False) -> LibraryModel:
@@ -53,7 +60,7 @@ class LibraryModel:
                 f"library '{library_dir}' belongs to backbone {expected[:16]}, but backbone "
                 f"'{backbone or config.name}' is {fp[:16]}; pass --backbone with the backbone it was trained on"
             )
-        return cls(library, AdaptedModel(model), load_tokenizer(config), fp, config)
+        return cls(library, AdaptedModel(model), fp, config)
 
     def load_adapter(self, name: str) -> None:
         if name in self.model.adapter_configs:
@@ -68,8 +75,15 @@ class LibraryModel:
             entry = self.library.get("head", name)
             config = entry["config"]
             head = config.get("head", {})
-            num_labels = int(config["num_labels"])
-            self.model.add_head(name, num_labels, head.get("pooling", "cls"), head.get("dropout", 0.1))
+            num_labels = int(config.get("num_labels") or 0)
+            self.model.add_head(
+                name,
+                num_labels,
+                head.get("pooling", "cls"),
+                head.get("dropout", 0.1),
+                head_type=head.get("type", "classification"),
+                **head.get("options", {}),
+            )
             self.model.load_head_state(name, self.library.load("head", name, self.fingerprint).tensors)
             self.label_names[name] = config.get("label_names") or [f"label_{i}" for i in range(num_labels)]
         return self.label_names[name]

@@ -32,7 +32,7 @@ def seeded_head_state(model: AdaptedModel, num_labels: int, head: HeadConfig, se
     """Initial tensors of a classification head drawn from ``seed`` (the global RNG is left untouched)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        module = ClassificationHead(model.hidden_size, num_labels, head.pooling, head.dropout)
+        module = ClassificationHead(model.hidden_size, num_labels, model.resolve_pooling(head.pooling), head.dropout)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from adafuse.fusion.backbone import fingerprint, load_model, load_tokenizer
+from adafuse.fusion.backbone import check_max_length, fingerprint, load_model, load_tokenizer
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.library import RUN_LOCK, AdapterLibrary
 from adafuse.fusion.model import AdaptedModel
@@ -43,12 +43,16 @@ class Environment:
     backbone_params: int
 
 
-def prepare_environment(config) -> Environment:
+def prepare_environment(config, tasks=()) -> Environment:
+    """Load tokenizer and backbone; refuse a ``max_length`` (the job's or a task's) beyond its positions."""
     if config.trainer.threads:
         torch.set_num_threads(config.trainer.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(config.backbone)
     backbone = load_model(config.backbone)
+    check_max_length(backbone, config.max_length)
+    for task in tasks:
+        check_max_length(backbone, task.max_length, f"task '{task.name}' max_length")
     fp = fingerprint(backbone)
     params = sum(p.numel() for p in backbone.parameters())
     return Environment(AdaptedModel(backbone, config.backbone.dropout), tokenizer, fp, params)
@@ -64,7 +68,7 @@ def run_sequence(
     started = time.perf_counter()
     tasks = resolve_sequence(config.sequence, config.tasks, base_dir, None, config.max_length)  # checked before writing
     library_dir = Path(library_dir or Path(out) / "library")
-    env = prepare_environment(config)
+    env = prepare_environment(config, tasks)
     AdapterLibrary(library_dir).check_backbone(env.fingerprint)  # before anything is written
     with claimed_output(Path(out), library_dir) as out:
         return _run(config, env, tasks, out, library_dir, log, started)

@@ -18,9 +18,9 @@ from .attention import FusionConfig
 from .bottleneck import BottleneckConfig
 from .errors import UserError, first_line
 
-_SLOT_KEY = re.compile(
-    r"^(?:[a-z_]+\.)?encoder\.layer\.(\d+)\.(attention\.output|output)\.(adapters|adapter_fusion_layer)\.(.+)$"
-)
+# <model prefix>.<site path>.<adapters|adapter_fusion_layer>.<name>.<param>; the site path is the sites table's
+_SLOT_KEY = re.compile(r"^(.*?)\.(?:adapters|adapter_fusion_layer)\.(.+)$")
+SitePaths = dict[tuple[int, str], str]  # (block index, location) -> AdapterHub's site path (AdaptedModel.site_paths)
 _PARAM_RENAMES = {"adapter_down.0.": "down.", "adapter_up.": "up."}
 # AdapterHub options adafuse computes; anything else must be at these values to be imported.
 _REQUIRED = {
@@ -106,18 +106,22 @@ def fusion_config(fusion_json: dict) -> FusionConfig:
     )
 
 
-def map_slot_keys(tensors: dict[str, torch.Tensor], name: str, where: str) -> dict[str, torch.Tensor]:
-    """``bert.encoder.layer.3.output.adapters.<name>.adapter_up.weight`` -> ``3.output.up.weight``."""
+def map_slot_keys(
+    tensors: dict[str, torch.Tensor], name: str, where: str, site_paths: SitePaths
+) -> dict[str, torch.Tensor]:
+    """``bert.encoder.layer.3.output.adapters.<name>.adapter_up.weight`` -> ``3.output.up.weight``
+    (``transformer.h.3.output_adapters...`` on GPT-2, and so on: ``site_paths`` is the model's table)."""
+    slots = {path: f"{index}.{location}" for (index, location), path in site_paths.items()}
     mapped = {}
     for key, value in tensors.items():
         match = _SLOT_KEY.match(key)
-        if match is None or not match.group(4).startswith(f"{name}."):
+        site = match and (slots.get(match.group(1)) or slots.get(match.group(1).partition(".")[2]))
+        if site is None or not match.group(2).startswith(f"{name}."):
             raise UserError(f"{where}: unexpected tensor '{key}' for '{name}'")
-        location = "attention" if match.group(2) == "attention.output" else "output"
-        param = match.group(4)[len(name) + 1 :]
+        param = match.group(2)[len(name) + 1 :]
         for old, new in _PARAM_RENAMES.items():
             param = param.replace(old, new)
-        mapped[f"{match.group(1)}.{location}.{param}"] = value
+        mapped[f"{site}.{param}"] = value
     return mapped
 
 
@@ -127,8 +131,11 @@ def head_tensors(tensors: dict[str, torch.Tensor], head_name: str) -> dict[str, 
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def read_adapter_folder(folder: Path) -> dict:
-    """An AdapterHub adapter folder -> name, BottleneckConfig, mapped tensors, optional head (config, tensors)."""
+def read_adapter_folder(folder: Path, site_paths: SitePaths) -> dict:
+    """An AdapterHub adapter folder -> name, BottleneckConfig, mapped tensors, optional head (config, tensors).
+
+    ``site_paths`` (:attr:`AdaptedModel.site_paths` of the target model) maps AdapterHub's keys onto its slots.
+    """
     folder = Path(folder)
     meta = read_json(folder / "adapter_config.json")
     name = meta.get("name") or folder.name
@@ -136,14 +143,14 @@ def read_adapter_folder(folder: Path) -> dict:
     result = {
         "name": _name(name, where),
         "config": _parsed(where, lambda: bottleneck_config(meta, where)),
-        "tensors": map_slot_keys(load_tensors(folder, "adapter"), name, str(folder)),
+        "tensors": map_slot_keys(load_tensors(folder, "adapter"), name, str(folder), site_paths),
         "meta": meta,
         "head": read_head(folder, name),
     }
     return result
 
 
-def read_fusion_folder(folder: Path) -> dict:
+def read_fusion_folder(folder: Path, site_paths: SitePaths) -> dict:
     folder = Path(folder)
     meta = read_json(folder / "adapter_fusion_config.json")
     where = str(folder / "adapter_fusion_config.json")
@@ -155,7 +162,7 @@ def read_fusion_folder(folder: Path) -> dict:
         "name": name,
         "sources": sources,
         "config": _parsed(where, lambda: fusion_config(meta)),
-        "tensors": map_slot_keys(load_tensors(folder, "model_adapter_fusion"), name, str(folder)),
+        "tensors": map_slot_keys(load_tensors(folder, "model_adapter_fusion"), name, str(folder), site_paths),
         "meta": meta,
         "head": read_head(folder, name),
     }
@@ -168,15 +175,55 @@ def _name(name, where: str) -> str:
 
 
 def read_head(folder: Path, head_name: str) -> dict | None:
+    """The head saved beside an adapter or fusion: its type, the options of :func:`build_head`, tensors."""
     if not (folder / "head_config.json").is_file():
         return None
     where = folder / "head_config.json"
     config = read_json(where).get("config", {})
-    if config.get("head_type") != "classification" or config.get("layers", 2) != 2 or config.get("use_pooler"):
-        raise UserError(f"{where}: only 2-layer classification heads without pooler are supported")
+    head_type = config.get("head_type")
+    reader = _HEAD_READERS.get(head_type)
+    if reader is None:
+        raise UserError(
+            f"{where}: head_type {head_type!r} is not supported (expected one of {', '.join(_HEAD_READERS)})"
+        )
+    head = _parsed(str(where), lambda: reader(config, str(where)))
+    tensors = head_tensors(load_tensors(folder, "model_head"), head_name)
+    return {**head, "type": head_type, "tensors": tensors}
+
+
+def _classification_head(config: dict, where: str) -> dict:
+    default_layers = 1 if config.get("head_type") == "image_classification" else 2
+    layers = config.get("layers", default_layers)
+    if config.get("use_pooler") or config.get("multilabel") or not isinstance(layers, int) or layers < 1:
+        raise UserError(f"{where}: only single-label classification heads without pooler are supported")
+    if layers > 1 and (config.get("activation_function") or "tanh") != "tanh":
+        raise UserError(f"{where}: activation_function {config['activation_function']!r} (expected 'tanh')")
     num_labels = config.get("num_labels")
     label2id = config.get("label2id")
     if not isinstance(num_labels, int) or num_labels < 2 or not isinstance(label2id, dict | None):
         raise UserError(f"{where}: expected an integer num_labels >= 2 and a label2id object")
-    tensors = head_tensors(load_tensors(folder, "model_head"), head_name)
-    return {"num_labels": num_labels, "label2id": label2id, "tensors": tensors}
+    if config.get("bias", True) is not True:
+        raise UserError(f"{where}: classification heads without bias are not supported")
+    return {"num_labels": num_labels, "label2id": label2id, "options": {"layers": layers}}
+
+
+def _lm_head(config: dict, where: str) -> dict:
+    vocab_size, layers = config.get("vocab_size"), config.get("layers", 1)
+    if not isinstance(vocab_size, int) or vocab_size < 1 or not isinstance(layers, int) or layers < 1:
+        raise UserError(f"{where}: expected integers vocab_size >= 1 and layers >= 1")
+    options = {
+        "vocab_size": vocab_size,
+        "layers": layers,
+        "activation": config.get("activation_function"),
+        "layer_norm": bool(config.get("layer_norm", False)),
+        "bias": bool(config.get("bias", False)),
+    }
+    return {"num_labels": None, "label2id": None, "options": options}
+
+
+_HEAD_READERS = {
+    "classification": _classification_head,
+    "image_classification": _classification_head,
+    "causal_lm": _lm_head,
+    "seq2seq_lm": _lm_head,
+}

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 from safetensors.torch import save
 
 from .attention import FusionConfig
@@ -19,7 +20,6 @@ from .bottleneck import BottleneckConfig
 from .errors import UserError
 
 VERSION = "adapters.1.3.0"
-_SITE_PATHS = {"attention": "attention.output", "output": "output"}
 _PARAM_NAMES = {"down.": "adapter_down.0.", "up.": "adapter_up."}
 # Options of an AdapterHub bottleneck config that adafuse's adapter always has at these values.
 _FIXED_OPTIONS = {
@@ -63,6 +63,7 @@ class BackboneInfo:
     prefix: str  # base_model_prefix, e.g. "bert"
     model_class: str  # e.g. "BertAdapterModel"
     model_name: str
+    site_paths: dict[tuple[int, str], str]  # (block, location) -> AdapterHub's site path (AdaptedModel.site_paths)
 
 
 def _header(info: BackboneInfo, name: str, config: dict) -> dict:
@@ -89,7 +90,7 @@ def _slot_keys(tensors: dict[str, torch.Tensor], info: BackboneInfo, container: 
         for new, old in _PARAM_NAMES.items():
             if param.startswith(new):
                 param = old + param[len(new) :]
-        path = f"{info.prefix}.encoder.layer.{layer}.{_SITE_PATHS[location]}.{container}.{name}.{param}"
+        path = f"{info.prefix}.{info.site_paths[(int(layer), location)]}.{container}.{name}.{param}"
         out[path] = value.detach().contiguous().cpu()
     return out
 
@@ -127,17 +128,39 @@ def fusion_config_json(config: FusionConfig, info: BackboneInfo, sources: list[s
     return {"adapter_names": list(sources), **_header(info, name, options)}
 
 
-def head_files(info: BackboneInfo, name: str, tensors: dict, label_names: list[str], dropout: float) -> dict:
-    config = {
-        "activation_function": "tanh",
-        "bias": True,
-        "dropout_prob": dropout,
-        "head_type": "classification",
-        "label2id": {label: index for index, label in enumerate(label_names)},
-        "layers": 2,
-        "num_labels": len(label_names),
-        "use_pooler": False,
-    }
+def head_files(
+    info: BackboneInfo, name: str, head: nn.Module, tensors: dict, label_names: list[str], dropout: float
+) -> dict:
+    """AdapterHub's head config and weights for a classification or language-model head."""
+    head_type = getattr(head, "head_type", "classification")
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    if head_type.endswith("classification"):
+        config = {
+            "activation_function": "tanh",
+            "bias": True,
+            "dropout_prob": dropout,
+            "head_type": head_type,
+            "label2id": {label: index for index, label in enumerate(label_names)},
+            "layers": len(linears),
+            "num_labels": len(label_names),
+            "use_pooler": False,
+        }
+        if head_type == "image_classification":
+            config["multilabel"] = False
+    else:
+        activations = [m.name for m in head if hasattr(m, "name")]
+        config = {
+            "activation_function": activations[0] if activations else None,
+            "bias": linears[-1].bias is not None,
+            "dropout_prob": None,
+            "embedding_size": info.hidden_size,
+            "head_type": head_type,
+            "label2id": None,
+            "layer_norm": any(isinstance(m, nn.LayerNorm) for m in head),
+            "layers": len(linears),
+            "shift_labels": head_type == "causal_lm",
+            "vocab_size": linears[-1].out_features,
+        }
     weights = {f"heads.{name}.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()}
     return {"head_config.json": _json(_header(info, name, config)), "model_head.safetensors": save(weights)}
 

@@ -86,7 +86,28 @@ def load_tokenizer(config: BackboneConfig):
     from transformers import AutoTokenizer
 
     name = config.tokenizer or (EMBEDDED if config.random_init is not None else config.name)
-    return _from_pretrained(AutoTokenizer, name, "tokenizer")
+    tokenizer = _from_pretrained(AutoTokenizer, name, "tokenizer")
+    if tokenizer.pad_token is None:  # GPT-2, Llama: pad with the end-of-text token (the mask hides it)
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer '{name}' has neither a pad token nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # decoders pool the last real token, found through the attention mask
+    return tokenizer
+
+
+POSITION_KEYS = ("n_positions", "max_position_embeddings")  # absolute or RoPE positions; T5 and ViT have none
+
+
+def check_max_length(model: nn.Module, max_length: int, key: str = "max_length") -> None:
+    """Refuse a token budget longer than the backbone's positions (one line naming both)."""
+    config = model.config
+    for name in POSITION_KEYS:
+        positions = getattr(config, name, None)
+        if isinstance(positions, int) and max_length > positions:
+            raise UserError(
+                f"{key}: {max_length} tokens exceed the backbone's {positions} positions ({name} of its "
+                f"{config.model_type} config); set {key} <= {positions}"
+            )
 
 
 def load_model(config: BackboneConfig) -> nn.Module:

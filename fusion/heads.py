@@ -1,34 +1,52 @@
-"""Classification heads, one per task, AdapterHub-compatible in layout.
+"""Prediction heads by type, AdapterHub-compatible in layout (their state-dict keys are AdapterHub's keys
+without the ``heads.<name>.`` prefix).
 
-``dropout -> dense d->d -> tanh -> dropout -> linear d->labels`` over the first token ([CLS], the default,
-as AdapterHub ``ClassificationHead`` with ``use_pooler=False``) or the mask-weighted mean of the tokens.
-Being an ``nn.Sequential``, its state-dict keys (``1.weight``, ``4.weight``) are AdapterHub's keys
-without the ``heads.<name>.`` prefix.
+* ``classification`` / ``image_classification``: ``[dropout -> dense d->d -> tanh] x (layers-1) -> dropout
+  -> linear d->labels`` over one pooled vector: the first token (``cls``, BERT and ViT, as AdapterHub with
+  ``use_pooler=False``), the last non-padding token (``last``, decoders, as AdapterHub's GPT-2/Llama
+  models) or the mask-weighted mean (``mean``).
+* ``causal_lm`` / ``seq2seq_lm``: ``[dense d->d -> activation -> layer norm] x (layers-1) -> linear
+  d->vocab`` on every position; ``scale`` multiplies the hidden states first (T5 with tied embeddings
+  rescales by d_model^-1/2, as transformers and AdapterHub do).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from transformers.activations import get_activation
 
 from .errors import UserError
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("auto", "cls", "mean", "last")  # auto: the architecture's own (see adafuse.fusion.sites)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(B, L, d) -> (B, d): first token, last non-padding token (left or right padding) or masked mean."""
+    if pooling == "cls" or attention_mask is None:
+        return hidden[:, 0] if pooling != "last" else hidden[:, -1]
+    if pooling == "last":
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (L,)
+        last = (attention_mask.to(positions.dtype) * positions).argmax(-1)  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 class ClassificationHead(nn.Sequential):
-    def __init__(self, hidden_size: int, num_labels: int, pooling: str = "cls", dropout: float = 0.1) -> None:
-        if pooling not in POOLINGS:
+    def __init__(
+        self, hidden_size: int, num_labels: int, pooling: str = "cls", dropout: float = 0.1, layers: int = 2
+    ) -> None:
+        if pooling not in POOLINGS[1:]:
             raise UserError(f"head.pooling: '{pooling}' is not one of {', '.join(POOLINGS)}")
         if num_labels < 2:
             raise UserError(f"a classification head needs at least 2 labels, got {num_labels}")
-        super().__init__(
-            nn.Dropout(dropout),
-            nn.Linear(hidden_size, hidden_size),
-            nn.Tanh(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_size, num_labels),
-        )
+        if layers < 1:
+            raise UserError(f"head.layers: {layers} must be >= 1")
+        modules: list[nn.Module] = []
+        for _ in range(layers - 1):
+            modules += [nn.Dropout(dropout), nn.Linear(hidden_size, hidden_size), nn.Tanh()]
+        super().__init__(*modules, nn.Dropout(dropout), nn.Linear(hidden_size, num_labels))
         self.pooling = pooling
         for module in self:
             if isinstance(module, nn.Linear):
@@ -37,13 +55,65 @@ class ClassificationHead(nn.Sequential):
 
     @property
     def num_labels(self) -> int:
-        return self[4].out_features
+        return self[-1].out_features
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, L, d) hidden states and (B, L) mask -> (B, num_labels) logits."""
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]  # (B, d)
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return super().forward(pooled)
+        return super().forward(pool(hidden, attention_mask, self.pooling))
+
+
+class LanguageModelHead(nn.Sequential):
+    def __init__(
+        self,
+        hidden_size: int,
+        vocab_size: int,
+        layers: int = 1,
+        activation: str | None = None,
+        layer_norm: bool = False,
+        bias: bool = False,
+        eps: float = 1e-12,
+        scale: float = 1.0,
+    ) -> None:
+        modules: list[nn.Module] = []
+        for _ in range(layers - 1):
+            modules.append(nn.Linear(hidden_size, hidden_size))
+            if activation:
+                modules.append(_Activation(activation))
+            if layer_norm:
+                modules.append(nn.LayerNorm(hidden_size, eps=eps))
+        super().__init__(*modules, nn.Linear(hidden_size, vocab_size, bias=bias))
+        self.scale = scale
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d) -> (B, L, vocab) logits."""
+        return super().forward(hidden * self.scale if self.scale != 1.0 else hidden)
+
+
+class _Activation(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        try:
+            self.fn = get_activation(name.lower())
+        except KeyError:
+            raise UserError(f"head.activation: unknown activation '{name}'") from None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+HEAD_TYPES = {
+    "classification": ClassificationHead,
+    "image_classification": ClassificationHead,
+    "causal_lm": LanguageModelHead,
+    "seq2seq_lm": LanguageModelHead,
+}
+
+
+def build_head(hidden_size: int, head_type: str, **options) -> nn.Module:
+    """A head of ``head_type`` (a key of :data:`HEAD_TYPES`) from its options."""
+    if head_type not in HEAD_TYPES:
+        raise UserError(f"head type '{head_type}' is not one of {', '.join(HEAD_TYPES)}")
+    head = HEAD_TYPES[head_type](hidden_size, **options)
+    head.head_type = head_type
+    return head

@@ -17,9 +17,9 @@ import torch.nn as nn
 from .attention import FusionConfig, FusionLayer
 from .bottleneck import BottleneckAdapter, BottleneckConfig
 from .errors import UserError
-from .heads import ClassificationHead
-from .sites import LOCATIONS, get_path, set_path, sites_for
-from .slot import AdapterSlot
+from .heads import build_head
+from .sites import LOCATIONS, SiteSpec, get_path, set_path, sites_for
+from .slot import AdapterSlot, ResidualTap
 
 
 class AdaptedModel(nn.Module):
@@ -28,15 +28,22 @@ class AdaptedModel(nn.Module):
         self.backbone = backbone
         self.backbone_dropout = backbone_dropout
         self.hidden_size = backbone.config.hidden_size
-        sites = sites_for(backbone.config.model_type)
+        self.sites = sites_for(backbone.config.model_type)
         self._slots: dict[tuple[int, str], AdapterSlot] = {}
-        for index, block in enumerate(get_path(backbone, sites.layers)):
+        self.site_paths: dict[tuple[int, str], str] = {}  # slot -> its path below the base model
+        blocks = [
+            (stack, i, block) for stack in self.sites.stacks for i, block in enumerate(get_path(backbone, stack.layers))
+        ]
+        for index, (stack, i, block) in enumerate(blocks):
             for location in LOCATIONS:
-                spec = getattr(sites, location)
-                norm = get_path(block, spec.layer_norm) if spec.layer_norm else None
-                slot = AdapterSlot(get_path(block, spec.module), spec, norm)
+                spec = getattr(stack, location)
+                base = get_path(block, spec.module)
+                slot = AdapterSlot(base, spec, _site_norm(block, base, spec))
                 set_path(block, spec.module, slot)
+                if spec.residual_from:
+                    set_path(block, spec.residual_from, ResidualTap(get_path(block, spec.residual_from), slot))
                 self._slots[(index, location)] = slot
+                self.site_paths[(index, location)] = f"{stack.adapterhub_path}.{i}.{spec.adapterhub}"
         self.heads = nn.ModuleDict()
         self.adapter_configs: dict[str, BottleneckConfig] = {}
         self.fusion_sources: dict[str, tuple[str, ...]] = {}
@@ -61,8 +68,34 @@ class AdaptedModel(nn.Module):
                 slot.adapters[name] = BottleneckAdapter(self.hidden_size, config).train(self.training)
         self.adapter_configs[name] = config
 
-    def add_head(self, name: str, num_labels: int, pooling: str = "cls", dropout: float = 0.1) -> None:
-        self.heads[name] = ClassificationHead(self.hidden_size, num_labels, pooling, dropout).train(self.training)
+    def add_head(
+        self,
+        name: str,
+        num_labels: int = 2,
+        pooling: str = "auto",
+        dropout: float = 0.1,
+        head_type: str = "classification",
+        **options,
+    ) -> None:
+        """Add head ``name``: a classification head by default (``pooling`` ``auto`` is the architecture's own),
+        or any type of :data:`adafuse.fusion.heads.HEAD_TYPES` with its ``options``."""
+        if head_type.endswith("classification"):
+            options = {
+                "num_labels": num_labels,
+                "pooling": self.resolve_pooling(pooling),
+                "dropout": dropout,
+                **options,
+            }
+        else:  # language modelling: the norm's eps and the output scale come from the backbone, as in AdapterHub
+            config = self.backbone.config
+            tied = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", False))
+            scale = self.hidden_size**-0.5 if self.sites.lm_scale and tied else 1.0
+            options = {"eps": getattr(config, "layer_norm_eps", 1e-12), "scale": scale, **options}
+        self.heads[name] = build_head(self.hidden_size, head_type, **options).train(self.training)
+
+    def resolve_pooling(self, pooling: str) -> str:
+        """``auto`` -> the architecture's pooling (cls for encoders, last token for decoders, mean for T5)."""
+        return self.sites.pooling if pooling == "auto" else pooling
 
     def add_fusion(self, name: str, sources: list[str], config: FusionConfig) -> None:
         missing = [s for s in sources if s not in self.adapter_configs]
@@ -195,14 +228,26 @@ class AdaptedModel(nn.Module):
                 fusion.temperature = temperature
 
     # ---- forward --------------------------------------------------------------------------------------
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+    def encode(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Last hidden states (B, L, d). An encoder-decoder without ``decoder_input_ids`` runs its encoder
+        (``features`` in the sites table): that is what a classification head reads."""
+        encoder = self.backbone
+        if self.sites.features is not None and "decoder_input_ids" not in kwargs:
+            encoder = get_path(self.backbone, self.sites.features)
+        if not getattr(self.backbone.config, "type_vocab_size", 0):  # a BERT tokenizer's segment ids: not used here
+            kwargs.pop("token_type_ids", None)
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return encoder(**kwargs).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Logits of the active head: (B, C) for classification, (B, L, vocab) for language modelling."""
         if self.active_head is None:
             raise UserError("no active head: call activate(head=...) first")
         hidden = self.encode(input_ids, attention_mask, **kwargs)  # (B, L, d)
-        return self.heads[self.active_head](hidden, attention_mask)  # (B, C)
+        return self.heads[self.active_head](hidden, attention_mask)
 
     # ---- artefact tensors -------------------------------------------------------------------------------
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
@@ -245,6 +290,13 @@ class AdaptedModel(nn.Module):
                 prefix = f"{index}.{location}."
                 part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                 _strict_load(container[name], part, f"{kind[:-1]} '{name}'")
+
+
+def _site_norm(block: nn.Module, base: nn.Module, spec: SiteSpec) -> nn.Module | None:
+    """The norm a slot applies: the module's own (inner), the block's after the slot (outer), none (pre_ln)."""
+    if spec.norm is None:
+        return None
+    return get_path(base if spec.mode == "inner" else block, spec.norm)
 
 
 def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -1,17 +1,27 @@
 """Where adapters go in each supported architecture: data, not copied forward code.
 
-Each entry of :data:`SITES` names, relative to the base model, the list of transformer blocks and, for
-the two adapter locations of a block (``attention`` after the attention output projection, ``output``
-after the feed-forward output projection), the module that a slot replaces and how its residual and
-layer norm are reached:
+Each entry of :data:`SITES` lists the stacks of transformer blocks of the base model (one for an encoder or
+a decoder, two for an encoder-decoder) and, for the two adapter locations of a block (``attention`` after
+the self-attention sub-layer, ``output`` after the feed-forward sub-layer), the module a slot replaces and
+how the block's residual and layer norm are reached. Three block shapes cover every entry:
 
-* ``inner`` modules (BERT family) take ``(hidden_states, input_tensor)`` and own ``dense``,
-  ``dropout`` and ``LayerNorm``; the slot computes ``LayerNorm(mixed + input_tensor)`` itself.
-* ``outer`` modules (DistilBERT) return the sub-layer output; the residual is their first input and the
-  block applies its own layer norm (named by ``layer_norm``) after the slot.
+* ``inner`` (post-LN, BERT family): the replaced module takes ``(hidden_states, input_tensor)`` and owns
+  ``dense``, ``dropout`` and the norm named by ``norm`` (inside the module); the slot computes
+  ``norm(mixed + input_tensor)`` itself.
+* ``outer`` (post-LN, DistilBERT): the replaced module returns the sub-layer output and its first input is
+  the residual; the block adds it and applies its own norm (``norm``, a path in the block) after the slot.
+* ``pre_ln`` (GPT-2, Llama, Mistral, Qwen2, T5, ViT): the replaced module reads ``norm(residual)``; the
+  norm named by ``residual_from`` is wrapped by a :class:`~adafuse.fusion.slot.ResidualTap` that hands the
+  residual to the slot, and the block adds the residual after the slot.
 
-The placement matches AdapterHub ``adapters`` 1.3 (``seq_bn``/``double_seq_bn``), checked against
-the fixtures in ``shared/fixtures/adapterhub``.
+For a pre-LN block AdapterHub passes no layer norm to its adapters, so the ``pfeiffer`` adapter input is
+``h + residual`` and the block computes ``h + a(h + residual) + residual``. ``adapterhub`` gives the
+paths AdapterHub ``adapters`` 1.3 uses for the same sites (its saved keys), ``pooling`` the default
+pooling of a classification head, ``features`` the sub-module that encodes a text for classification
+when the model is an encoder-decoder (T5: its encoder), ``lm_scale`` whether a language-model head reads the
+hidden states rescaled by d^-1/2 (T5 with tied embeddings, as transformers and AdapterHub do). Placement
+matches AdapterHub 1.3 on every entry, checked against ``shared/fixtures/adapterhub`` and
+``shared/fixtures/adapterhub-breadth``.
 """
 
 from __future__ import annotations
@@ -22,26 +32,73 @@ import torch.nn as nn
 
 from .errors import UserError
 
+LOCATIONS = ("attention", "output")
+
 
 @dataclass(frozen=True)
 class SiteSpec:
     module: str  # path of the replaced module inside a block
-    mode: str  # "inner" or "outer"
-    layer_norm: str | None = None  # for "outer": path of the block's layer norm applied after the module
+    mode: str  # "inner", "outer" or "pre_ln"
+    norm: str | None = None  # inner: the module's own norm; outer: the block's norm after the slot
+    residual_from: str | None = None  # pre_ln: the block's norm whose input is the residual stream
+    adapterhub: str = ""  # AdapterHub's path of this site inside a block (before ".adapters.")
+
+
+@dataclass(frozen=True)
+class Stack:
+    layers: str  # path of the ModuleList of blocks inside the base model
+    attention: SiteSpec
+    output: SiteSpec
+    adapterhub_layers: str | None = None  # AdapterHub's path of the blocks, where it differs (transformers 4 names)
+
+    @property
+    def adapterhub_path(self) -> str:
+        return self.adapterhub_layers or self.layers
 
 
 @dataclass(frozen=True)
 class ArchitectureSites:
-    layers: str  # path of the ModuleList of blocks inside the base model
-    attention: SiteSpec
-    output: SiteSpec
+    stacks: tuple[Stack, ...]
+    pooling: str = "cls"  # default pooling of a classification head: cls, last or mean
+    features: str | None = None  # encoder-decoder: the sub-module that encodes text for classification
+    lm_scale: bool = False  # LM heads read hidden * d^-1/2 when the word embeddings are tied (T5)
 
 
 _BERT_LIKE = ArchitectureSites(
-    layers="encoder.layer",
-    attention=SiteSpec("attention.output", "inner"),
-    output=SiteSpec("output", "inner"),
+    (
+        Stack(
+            "encoder.layer",
+            attention=SiteSpec("attention.output", "inner", norm="LayerNorm", adapterhub="attention.output"),
+            output=SiteSpec("output", "inner", norm="LayerNorm", adapterhub="output"),
+        ),
+    )
 )
+
+
+def _pre_ln(layers: str, attention: str, attention_norm: str, ffn: str, ffn_norm: str, pooling: str):
+    return ArchitectureSites(
+        (
+            Stack(
+                layers,
+                attention=SiteSpec(attention, "pre_ln", residual_from=attention_norm, adapterhub="attention_adapters"),
+                output=SiteSpec(ffn, "pre_ln", residual_from=ffn_norm, adapterhub="output_adapters"),
+            ),
+        ),
+        pooling=pooling,
+    )
+
+
+_LLAMA_LIKE = _pre_ln("layers", "self_attn", "input_layernorm", "mlp", "post_attention_layernorm", "last")
+
+
+def _t5_stack(layers: str, ffn_index: int) -> Stack:
+    ffn = f"layer.{ffn_index}"
+    return Stack(
+        layers,
+        attention=SiteSpec("layer.0.SelfAttention", "pre_ln", residual_from="layer.0.layer_norm", adapterhub="layer.0"),
+        output=SiteSpec(f"{ffn}.DenseReluDense", "pre_ln", residual_from=f"{ffn}.layer_norm", adapterhub=ffn),
+    )
+
 
 SITES: dict[str, ArchitectureSites] = {
     "bert": _BERT_LIKE,
@@ -50,14 +107,40 @@ SITES: dict[str, ArchitectureSites] = {
     "electra": _BERT_LIKE,
     "deberta-v2": _BERT_LIKE,
     "distilbert": ArchitectureSites(
-        layers="transformer.layer",
-        attention=SiteSpec("attention", "outer", layer_norm="sa_layer_norm"),
-        output=SiteSpec("ffn", "outer", layer_norm="output_layer_norm"),
+        (
+            Stack(
+                "transformer.layer",
+                attention=SiteSpec("attention", "outer", norm="sa_layer_norm", adapterhub="attention_adapters"),
+                output=SiteSpec("ffn", "outer", norm="output_layer_norm", adapterhub="output_adapters"),
+            ),
+        )
+    ),
+    "gpt2": _pre_ln("h", "attn", "ln_1", "mlp", "ln_2", "last"),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    # the decoder's cross-attention (layer.1) gets no adapter, as in AdapterHub without cross_adapter
+    "t5": ArchitectureSites(
+        (_t5_stack("encoder.block", 1), _t5_stack("decoder.block", 2)),
+        pooling="mean",
+        features="encoder",
+        lm_scale=True,
+    ),
+    "vit": ArchitectureSites(
+        (
+            Stack(  # transformers >= 5 layout (ViTLayer.mlp); AdapterHub 1.3 saved the 4.x names
+                "layers",
+                attention=SiteSpec(
+                    "attention", "pre_ln", residual_from="layernorm_before", adapterhub="attention_adapters"
+                ),
+                output=SiteSpec("mlp", "pre_ln", residual_from="layernorm_after", adapterhub="output.output_adapters"),
+                adapterhub_layers="encoder.layer",
+            ),
+        )
     ),
 }
 
 SHARED_LAYER_TYPES = {"albert"}
-LOCATIONS = ("attention", "output")
 
 
 def sites_for(model_type: str) -> ArchitectureSites:

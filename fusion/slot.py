@@ -3,6 +3,9 @@
 Several named adapters live in one slot; the active ones add their deltas (``h + sum_n a_n(x)``), or an
 active fusion composes its sources (see :mod:`adafuse.fusion.attention`). With nothing active the slot
 calls the original module unchanged, so the backbone computes exactly what it computed before.
+
+How the slot reaches the block's residual and norm is the site's ``mode`` (:mod:`adafuse.fusion.sites`);
+in a pre-LN block the residual arrives through a :class:`ResidualTap` on the norm before the sub-layer.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from .sites import SiteSpec
 
 
 class AdapterSlot(nn.Module):
-    def __init__(self, base: nn.Module, spec: SiteSpec, block_norm: nn.Module | None = None) -> None:
+    def __init__(self, base: nn.Module, spec: SiteSpec, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.base = base
         self.mode = spec.mode
-        # The block owns its layer norm; a tuple keeps it out of this module's parameters and state dict.
-        self._block_norm = (block_norm,)
+        # The block owns its norm (None: the adapter input is h + residual, as AdapterHub has it for pre-LN
+        # blocks); a tuple keeps it out of this module's parameters and state dict.
+        self._norm = (norm if norm is not None else nn.Identity(),)
+        self._residual: torch.Tensor | None = None  # pre_ln: handed over by the ResidualTap, used once
         self.adapters = nn.ModuleDict()
         self.fusions = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
@@ -33,7 +38,7 @@ class AdapterSlot(nn.Module):
 
     @property
     def layer_norm(self) -> nn.Module:
-        return self.base.LayerNorm if self.mode == "inner" else self._block_norm[0]
+        return self._norm[0]
 
     @property
     def is_bare(self) -> bool:
@@ -46,7 +51,12 @@ class AdapterSlot(nn.Module):
             hidden_states, input_tensor = args[0], args[1] if len(args) > 1 else kwargs["input_tensor"]
             h = self.base.dropout(self.base.dense(hidden_states))  # (B, L, d)
             return self.layer_norm(self.mix(h, input_tensor) + input_tensor)
-        residual = args[0] if args else next(iter(kwargs.values()))
+        if self.mode == "pre_ln":
+            residual, self._residual = self._residual, None
+            if residual is None:
+                raise RuntimeError("pre-LN adapter slot ran without its residual (is the ResidualTap in place?)")
+        else:
+            residual = args[0] if args else next(iter(kwargs.values()))
         out = self.base(*args, **kwargs)
         if isinstance(out, tuple):
             return (self.mix(out[0], residual), *out[1:])
@@ -136,3 +146,22 @@ def _maps(fusion: nn.Module, adapters: list[nn.Module]) -> tuple[torch.Tensor, t
 
 def _same_key(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b, strict=True))
+
+
+class ResidualTap(nn.Module):
+    """Replaces the norm before a pre-LN sub-layer; hands the norm's input (the residual stream) to the slot.
+
+    The slot takes the tensor on its next call and drops it, so nothing outlives one forward pass; with the
+    slot bare, nothing is handed over at all.
+    """
+
+    def __init__(self, base: nn.Module, slot: AdapterSlot) -> None:
+        super().__init__()
+        self.base = base
+        self._slot = (slot,)  # not a submodule: the slot lives at its own site
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        slot = self._slot[0]
+        if not slot.is_bare:
+            slot._residual = hidden_states
+        return self.base(hidden_states, *args, **kwargs)

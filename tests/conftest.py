@@ -27,12 +27,35 @@ TINY = {
     "deberta-v2": _BERT_LIKE,
     "distilbert": dict(vocab_size=100, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=64),
 }
+_LLAMA_LIKE = dict(
+    vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+)  # fmt: skip
+TINY_BEYOND_BERT = {  # decoders and an encoder-decoder: text in, the same task type
+    "gpt2": dict(vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=64, pad_token_id=0),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "t5": dict(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, decoder_start_token_id=0),
+}
+TINY |= TINY_BEYOND_BERT
+TINY_VIT = dict(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=32)  # fmt: skip
+BREADTH = ROOT.parent / "shared" / "fixtures" / "adapterhub-breadth"
 
 
 def tiny_backbone(model_type: str = "bert", seed: int = 0):
     from adafuse.fusion.backbone import BackboneConfig, load_model
 
-    return load_model(BackboneConfig(random_init={"model_type": model_type, **TINY[model_type]}, seed=seed))
+    spec = TINY_VIT if model_type == "vit" else TINY[model_type]
+    return load_model(BackboneConfig(random_init={"model_type": model_type, **spec}, seed=seed))
+
+
+def bare_hidden(backbone, batch: dict) -> torch.Tensor:
+    """The backbone's own last hidden states (an encoder-decoder's encoder, as adafuse classifies with it)."""
+    encoder = backbone.get_encoder() if backbone.config.is_encoder_decoder else backbone
+    with torch.no_grad():
+        return encoder(**batch).last_hidden_state
 
 
 def tiny_batch(batch: int = 3, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -46,21 +46,21 @@ def _add(model, imported):
 
 @pytest.mark.parametrize("folder", ["task_a", "task_b", "task_h", "task_a_pickle"])
 def test_imported_adapter_reproduces_adapterhub_logits(minilm, expected, fixtures_dir, folder):
-    imported = read_adapter_folder(fixtures_dir / folder)
+    imported = read_adapter_folder(fixtures_dir / folder, minilm.site_paths)
     _add(minilm, imported)
     minilm.activate([imported["name"]], head=imported["name"])
     error = (_logits(minilm, expected) - torch.tensor(expected["logits"][imported["name"]])).abs().max().item()
     assert error < TOLERANCE, error
 
 
-def test_houlsby_fixture_maps_to_both_locations(fixtures_dir):
-    imported = read_adapter_folder(fixtures_dir / "task_h")
+def test_houlsby_fixture_maps_to_both_locations(minilm, fixtures_dir):
+    imported = read_adapter_folder(fixtures_dir / "task_h", minilm.site_paths)
     assert imported["config"].placement == "houlsby" and imported["config"].non_linearity == "swish"
     assert {k.split(".")[1] for k in imported["tensors"]} == {"attention", "output"}
 
 
 def test_bare_backbone_with_head_matches(minilm, expected, fixtures_dir):
-    _add(minilm, read_adapter_folder(fixtures_dir / "task_a"))
+    _add(minilm, read_adapter_folder(fixtures_dir / "task_a", minilm.site_paths))
     minilm.activate([], head="task_a")
     error = (_logits(minilm, expected) - torch.tensor(expected["logits"]["no_adapter_head_task_a"])).abs().max().item()
     assert error < TOLERANCE
@@ -71,8 +71,8 @@ def test_bare_backbone_with_head_matches(minilm, expected, fixtures_dir):
 
 def test_imported_fusion_reproduces_adapterhub_logits(minilm, expected, fixtures_dir):
     for folder in ("task_a", "task_b"):
-        _add(minilm, read_adapter_folder(fixtures_dir / folder))
-    fusion = read_fusion_folder(fixtures_dir / "fusion_task_a_task_b")
+        _add(minilm, read_adapter_folder(fixtures_dir / folder, minilm.site_paths))
+    fusion = read_fusion_folder(fixtures_dir / "fusion_task_a_task_b", minilm.site_paths)
     assert fusion["sources"] == ["task_a", "task_b"]
     minilm.add_fusion(fusion["name"], fusion["sources"], fusion["config"])
     minilm.load_fusion_state(fusion["name"], fusion["tensors"])

@@ -114,7 +114,7 @@ SMOKE_FUSE = "configs/fusion/smoke.yaml"
         (["library", "show", "{tmp}/empty", "nope"], "has no artefact named 'nope'"),
         (["library", "export", "nope", "--library", "{tmp}/empty", "--out", "{tmp}/x"], "no adapter or fusion"),
         (["library", "import", "{tmp}/afile", "--library", "{tmp}/x"], "not a folder"),
-        (["library", "import", "{tmp}", "--library", "{tmp}/x"], "neither adapter_config.json"),
+        (["library", "import", "{tmp}", "--library", "{tmp}/x"], "none of adapter_config.json"),
         (["library", "verify", "{tmp}/afile"], "not found"),
         (["library", "list", "{tmp}/empty", "--bogus"], "unrecognized arguments: --bogus"),
         (["predict", "--library", "{tmp}/empty", "--input", "{tmp}/missing.txt", "--out", "{tmp}/x"], "--adapter"),

@@ -78,8 +78,8 @@ def test_adapterhub_configs(meta):
     with tempfile.TemporaryDirectory() as tmp:
         _file(Path(tmp), "adapter_config.json", json.dumps(meta))
         _file(Path(tmp), "adapter_fusion_config.json", json.dumps(meta))
-        _clean(lambda: read_adapter_folder(Path(tmp)))
-        _clean(lambda: read_fusion_folder(Path(tmp)))
+        _clean(lambda: read_adapter_folder(Path(tmp), {}))
+        _clean(lambda: read_fusion_folder(Path(tmp), {}))
 
 
 rows = st.lists(st.lists(st.text(max_size=10), min_size=1, max_size=4), max_size=6)

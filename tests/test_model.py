@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import TINY, randomize, tiny_backbone, tiny_batch
+from conftest import TINY, bare_hidden, randomize, tiny_backbone, tiny_batch
 
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.bottleneck import BottleneckConfig
@@ -12,9 +12,7 @@ from adafuse.fusion.model import AdaptedModel
 
 
 def _bare_hidden(model_type):
-    backbone = tiny_backbone(model_type)
-    with torch.no_grad():
-        return backbone(**tiny_batch()).last_hidden_state
+    return bare_hidden(tiny_backbone(model_type), tiny_batch())
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY))
