@@ -1,7 +1,8 @@
 """Step-time and memory benchmark: floor, single adapter and AdapterFusion.
 
     python benchmarks/speed.py --methods floor_fwd,floor_train,single_train,single_infer,fusion_train,fusion_infer \
-        --fusion-k 2,4,8,16 -B 16 -L 128 --warmup 3 --steps 20 --out speed.jsonl
+        --fusion-k 2,4,8,16 -B 16 -L 128 --warmup 3 --steps 20 --out speed.jsonl \
+        [--backbone embedded | FOLDER | HUB_NAME | configs/backbone/minilm-size-llama.yaml]
 
 Step times come from one process that holds every configuration in one model (the single adapter, K source
 adapters and a fusion per K, a head each) and runs them round-robin, one step each per round: a slow spell
@@ -38,7 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed rounds (after --warmup rounds)")
     p.add_argument("--rss-steps", type=int, default=3, help="steps of each fresh memory process (0: no memory runs)")
     p.add_argument("--out", default="speed.jsonl")
-    p.add_argument("--backbone", default="embedded")
+    p.add_argument(
+        "--backbone",
+        default="embedded",
+        help="embedded, a model folder, a Hub name, or a backbone YAML (e.g. configs/backbone/minilm-size-gpt2.yaml)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     p.add_argument("--threads", type=int, default=2)
@@ -62,7 +67,13 @@ def build(args, configs: list[tuple[str, int]]):
     from adafuse.fusion.model import AdaptedModel
 
     torch.manual_seed(0)
-    model = AdaptedModel(load_model(BackboneConfig(name=args.backbone)))
+    if args.backbone.endswith((".yaml", ".yml")):  # e.g. a random-init decoder of MiniLM's size
+        from adafuse.continual.config import load_config
+
+        backbone = load_config(BackboneConfig, args.backbone)
+    else:
+        backbone = BackboneConfig(name=args.backbone)
+    model = AdaptedModel(load_model(backbone))
     adapter = BottleneckConfig(placement=args.placement)
     sources = [f"source{i}" for i in range(max((k for m, k in configs if m.startswith("fusion")), default=0))]
     for name in sources:

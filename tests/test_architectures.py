@@ -280,3 +280,70 @@ def test_cli_export_import_round_trip_or_clear_refusal(cli_runs, capsys):
     ours.load_adapter("bbc-business"), theirs.load_adapter("copy")
     a, b = ours.model.adapter_state("bbc-business"), theirs.model.adapter_state("copy")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- loading: local folders stand for Hub names; bad input ---------------------------------------------------
+
+
+def _word_tokenizer(folder, pad: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(98)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"pad_token": "<unk>"} if pad else {}
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", **extra).save_pretrained(
+        folder
+    )
+
+
+def test_a_local_decoder_folder_loads_like_a_hub_name_and_pads_with_eos(tmp_path):
+    from adafuse.fusion.backbone import BackboneConfig, load_model, load_tokenizer
+
+    folder = tmp_path / "my-gpt2"
+    tiny_backbone("gpt2").save_pretrained(folder)
+    _word_tokenizer(folder, pad=False)  # like GPT-2's own tokenizer: no pad token
+    config = BackboneConfig(name=str(folder))
+    tokenizer, model = load_tokenizer(config), AdaptedModel(load_model(config))
+    assert tokenizer.pad_token == "<eos>" and tokenizer.padding_side == "right"
+    batch = tokenizer(["w1 w2 w3", "w4"], padding=True, return_tensors="pt")
+    model.add_head("h", 2)
+    model.activate(head="h")
+    model.eval()
+    with torch.no_grad():
+        both = model(**batch)
+        alone = model(**tokenizer(["w4"], return_tensors="pt"))
+    torch.testing.assert_close(both[1:], alone, rtol=0, atol=1e-5)  # the padded row pools its own last token
+
+
+def test_max_length_beyond_the_positions_is_refused_before_writing(tmp_path, capsys):
+    import yaml
+
+    from adafuse.continual.cli import main
+
+    config = yaml.safe_load((ROOT / "configs" / "sequence" / "smoke.yaml").read_text())
+    config["backbone"] = yaml.safe_load((ROOT / "configs" / "backbone" / "tiny-gpt2.yaml").read_text())
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out"), "--max_length", "256"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_length: 256 tokens exceed the backbone's 128 positions (n_positions" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import BloomConfig, BloomModel
+
+    from adafuse.fusion.errors import UserError
+
+    with pytest.raises(UserError, match="'bloom' is not supported; expected one of .*gpt2.*llama.*t5.*vit"):
+        AdaptedModel(BloomModel(BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2)))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs" / "backbone").glob("*.yaml")))
+def test_every_backbone_config_builds_an_adapted_model(name):
+    from adafuse.continual.config import load_config
+    from adafuse.fusion.backbone import BackboneConfig, load_model
+
+    model = AdaptedModel(load_model(load_config(BackboneConfig, ROOT / "configs" / "backbone" / f"{name}.yaml")))
+    assert model.num_layers >= 2 and all(not p.requires_grad for p in model.parameters())
