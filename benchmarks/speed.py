@@ -63,7 +63,7 @@ def build(args, configs: list[tuple[str, int]]):
 
     from adafuse.fusion.attention import FusionConfig
     from adafuse.fusion.backbone import BackboneConfig, load_model
-    from adafuse.fusion.bottleneck import BottleneckConfig
+    from adafuse.fusion.kinds import AdapterConfig
     from adafuse.fusion.model import AdaptedModel
 
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def build(args, configs: list[tuple[str, int]]):
     else:
         backbone = BackboneConfig(name=args.backbone)
     model = AdaptedModel(load_model(backbone))
-    adapter = BottleneckConfig(placement=args.placement)
+    adapter = AdapterConfig(placement=args.placement)
     sources = [f"source{i}" for i in range(max((k for m, k in configs if m.startswith("fusion")), default=0))]
     for name in sources:
         model.add_adapter(name, adapter)

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--library", required=True, help="the library holding it")
     exp.add_argument("--to", dest="target_format", choices=["adapterhub"], default="adapterhub")
     exp.add_argument("--out", required=True, help="new (or empty) output folder")
-    exp.add_argument("--kind", default=None, choices=["adapter", "fusion"])
+    exp.add_argument("--kind", default=None, choices=["adapter", "fusion", "head"])
     exp.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
     exp.set_defaults(handler=commands.cmd_library_export)
 

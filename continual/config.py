@@ -18,9 +18,9 @@ import yaml
 
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import BackboneConfig
-from adafuse.fusion.bottleneck import BottleneckConfig
 from adafuse.fusion.errors import UserError, first_line
 from adafuse.fusion.heads import POOLINGS
+from adafuse.fusion.kinds import AdapterConfig
 from adafuse.tasks.spec import TaskSpec
 
 METHODS = ("adapters", "shared-adapter", "full-finetune")
@@ -107,7 +107,7 @@ class JobConfig:
     seed: int = 0
     max_length: int = 128
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    adapter: BottleneckConfig = field(default_factory=BottleneckConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 

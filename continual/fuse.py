@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from adafuse.fusion.bottleneck import BottleneckConfig
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary, check_name
 from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.storage import atomic_write, sha256_file
@@ -75,7 +75,7 @@ def run_fusion(
         sources = [e["name"] for e in entries]
         hashes_before = {e["name"]: sha256_file(library.resolve(e["file"])) for e in entries}
         for entry in entries:
-            model.add_adapter(entry["name"], BottleneckConfig(**entry["config"].get("adapter", {})))
+            model.add_adapter(entry["name"], AdapterConfig(**entry["config"].get("adapter", {})))
             model.load_adapter_state(entry["name"], library.load("adapter", entry["name"], env.fingerprint).tensors)
         source_eval = SourceEvaluator(model, library, entries, env, config)
         log(f"adafuse fuse: {len(sources)} sources, target {target.name}; evaluating the sources")

@@ -17,8 +17,8 @@ from adafuse.fusion.adapterhub import read_adapter_folder, read_fusion_folder, r
 from adafuse.fusion.adapterhub_write import BackboneInfo, adapter_files, fusion_files, head_files
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import EMBEDDED
-from adafuse.fusion.bottleneck import BottleneckConfig
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary, check_name
 from adafuse.fusion.storage import fsync_dir
 
@@ -117,7 +117,8 @@ def import_adapterhub(folder: Path, library_dir: Path, backbone: str | None, nam
 
 
 def export_adapterhub(library_dir: Path, name: str, out: Path, backbone: str | None, kind: str | None = None) -> Path:
-    """Write adapter or fusion ``name`` (and its head, if the library has one) as an AdapterHub folder."""
+    """Write adapter or fusion ``name`` (and its head, if the library has one), or a head alone, as an AdapterHub
+    folder."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out '{out}' exists and is not an empty folder")
@@ -125,8 +126,10 @@ def export_adapterhub(library_dir: Path, name: str, out: Path, backbone: str | N
     if not library.exists():
         raise UserError(f"'{library_dir}' is not an adapter library (no manifest.json)")
     kinds = [k for k in ([kind] if kind else ["adapter", "fusion"]) if library.find(k, name)]
+    if not kinds and kind is None and library.find("head", name):
+        kinds = ["head"]  # a head saved on its own (AdapterHub save_head)
     if not kinds:
-        raise UserError(f"library '{library_dir}' has no {kind or 'adapter or fusion'} named '{name}'")
+        raise UserError(f"library '{library_dir}' has no {kind or 'adapter, fusion or head'} named '{name}'")
     if len(kinds) > 1:
         raise UserError(f"library '{library_dir}' has both an adapter and a fusion named '{name}'; pass --kind")
     opened = LibraryModel.open(library_dir, backbone)
@@ -135,13 +138,15 @@ def export_adapterhub(library_dir: Path, name: str, out: Path, backbone: str | N
     if kinds[0] == "adapter":
         opened.load_adapter(name)
         ah_name = name
-        config = BottleneckConfig(**entry["config"]["adapter"])
+        config = AdapterConfig(**entry["config"]["adapter"])
         files = adapter_files(info, name, config, opened.model.adapter_state(name))
-    else:
+    elif kinds[0] == "fusion":
         sources = opened.load_fusion(name)
         ah_name = ",".join(sources)
         state = opened.model.fusion_state(name)
         files = fusion_files(info, sources, FusionConfig(**entry["config"]["fusion"]), state)
+    else:
+        ah_name, files = name, {}
     if library.find("head", name) is not None:
         labels = opened.load_head(name)
         head, model = opened.model.heads[name], opened.model

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model, load_tokenizer
-from adafuse.fusion.bottleneck import BottleneckConfig
 from adafuse.fusion.errors import UserError, VerificationError
+from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary, changed_sources
 from adafuse.fusion.model import AdaptedModel
 
@@ -66,7 +66,7 @@ class LibraryModel:
         if name in self.model.adapter_configs:
             return
         entry = self.library.get("adapter", name)
-        self.model.add_adapter(name, BottleneckConfig(**entry["config"].get("adapter", {})))
+        self.model.add_adapter(name, AdapterConfig(**entry["config"].get("adapter", {})))
         self.model.load_adapter_state(name, self.library.load("adapter", name, self.fingerprint).tensors)
 
     def load_head(self, name: str) -> list[str]:

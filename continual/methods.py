@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from adafuse.fusion.bottleneck import BottleneckAdapter
 from adafuse.fusion.heads import ClassificationHead
+from adafuse.fusion.kinds import build_adapter
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.storage import atomic_write
@@ -160,12 +160,16 @@ class SequenceMethod:
 
 def seeded_adapter_state(model: AdaptedModel, config: RunConfig, seed: int) -> dict[str, torch.Tensor]:
     """Initial tensors of an adapter ("<layer>.<location>.down.weight", ...) drawn from ``seed``."""
-    state = {}
+    state, shared = {}, {}
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        for index, location, _ in model.slots():
+        for index, location, slot in model.slots():
             if location in config.adapter.locations:
-                adapter = BottleneckAdapter(model.hidden_size, config.adapter)
+                shape = (
+                    getattr(slot, "in_features", model.hidden_size),
+                    getattr(slot, "out_features", model.hidden_size),
+                )
+                adapter = build_adapter(*shape, config.adapter, shared)
                 state.update({f"{index}.{location}.{k}": v for k, v in adapter.state_dict().items()})
     return state
 

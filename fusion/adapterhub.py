@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from .attention import FusionConfig
-from .bottleneck import BottleneckConfig
 from .errors import UserError, first_line
+from .kinds import AdapterConfig
 
 # <model prefix>.<site path>.<adapters|adapter_fusion_layer>.<name>.<param>; the site path is the sites table's
 _SLOT_KEY = re.compile(r"^(.*?)\.(?:adapters|adapter_fusion_layer)\.(.+)$")
@@ -74,7 +74,7 @@ def load_tensors(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     raise UserError(f"{folder}: neither {safe.name} nor {binary.name} found")
 
 
-def bottleneck_config(adapter_config: dict, where: str) -> BottleneckConfig:
+def bottleneck_config(adapter_config: dict, where: str) -> AdapterConfig:
     config = adapter_config.get("config", adapter_config)
     for key, value in _REQUIRED.items():
         if key in config and config[key] != value:
@@ -83,7 +83,7 @@ def bottleneck_config(adapter_config: dict, where: str) -> BottleneckConfig:
     placement = {(False, True): "pfeiffer", (True, True): "houlsby"}.get(locations)
     if placement is None:
         raise UserError(f"{where}: mh_adapter/output_adapter = {locations} is not a supported placement")
-    return BottleneckConfig(
+    return AdapterConfig(
         placement=placement,
         reduction_factor=int(config.get("reduction_factor", 16)),
         non_linearity=config.get("non_linearity", "relu").lower(),
@@ -132,7 +132,7 @@ def head_tensors(tensors: dict[str, torch.Tensor], head_name: str) -> dict[str, 
 
 
 def read_adapter_folder(folder: Path, site_paths: SitePaths) -> dict:
-    """An AdapterHub adapter folder -> name, BottleneckConfig, mapped tensors, optional head (config, tensors).
+    """An AdapterHub adapter folder -> name, AdapterConfig, mapped tensors, optional head (config, tensors).
 
     ``site_paths`` (:attr:`AdaptedModel.site_paths` of the target model) maps AdapterHub's keys onto its slots.
     """

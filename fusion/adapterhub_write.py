@@ -16,8 +16,8 @@ import torch.nn as nn
 from safetensors.torch import save
 
 from .attention import FusionConfig
-from .bottleneck import BottleneckConfig
 from .errors import UserError
+from .kinds import AdapterConfig
 
 VERSION = "adapters.1.3.0"
 _PARAM_NAMES = {"down.": "adapter_down.0.", "up.": "adapter_up."}
@@ -95,7 +95,7 @@ def _slot_keys(tensors: dict[str, torch.Tensor], info: BackboneInfo, container: 
     return out
 
 
-def adapter_config_json(config: BottleneckConfig, info: BackboneInfo, name: str) -> dict:
+def adapter_config_json(config: AdapterConfig, info: BackboneInfo, name: str) -> dict:
     size = config.size(info.hidden_size)
     factor = info.hidden_size / size
     if int(info.hidden_size // factor) != size:
@@ -165,7 +165,7 @@ def head_files(
     return {"head_config.json": _json(_header(info, name, config)), "model_head.safetensors": save(weights)}
 
 
-def adapter_files(info: BackboneInfo, name: str, config: BottleneckConfig, tensors: dict) -> dict[str, bytes]:
+def adapter_files(info: BackboneInfo, name: str, config: AdapterConfig, tensors: dict) -> dict[str, bytes]:
     """The files of an AdapterHub adapter folder (without its head)."""
     return {
         "adapter_config.json": _json(adapter_config_json(config, info, name)),

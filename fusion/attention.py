@@ -168,9 +168,10 @@ def stack_adapters(adapters: list[nn.Module]) -> tuple[torch.Tensor, torch.Tenso
     Returns:
         down weight (K*r, d), down bias (K*r,), augmented up U~ (K, r+1, d).
     """
-    down_w = torch.cat([ad.down.weight for ad in adapters])  # (K r, d)
-    down_b = torch.cat([ad.down.bias for ad in adapters])  # (K r,)
-    up = torch.stack([torch.cat([ad.up.weight.t(), ad.up.bias.unsqueeze(0)]) for ad in adapters])  # (K, r+1, d)
+    factors = [ad.factors() for ad in adapters]  # (D, e, U, c) of every kind, the scale folded into U and c
+    down_w = torch.cat([d for d, _, _, _ in factors])  # (K r, d)
+    down_b = torch.cat([e for _, e, _, _ in factors])  # (K r,)
+    up = torch.stack([torch.cat([u.t(), c.unsqueeze(0)]) for _, _, u, c in factors])  # (K, r+1, d)
     return down_w, down_b, up
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .bottleneck import ACTIVATIONS
+from .kinds.bottleneck import ACTIVATIONS
 
-# d act / dz applied to an incoming gradient, for the non-linearities of adafuse.fusion.bottleneck.
+# d act / dz applied to an incoming gradient, for the non-linearities of adafuse.fusion.kinds.bottleneck.
 _DERIVATIVES = {
     "gelu": lambda grad, z: torch.ops.aten.gelu_backward(grad, z),
     "swish": lambda grad, z: torch.ops.aten.silu_backward(grad, z),

@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 
 from .attention import FusionConfig, FusionLayer
-from .bottleneck import BottleneckAdapter, BottleneckConfig
 from .errors import UserError
 from .heads import build_head
+from .kinds import AdapterConfig, build_adapter
 from .sites import LOCATIONS, SiteSpec, get_path, set_path, sites_for
-from .slot import AdapterSlot, ResidualTap
+from .slot import AdapterSlot, ProjectionSlot, ResidualTap
 
 
 class AdaptedModel(nn.Module):
@@ -35,6 +35,10 @@ class AdaptedModel(nn.Module):
             (stack, i, block) for stack in self.sites.stacks for i, block in enumerate(get_path(backbone, stack.layers))
         ]
         for index, (stack, i, block) in enumerate(blocks):
+            for name, path in stack.projections.items():  # first: a projection may sit inside a replaced sub-layer
+                self._slots[(index, name)] = ProjectionSlot(get_path(block, path))
+                set_path(block, path, self._slots[(index, name)])
+                self.site_paths[(index, name)] = f"{stack.adapterhub_path}.{i}.{path}"
             for location in LOCATIONS:
                 spec = getattr(stack, location)
                 base = get_path(block, spec.module)
@@ -45,7 +49,7 @@ class AdaptedModel(nn.Module):
                 self._slots[(index, location)] = slot
                 self.site_paths[(index, location)] = f"{stack.adapterhub_path}.{i}.{spec.adapterhub}"
         self.heads = nn.ModuleDict()
-        self.adapter_configs: dict[str, BottleneckConfig] = {}
+        self.adapter_configs: dict[str, AdapterConfig] = {}
         self.fusion_sources: dict[str, tuple[str, ...]] = {}
         self.active_head: str | None = None
         for param in self.backbone.parameters():
@@ -60,12 +64,26 @@ class AdaptedModel(nn.Module):
     def num_layers(self) -> int:
         return 1 + max(index for index, _ in self._slots)
 
-    def add_adapter(self, name: str, config: BottleneckConfig) -> None:
+    def add_adapter(self, name: str, config: AdapterConfig) -> None:
+        """Add adapter ``name`` of ``config.kind`` at every site (slot kinds) or projection (lora) it names."""
         if name in self.adapter_configs:
             raise UserError(f"adapter '{name}' already exists in the model")
+        present = {location for _, location, _ in self.slots()}
+        missing = [location for location in config.locations if location not in present]
+        if missing:
+            where = "projections" if config.acts == "projection" else "sites"
+            have = sorted(present - set(LOCATIONS)) if config.acts == "projection" else list(LOCATIONS)
+            raise UserError(
+                f"adapter '{name}' ({config.kind}): the {self.backbone.config.model_type} backbone has no {where} "
+                f"{missing}; it has {have or 'none'}"
+            )
+        shared: dict = {}  # what the adapter's sites share (Compacter's rule matrices)
         for _, location, slot in self.slots():
             if location in config.locations:
-                slot.adapters[name] = BottleneckAdapter(self.hidden_size, config).train(self.training)
+                in_features = getattr(slot, "in_features", self.hidden_size)
+                out_features = getattr(slot, "out_features", self.hidden_size)
+                module = build_adapter(in_features, out_features, config, shared)
+                slot.adapters[name] = module.train(self.training)
         self.adapter_configs[name] = config
 
     def add_head(
@@ -104,9 +122,17 @@ class AdaptedModel(nn.Module):
                 f"fusion '{name}': unknown source adapters {missing}; known: {sorted(self.adapter_configs)}"
             )
         configs = [self.adapter_configs[s] for s in sources]
-        shapes = {(c.placement, c.size(self.hidden_size), c.non_linearity, c.input_is_normed) for c in configs}
+        weight_deltas = [s for s, c in zip(sources, configs, strict=True) if c.acts != "slot"]
+        if weight_deltas:
+            raise UserError(
+                f"fusion '{name}': {weight_deltas} act inside projections (lora); AdapterFusion attends over "
+                f"per-site deltas (bottleneck, parallel, compacter)"
+            )
+        shapes = {(c.locations, c.size(self.hidden_size), c.non_linearity, c.input) for c in configs}
         if len(shapes) > 1:
-            raise UserError(f"fusion '{name}': sources differ in placement/bottleneck/non-linearity: {sorted(shapes)}")
+            raise UserError(
+                f"fusion '{name}': sources differ in sites/bottleneck/non-linearity/input: {sorted(shapes)}"
+            )
         for _, location, slot in self.slots():
             if location in configs[0].locations:
                 slot.fusions[name] = FusionLayer(self.hidden_size, config).train(self.training)

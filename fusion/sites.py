@@ -3,7 +3,8 @@
 Each entry of :data:`SITES` lists the stacks of transformer blocks of the base model (one for an encoder or
 a decoder, two for an encoder-decoder) and, for the two adapter locations of a block (``attention`` after
 the self-attention sub-layer, ``output`` after the feed-forward sub-layer), the module a slot replaces and
-how the block's residual and layer norm are reached. Three block shapes cover every entry:
+how the block's residual and layer norm are reached, plus the linear projections that LoRA can adapt
+(``projections``: q, k, v, ffn_in, ffn_out). Three block shapes cover every entry:
 
 * ``inner`` (post-LN, BERT family): the replaced module takes ``(hidden_states, input_tensor)`` and owns
   ``dense``, ``dropout`` and the norm named by ``norm`` (inside the module); the slot computes
@@ -26,7 +27,7 @@ matches AdapterHub 1.3 on every entry, checked against ``shared/fixtures/adapter
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
@@ -50,6 +51,7 @@ class Stack:
     attention: SiteSpec
     output: SiteSpec
     adapterhub_layers: str | None = None  # AdapterHub's path of the blocks, where it differs (transformers 4 names)
+    projections: dict[str, str] = field(default_factory=dict)  # LoRA targets (q, k, v, ffn_in, ffn_out) -> nn.Linear
 
     @property
     def adapterhub_path(self) -> str:
@@ -64,31 +66,52 @@ class ArchitectureSites:
     lm_scale: bool = False  # LM heads read hidden * d^-1/2 when the word embeddings are tied (T5)
 
 
-_BERT_LIKE = ArchitectureSites(
-    (
-        Stack(
-            "encoder.layer",
-            attention=SiteSpec("attention.output", "inner", norm="LayerNorm", adapterhub="attention.output"),
-            output=SiteSpec("output", "inner", norm="LayerNorm", adapterhub="output"),
-        ),
+def _bert_like(query: str = "query", key: str = "key", value: str = "value") -> ArchitectureSites:
+    return ArchitectureSites(
+        (
+            Stack(
+                "encoder.layer",
+                attention=SiteSpec("attention.output", "inner", norm="LayerNorm", adapterhub="attention.output"),
+                output=SiteSpec("output", "inner", norm="LayerNorm", adapterhub="output"),
+                projections={
+                    "q": f"attention.self.{query}",
+                    "k": f"attention.self.{key}",
+                    "v": f"attention.self.{value}",
+                    "ffn_in": "intermediate.dense",
+                    "ffn_out": "output.dense",
+                },
+            ),
+        )
     )
-)
 
 
-def _pre_ln(layers: str, attention: str, attention_norm: str, ffn: str, ffn_norm: str, pooling: str):
+_BERT_LIKE = _bert_like()
+
+
+def _pre_ln(layers, attention, attention_norm, ffn, ffn_norm, pooling, projections=None) -> ArchitectureSites:
     return ArchitectureSites(
         (
             Stack(
                 layers,
                 attention=SiteSpec(attention, "pre_ln", residual_from=attention_norm, adapterhub="attention_adapters"),
                 output=SiteSpec(ffn, "pre_ln", residual_from=ffn_norm, adapterhub="output_adapters"),
+                projections=projections or {},
             ),
         ),
         pooling=pooling,
     )
 
 
-_LLAMA_LIKE = _pre_ln("layers", "self_attn", "input_layernorm", "mlp", "post_attention_layernorm", "last")
+_LLAMA_PROJECTIONS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "ffn_in": "mlp.up_proj",
+    "ffn_out": "mlp.down_proj",
+}
+_LLAMA_LIKE = _pre_ln(
+    "layers", "self_attn", "input_layernorm", "mlp", "post_attention_layernorm", "last", _LLAMA_PROJECTIONS
+)
 
 
 def _t5_stack(layers: str, ffn_index: int) -> Stack:
@@ -97,6 +120,13 @@ def _t5_stack(layers: str, ffn_index: int) -> Stack:
         layers,
         attention=SiteSpec("layer.0.SelfAttention", "pre_ln", residual_from="layer.0.layer_norm", adapterhub="layer.0"),
         output=SiteSpec(f"{ffn}.DenseReluDense", "pre_ln", residual_from=f"{ffn}.layer_norm", adapterhub=ffn),
+        projections={
+            "q": "layer.0.SelfAttention.q",
+            "k": "layer.0.SelfAttention.k",
+            "v": "layer.0.SelfAttention.v",
+            "ffn_in": f"{ffn}.DenseReluDense.wi",
+            "ffn_out": f"{ffn}.DenseReluDense.wo",
+        },
     )
 
 
@@ -105,17 +135,24 @@ SITES: dict[str, ArchitectureSites] = {
     "roberta": _BERT_LIKE,
     "xlm-roberta": _BERT_LIKE,
     "electra": _BERT_LIKE,
-    "deberta-v2": _BERT_LIKE,
+    "deberta-v2": _bert_like("query_proj", "key_proj", "value_proj"),
     "distilbert": ArchitectureSites(
         (
             Stack(
                 "transformer.layer",
                 attention=SiteSpec("attention", "outer", norm="sa_layer_norm", adapterhub="attention_adapters"),
                 output=SiteSpec("ffn", "outer", norm="output_layer_norm", adapterhub="output_adapters"),
+                projections={
+                    "q": "attention.q_lin",
+                    "k": "attention.k_lin",
+                    "v": "attention.v_lin",
+                    "ffn_in": "ffn.lin1",
+                    "ffn_out": "ffn.lin2",
+                },
             ),
         )
     ),
-    "gpt2": _pre_ln("h", "attn", "ln_1", "mlp", "ln_2", "last"),
+    "gpt2": _pre_ln("h", "attn", "ln_1", "mlp", "ln_2", "last"),  # no LoRA targets: c_attn fuses q, k, v (Conv1D)
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -135,6 +172,13 @@ SITES: dict[str, ArchitectureSites] = {
                 ),
                 output=SiteSpec("mlp", "pre_ln", residual_from="layernorm_after", adapterhub="output.output_adapters"),
                 adapterhub_layers="encoder.layer",
+                projections={
+                    "q": "attention.q_proj",
+                    "k": "attention.k_proj",
+                    "v": "attention.v_proj",
+                    "ffn_in": "mlp.fc1",
+                    "ffn_out": "mlp.fc2",
+                },
             ),
         )
     ),

@@ -62,8 +62,11 @@ class AdapterSlot(nn.Module):
             return (self.mix(out[0], residual), *out[1:])
         return self.mix(out, residual)
 
-    def _adapter_input(self, normed: bool, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.layer_norm(h + residual) if normed else h
+    def _adapter_input(self, mode: str, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """What an adapter reads (``AdapterConfig.input``): norm(h + residual), h, or the residual stream."""
+        if mode == "normed":
+            return self.layer_norm(h + residual)
+        return h if mode == "output" else residual
 
     def mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The slot's output before the block's residual + layer norm: h plus the adapters' contribution."""
@@ -75,7 +78,7 @@ class AdapterSlot(nn.Module):
         out = h
         for name in self.active:
             adapter = self.adapters[name]
-            out = out + adapter(self._adapter_input(adapter.config.input_is_normed, h, residual))
+            out = out + adapter(self._adapter_input(adapter.config.input, h, residual))
         return out
 
     def _routed(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -87,13 +90,13 @@ class AdapterSlot(nn.Module):
                 mixed = self._fuse(name, [self.adapters[s] for s in sources], h_rows, residual_rows)
             else:
                 adapter = self.adapters[name]
-                mixed = h_rows + adapter(self._adapter_input(adapter.config.input_is_normed, h_rows, residual_rows))
+                mixed = h_rows + adapter(self._adapter_input(adapter.config.input, h_rows, residual_rows))
             out = out.index_copy(0, rows, mixed)
         return out
 
     def _fuse(self, name: str, adapters: list[nn.Module], h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         fusion = self.fusions[name]
-        x = self._adapter_input(adapters[-1].config.input_is_normed, h, residual)
+        x = self._adapter_input(adapters[-1].config.input, h, residual)
         sources_frozen = not any(p.requires_grad for adapter in adapters for p in adapter.parameters())
         fast = (
             not fusion.config.query_before_ln
@@ -165,3 +168,52 @@ class ResidualTap(nn.Module):
         if not slot.is_bare:
             slot._residual = hidden_states
         return self.base(hidden_states, *args, **kwargs)
+
+
+class ProjectionSlot(nn.Module):
+    """Replaces one linear projection; the active adapters (LoRA) add their deltas to its output.
+
+    The same attributes as :class:`AdapterSlot` (``adapters``, ``active``, ``routes``; ``fusions`` stays empty:
+    weight-delta kinds are composed by weighting, not by attention), so activation, training and state code
+    treat both slots alike.
+    """
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.active_fusion = None
+        self.routes: list[tuple[str, tuple[str, ...], torch.Tensor]] | None = None
+        self.attention_recorder = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped projection's weight (model code reads its dtype, e.g. T5's feed-forward)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def is_bare(self) -> bool:
+        return not self.active and not self.routes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.is_bare:
+            return out
+        if self.routes:
+            for name, _, rows in self.routes:
+                delta = self.adapters[name](x.index_select(0, rows))
+                out = out.index_add(0, rows, delta)
+            return out
+        for name in self.active:
+            out = out + self.adapters[name](x)
+        return out
+
+    def forget_maps(self) -> None:
+        """Nothing memoised here (the protocol of :meth:`AdapterSlot.forget_maps`)."""

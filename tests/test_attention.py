@@ -5,7 +5,7 @@ import torch
 from conftest import randomize, tiny_backbone, tiny_batch
 
 from adafuse.fusion.attention import FusionConfig
-from adafuse.fusion.bottleneck import BottleneckConfig
+from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.slot import AdapterSlot
 
@@ -13,7 +13,7 @@ from adafuse.fusion.slot import AdapterSlot
 def naive_fuse(self, name, adapters, h, residual):
     """Pfeiffer et al. 2021, Eq. 2-5 as written: one full d x d projection per adapter for keys and values."""
     fusion = self.fusions[name]
-    x = self._adapter_input(adapters[-1].config.input_is_normed, h, residual)
+    x = self._adapter_input(adapters[-1].config.input, h, residual)
     query_input = h if fusion.config.query_before_ln else x
     q = fusion.query(query_input) if fusion.query is not None else query_input
     scores, values = [], []
@@ -35,7 +35,7 @@ def fused_model(k, placement, config):
     model = AdaptedModel(tiny_backbone())
     sources = [f"s{i}" for i in range(k)]
     for name in sources:
-        model.add_adapter(name, BottleneckConfig(placement=placement, reduction_factor=4))
+        model.add_adapter(name, AdapterConfig(placement=placement, reduction_factor=4))
     model.add_fusion("f", sources, config)
     model.add_head("f", 3)
     randomize(model, std=0.2)
@@ -117,7 +117,7 @@ def test_single_source_with_identity_value_equals_the_adapter(placement):
 def test_value_starts_at_identity_and_regulariser():
     model = fused_model(2, "pfeiffer", FusionConfig())
     fresh = AdaptedModel(tiny_backbone())
-    fresh.add_adapter("a", BottleneckConfig(reduction_factor=4))
+    fresh.add_adapter("a", AdapterConfig(reduction_factor=4))
     fresh.add_fusion("f", ["a"], FusionConfig())
     fresh.activate(fusion="f")
     layer = next(s.fusions["f"] for _, _, s in fresh.slots() if "f" in s.fusions)
@@ -165,7 +165,7 @@ def test_fused_attention_gradcheck(act):
 def test_fast_path_equals_naive_for_every_non_linearity(act, monkeypatch):
     model = AdaptedModel(tiny_backbone())
     for name in ("s0", "s1", "s2"):
-        model.add_adapter(name, BottleneckConfig(reduction_factor=4, non_linearity=act))
+        model.add_adapter(name, AdapterConfig(reduction_factor=4, non_linearity=act))
     model.add_fusion("f", ["s0", "s1", "s2"], FusionConfig(temperature=True))
     model.add_head("f", 3)
     randomize(model, std=0.2)

@@ -6,8 +6,8 @@ import torch
 from conftest import TINY, bare_hidden, randomize, tiny_backbone, tiny_batch
 
 from adafuse.fusion.attention import FusionConfig
-from adafuse.fusion.bottleneck import BottleneckConfig
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.model import AdaptedModel
 
 
@@ -20,7 +20,7 @@ def _bare_hidden(model_type):
 def test_new_adapter_is_identity(model_type, placement):
     expected = _bare_hidden(model_type)
     model = AdaptedModel(tiny_backbone(model_type))
-    model.add_adapter("a", BottleneckConfig(placement=placement, reduction_factor=4))
+    model.add_adapter("a", AdapterConfig(placement=placement, reduction_factor=4))
     model.activate(["a"])
     model.eval()
     with torch.no_grad():
@@ -34,7 +34,7 @@ def test_new_adapter_is_identity(model_type, placement):
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_trained_adapter_changes_the_output(model_type):
     model = AdaptedModel(tiny_backbone(model_type))
-    model.add_adapter("a", BottleneckConfig(placement="houlsby", reduction_factor=4))
+    model.add_adapter("a", AdapterConfig(placement="houlsby", reduction_factor=4))
     randomize(model)
     model.activate(["a"])
     model.eval()
@@ -62,7 +62,7 @@ def test_albert_refused_with_clear_error():
 def _model_with_two_tasks():
     model = AdaptedModel(tiny_backbone())
     for name in ("a", "b"):
-        model.add_adapter(name, BottleneckConfig(reduction_factor=4))
+        model.add_adapter(name, AdapterConfig(reduction_factor=4))
         model.add_head(name, 3)
     return model
 
@@ -156,13 +156,13 @@ def test_unknown_names_refused():
     with pytest.raises(UserError, match="unknown adapter"):
         model.activate(["zzz"])
     with pytest.raises(UserError, match="already exists"):
-        model.add_adapter("a", BottleneckConfig())
+        model.add_adapter("a", AdapterConfig())
 
 
 def test_modules_added_later_follow_the_model_mode():
     model = AdaptedModel(tiny_backbone()).eval()
-    model.add_adapter("a", BottleneckConfig())
-    model.add_adapter("b", BottleneckConfig())
+    model.add_adapter("a", AdapterConfig())
+    model.add_adapter("b", AdapterConfig())
     model.add_head("a", 2)
     model.add_fusion("f", ["a", "b"], FusionConfig(dropout=0.5))
     assert not any(m.training for m in model.modules())

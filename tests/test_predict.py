@@ -12,7 +12,7 @@ from adafuse.continual.config import load_config
 from adafuse.continual.library_model import LibraryModel
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model
-from adafuse.fusion.bottleneck import BottleneckConfig
+from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.model import AdaptedModel
 
@@ -33,7 +33,7 @@ def library(tmp_path_factory):
     backbone = load_model(config)
     fp, library, model = fingerprint(backbone), AdapterLibrary(root), AdaptedModel(backbone)
     record = {"fingerprint": fp, "backbone": asdict(config)}
-    adapters = {"a": BottleneckConfig(), "b": BottleneckConfig(), "h": BottleneckConfig(placement="houlsby")}
+    adapters = {"a": AdapterConfig(), "b": AdapterConfig(), "h": AdapterConfig(placement="houlsby")}
     for seed, (name, adapter) in enumerate(adapters.items()):
         model.add_adapter(name, adapter)
         library.add(

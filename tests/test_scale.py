@@ -16,7 +16,7 @@ import yaml
 from adafuse.continual.cli import main
 from adafuse.continual.config import load_config
 from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model
-from adafuse.fusion.bottleneck import BottleneckConfig
+from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.model import AdaptedModel
 
@@ -96,7 +96,7 @@ def test_fusion_over_32_library_adapters(tmp_path):
     backbone = load_model(backbone_config)
     record = {"fingerprint": fingerprint(backbone), "backbone": asdict(backbone_config)}
     model, library = AdaptedModel(backbone), AdapterLibrary(tmp_path / "library")
-    adapter = BottleneckConfig(reduction_factor=4)
+    adapter = AdapterConfig(reduction_factor=4)
     generator = torch.Generator().manual_seed(0)
     for k in range(32):
         model.add_adapter(f"s{k}", adapter)
