@@ -61,7 +61,8 @@ def annotate(ax, matrix: list[list[float | None]], fmt: str, dark_below: float) 
 
 def run_markdown(metrics: dict) -> str:
     tasks = metrics["tasks"]
-    parts = [f"# adafuse run — method `{metrics['method']}`", ""]
+    kind = f", adapter kind `{metrics['adapter_kind']}`" if metrics.get("adapter_kind") else ""
+    parts = [f"# adafuse run — method `{metrics['method']}`{kind}", ""]
     parts += ["## Accuracy matrix", "", "R[i][j]: test accuracy on task j (column) after training task i (row).", ""]
     parts.append(
         _table(["after \\ on", *tasks], [[t, *row] for t, row in zip(tasks, metrics["accuracy_matrix"], strict=True)])
@@ -208,7 +209,8 @@ def comparison_markdown(runs: list[tuple[Path, dict]]) -> str:
     for folder, m in runs:
         if "tasks" in m:
             params = sum((t.get("trainable_params") or 0) for t in m["per_task"].values())
-            rows.append([str(folder), m["method"], m["acc"], m["bwt"], m["forgetting"], params, _seconds(m)])
+            method = f"{m['method']} ({m['adapter_kind']})" if m.get("adapter_kind") else m["method"]
+            rows.append([str(folder), method, m["acc"], m["bwt"], m["forgetting"], params, _seconds(m)])
         else:
             fusion_rows.append(
                 [

@@ -204,6 +204,7 @@ def _metrics(
         )
     return {
         "method": config.method,
+        "adapter_kind": config.adapter.kind,
         "tasks": names,
         "accuracy_matrix": monitor.matrix,
         "macro_f1_matrix": monitor.f1_matrix,

@@ -18,23 +18,47 @@ from .attention import FusionConfig
 from .errors import UserError, first_line
 from .kinds import AdapterConfig
 
-# <model prefix>.<site path>.<adapters|adapter_fusion_layer>.<name>.<param>; the site path is the sites table's
-_SLOT_KEY = re.compile(r"^(.*?)\.(?:adapters|adapter_fusion_layer)\.(.+)$")
+# <model prefix>.<site path>.<adapters|adapter_fusion_layer|loras>.<name>.<param>; site paths: the sites table's
+_SLOT_KEY = re.compile(r"^(.*?)\.(?:adapters|adapter_fusion_layer|loras)\.(.+)$")
+_SHARED_KEY = re.compile(r"^(?:[a-z_]+\.)?shared_parameters\.(.+)\.(phm_rule)$")  # Compacter's shared rule
 SitePaths = dict[tuple[int, str], str]  # (block index, location) -> AdapterHub's site path (AdaptedModel.site_paths)
-_PARAM_RENAMES = {"adapter_down.0.": "down.", "adapter_up.": "up."}
-# AdapterHub options adafuse computes; anything else must be at these values to be imported.
-_REQUIRED = {
+_PARAM_RENAMES = (("adapter_down.0.", "down."), ("adapter_up.", "up."))
+# AdapterHub options adafuse computes, per kind; anything else must be at these values to be imported.
+_BOTTLENECK_REQUIRED = {
     "residual_before_ln": True,
     "original_ln_after": True,
     "ln_before": False,
     "ln_after": False,
     "use_gating": False,
-    "phm_layer": False,
-    "is_parallel": False,
     "adapter_residual_before_ln": False,
-    "scaling": 1.0,
     "inv_adapter": None,
+    "stochastic_depth": 0.0,
 }
+_REQUIRED = {
+    "bottleneck": {**_BOTTLENECK_REQUIRED, "phm_layer": False, "is_parallel": False, "scaling": 1.0},
+    "parallel": {**_BOTTLENECK_REQUIRED, "phm_layer": False},
+    "compacter": {
+        **_BOTTLENECK_REQUIRED,
+        "is_parallel": False,
+        "scaling": 1.0,
+        "shared_phm_rule": True,
+        "factorized_phm_W": True,
+        "factorized_phm_rule": False,
+        "shared_W_phm": False,
+        "phm_rank": 1,
+        "phm_bias": True,
+    },
+    "lora": {
+        "selfattn_lora": True,
+        "composition_mode": "add",
+        "use_gating": False,
+        "use_dora": False,
+        "leave_out": [],
+        "vera_b": None,
+        "vera_d": None,
+    },
+}
+_LORA_TARGETS = {"intermediate_lora": "ffn_in", "output_lora": "ffn_out"}
 
 
 def read_json(path: Path) -> dict:
@@ -74,20 +98,38 @@ def load_tensors(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     raise UserError(f"{folder}: neither {safe.name} nor {binary.name} found")
 
 
-def bottleneck_config(adapter_config: dict, where: str) -> AdapterConfig:
-    config = adapter_config.get("config", adapter_config)
-    for key, value in _REQUIRED.items():
+def adapter_config(adapter_json: dict, where: str) -> AdapterConfig:
+    """An AdapterHub adapter config (bottleneck, parallel, Compacter or LoRA) as an :class:`AdapterConfig`."""
+    config = adapter_json.get("config", adapter_json)
+    architecture = config.get("architecture")
+    if architecture == "lora":
+        kind = "lora"
+    elif architecture in (None, "bottleneck"):
+        kind = "parallel" if config.get("is_parallel") else "compacter" if config.get("phm_layer") else "bottleneck"
+    else:
+        raise UserError(f"{where}: AdapterHub architecture {architecture!r} is not supported (bottleneck, lora)")
+    for key, value in _REQUIRED[kind].items():
         if key in config and config[key] != value:
             raise UserError(f"{where}: AdapterHub option {key}={config[key]!r} is not supported (expected {value!r})")
+    if kind == "lora":
+        targets = list(config.get("attn_matrices", ["q", "v"]))
+        targets += [target for key, target in _LORA_TARGETS.items() if config.get(key)]
+        return AdapterConfig(
+            kind="lora", r=int(config.get("r", 8)), alpha=float(config.get("alpha", 8)), target_modules=targets,
+            dropout=float(config.get("dropout", 0.0)),
+        )  # fmt: skip
     locations = (config.get("mh_adapter", False), config.get("output_adapter", True))
     placement = {(False, True): "pfeiffer", (True, True): "houlsby"}.get(locations)
     if placement is None:
         raise UserError(f"{where}: mh_adapter/output_adapter = {locations} is not a supported placement")
     return AdapterConfig(
+        kind=kind,
         placement=placement,
         reduction_factor=int(config.get("reduction_factor", 16)),
         non_linearity=config.get("non_linearity", "relu").lower(),
         ln_before=bool(config.get("original_ln_before", placement == "pfeiffer")),
+        scaling=float(config.get("scaling", 1.0)) if kind == "parallel" else None,
+        phm_dim=int(config.get("phm_dim", 4)),
     )
 
 
@@ -110,18 +152,29 @@ def map_slot_keys(
     tensors: dict[str, torch.Tensor], name: str, where: str, site_paths: SitePaths
 ) -> dict[str, torch.Tensor]:
     """``bert.encoder.layer.3.output.adapters.<name>.adapter_up.weight`` -> ``3.output.up.weight``
-    (``transformer.h.3.output_adapters...`` on GPT-2, and so on: ``site_paths`` is the model's table)."""
+    (``transformer.h.3.output_adapters...`` on GPT-2, ``...attention.self.query.loras.<name>.lora_A`` ->
+    ``3.q.lora_A``, and so on: ``site_paths`` is the model's table). Compacter's shared rule
+    (``shared_parameters.<name>.phm_rule``) goes to every PHM layer of the adapter."""
     slots = {path: f"{index}.{location}" for (index, location), path in site_paths.items()}
-    mapped = {}
+    mapped, shared = {}, {}
     for key, value in tensors.items():
         match = _SLOT_KEY.match(key)
         site = match and (slots.get(match.group(1)) or slots.get(match.group(1).partition(".")[2]))
+        shared_match = _SHARED_KEY.match(key)
+        if shared_match and shared_match.group(1) == name:
+            shared[shared_match.group(2)] = value
+            continue
         if site is None or not match.group(2).startswith(f"{name}."):
             raise UserError(f"{where}: unexpected tensor '{key}' for '{name}'")
         param = match.group(2)[len(name) + 1 :]
-        for old, new in _PARAM_RENAMES.items():
+        for old, new in _PARAM_RENAMES:
             param = param.replace(old, new)
+        if param.endswith(".b"):  # a PHM layer's bias
+            param += "ias"
         mapped[f"{site}.{param}"] = value
+    for key in [k for k in mapped if k.endswith(".W_left")]:
+        for param, value in shared.items():
+            mapped[key.removesuffix("W_left") + param] = value
     return mapped
 
 
@@ -142,7 +195,7 @@ def read_adapter_folder(folder: Path, site_paths: SitePaths) -> dict:
     where = str(folder / "adapter_config.json")
     result = {
         "name": _name(name, where),
-        "config": _parsed(where, lambda: bottleneck_config(meta, where)),
+        "config": _parsed(where, lambda: adapter_config(meta, where)),
         "tensors": map_slot_keys(load_tensors(folder, "adapter"), name, str(folder), site_paths),
         "meta": meta,
         "head": read_head(folder, name),

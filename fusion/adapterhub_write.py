@@ -83,10 +83,16 @@ def _json(data: dict) -> bytes:
 
 
 def _slot_keys(tensors: dict[str, torch.Tensor], info: BackboneInfo, container: str, name: str) -> dict:
-    """``3.output.down.weight`` -> ``bert.encoder.layer.3.output.<container>.<name>.adapter_down.0.weight``."""
+    """``3.output.down.weight`` -> ``bert.encoder.layer.3.output.<container>.<name>.adapter_down.0.weight``;
+    Compacter's rule, a copy in every PHM layer here, is written once as ``<prefix>.shared_parameters.<name>``."""
     out = {}
     for key, value in tensors.items():
         layer, location, param = key.split(".", 2)
+        if param.endswith("phm_rule"):
+            out[f"{info.prefix}.shared_parameters.{name}.phm_rule"] = value.detach().contiguous().cpu()
+            continue
+        if param.endswith(".bias") and key.replace(".bias", ".W_left") in tensors:
+            param = param.removesuffix("ias")  # a PHM layer's bias is "b"
         for new, old in _PARAM_NAMES.items():
             if param.startswith(new):
                 param = old + param[len(new) :]
@@ -96,6 +102,8 @@ def _slot_keys(tensors: dict[str, torch.Tensor], info: BackboneInfo, container: 
 
 
 def adapter_config_json(config: AdapterConfig, info: BackboneInfo, name: str) -> dict:
+    if config.kind == "lora":
+        return _header(info, name, _lora_options(config, name))
     size = config.size(info.hidden_size)
     factor = info.hidden_size / size
     if int(info.hidden_size // factor) != size:
@@ -105,10 +113,41 @@ def adapter_config_json(config: AdapterConfig, info: BackboneInfo, name: str) ->
         "mh_adapter": config.placement == "houlsby",
         "output_adapter": True,
         "non_linearity": config.non_linearity,
-        "original_ln_before": config.input_is_normed,
+        "original_ln_before": config.input_is_normed and config.kind != "parallel",
         "reduction_factor": int(factor) if factor == int(factor) else factor,
+        "is_parallel": config.kind == "parallel",
+        "scaling": config.delta_scale,
+        "phm_layer": config.kind == "compacter",
+        "phm_dim": config.phm_dim,
     }
+    if config.kind == "parallel":
+        options["init_weights"] = "mam_adapter"
     return _header(info, name, dict(sorted(options.items())))
+
+
+def _lora_options(config: AdapterConfig, name: str) -> dict:
+    attention = [m for m in config.target_modules if m in ("q", "k", "v")]
+    if not attention:
+        raise UserError(f"adapter '{name}': AdapterHub LoRA needs at least one of q, k, v in target_modules")
+    return {
+        "alpha": config.alpha,
+        "architecture": "lora",
+        "attn_matrices": attention,
+        "composition_mode": "add",
+        "dropout": config.dropout,
+        "dtype": None,
+        "init_weights": "lora",
+        "init_weights_seed": None,
+        "intermediate_lora": "ffn_in" in config.target_modules,
+        "leave_out": [],
+        "output_lora": "ffn_out" in config.target_modules,
+        "r": config.r,
+        "selfattn_lora": True,
+        "use_dora": False,
+        "use_gating": False,
+        "vera_b": None,
+        "vera_d": None,
+    }
 
 
 def fusion_config_json(config: FusionConfig, info: BackboneInfo, sources: list[str]) -> dict:
@@ -169,7 +208,7 @@ def adapter_files(info: BackboneInfo, name: str, config: AdapterConfig, tensors:
     """The files of an AdapterHub adapter folder (without its head)."""
     return {
         "adapter_config.json": _json(adapter_config_json(config, info, name)),
-        "adapter.safetensors": save(_slot_keys(tensors, info, "adapters", name)),
+        "adapter.safetensors": save(_slot_keys(tensors, info, "loras" if config.kind == "lora" else "adapters", name)),
     }
 
 

@@ -1,8 +1,19 @@
+"""Adapter kinds: bottleneck, parallel, Compacter and LoRA behind one protocol; AdapterHub parity for each."""
+
+import json
+
 import pytest
 import torch
+from conftest import BREADTH, randomize, tiny_backbone, tiny_batch
+from safetensors.torch import load_file
 
+from adafuse.continual.interop import export_adapterhub, import_adapterhub
+from adafuse.continual.library_model import LibraryModel
+from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.kinds import AdapterConfig, BottleneckAdapter
+from adafuse.fusion.model import AdaptedModel
+from adafuse.fusion.slot import AdapterSlot
 
 
 def test_new_adapter_delta_is_exactly_zero():
@@ -39,3 +50,181 @@ def test_placements():
     assert AdapterConfig(placement="houlsby").locations == ("attention", "output")
     assert AdapterConfig(placement="pfeiffer").input_is_normed
     assert not AdapterConfig(placement="houlsby").input_is_normed
+
+
+# ---- every kind: AdapterHub parity, the invariants, a sequence with BWT = 0 -------------------------------------
+
+KINDS_CASE = BREADTH / "kinds-bert"
+IMPORTABLE = ["lora", "parallel", "compacter"]
+KIND_CONFIGS = {
+    "bottleneck": AdapterConfig(reduction_factor=4),
+    "parallel": AdapterConfig(kind="parallel", reduction_factor=4),
+    "compacter": AdapterConfig(kind="compacter", placement="houlsby", reduction_factor=4, non_linearity="gelu"),
+    "lora": AdapterConfig(kind="lora", r=4, alpha=8, target_modules=["q", "v", "ffn_out"]),
+}
+
+
+@pytest.fixture(scope="module")
+def kinds_library(tmp_path_factory):
+    if not KINDS_CASE.is_dir():
+        pytest.skip(f"AdapterHub breadth fixtures not found at {KINDS_CASE}")
+    library = tmp_path_factory.mktemp("kinds") / "library"
+    for name in IMPORTABLE:
+        import_adapterhub(KINDS_CASE / name, library, str(KINDS_CASE / "backbone"), None, log=lambda _: None)
+    opened = LibraryModel.open(library, str(KINDS_CASE / "backbone"))
+    opened.model.eval()
+    return opened, json.loads((KINDS_CASE / "expected.json").read_text())
+
+
+@pytest.mark.parametrize("name", IMPORTABLE)
+def test_imported_kind_reproduces_adapterhub(kinds_library, name):
+    opened, expected = kinds_library
+    opened.load_adapter(name)
+    opened.load_head(name)
+    opened.model.activate([name], head=name)
+    with torch.no_grad():
+        logits = opened.model(**{k: torch.tensor(v) for k, v in expected["inputs"].items()})
+    error = (logits - torch.tensor(expected["adapters"][name]["heads"][name]["logits"])).abs().max().item()
+    assert error < 1e-5, error
+    assert opened.library.get("adapter", name)["config"]["adapter"]["kind"] == name
+
+
+@pytest.mark.parametrize("name", IMPORTABLE)
+def test_kind_export_round_trips_bit_exactly(kinds_library, name, tmp_path):
+    opened, _ = kinds_library
+    out = export_adapterhub(opened.library.root, name, tmp_path / name, str(KINDS_CASE / "backbone"))
+    ours, theirs = (
+        load_file(str(out / "adapter.safetensors")),
+        load_file(str(KINDS_CASE / name / "adapter.safetensors")),
+    )
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    config = json.loads((out / "adapter_config.json").read_text())["config"]
+    reference = json.loads((KINDS_CASE / name / "adapter_config.json").read_text())["config"]
+    assert {k: v for k, v in config.items() if k in reference} == {k: v for k, v in reference.items() if k in config}
+
+
+def test_prefix_tuning_import_is_refused_with_one_line(tmp_path):
+    if not KINDS_CASE.is_dir():
+        pytest.skip("fixtures missing")
+    with pytest.raises(UserError, match="architecture 'prefix_tuning' is not supported"):
+        import_adapterhub(KINDS_CASE / "prefix", tmp_path / "lib", str(KINDS_CASE / "backbone"), None)
+    assert not (tmp_path / "lib" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_CONFIGS))
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_each_kind_is_identity_at_init_and_only_its_params_train(kind, model_type):
+    torch.manual_seed(0)
+    batch = tiny_batch()
+    model = AdaptedModel(tiny_backbone(model_type))
+    model.eval()
+    with torch.no_grad():
+        bare = model.encode(**batch)
+    model.add_adapter("a", KIND_CONFIGS[kind])
+    model.add_head("a", 2)
+    model.activate(["a"], head="a")
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(**batch), bare, rtol=0, atol=1e-6)
+    model.set_trainable(adapters=["a"], heads=["a"])
+    model(**batch).pow(2).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".adapters.a." in n or n.startswith("heads.a.") for n in grads)
+    assert any(".adapters.a." in n and ("up" in n or "lora_B" in n) for n in grads)  # the zero factor learns
+
+
+def test_compacter_rule_is_shared_and_round_trips_exactly():
+    model = AdaptedModel(tiny_backbone("bert"))
+    model.add_adapter("c", KIND_CONFIGS["compacter"])
+    rules = {id(slot.adapters["c"].down.phm_rule) for _, _, slot in model.slots() if "c" in slot.adapters}
+    assert len(rules) == 1  # one Parameter for every PHM layer of the adapter
+    randomize(model)
+    state = model.adapter_state("c")
+    again = AdaptedModel(tiny_backbone("bert"))
+    again.add_adapter("c", KIND_CONFIGS["compacter"])
+    again.load_adapter_state("c", state)
+    assert all(torch.equal(v, again.adapter_state("c")[k]) for k, v in state.items())
+
+
+def test_lora_on_gpt2_names_what_the_architecture_has():
+    model = AdaptedModel(tiny_backbone("gpt2"))
+    with pytest.raises(UserError, match="gpt2 backbone has no projections"):
+        model.add_adapter("l", KIND_CONFIGS["lora"])
+
+
+def test_fusion_refuses_lora_sources_and_mixes_slot_kinds(monkeypatch):
+    from test_attention import naive_fuse
+
+    model = AdaptedModel(tiny_backbone("bert"))
+    model.add_adapter("l", KIND_CONFIGS["lora"])
+    with pytest.raises(UserError, match="act inside projections"):
+        model.add_fusion("f", ["l"], FusionConfig())
+
+    def run():
+        torch.manual_seed(0)
+        model = AdaptedModel(tiny_backbone("bert"))
+        houlsby = {"placement": "houlsby", "reduction_factor": 4, "non_linearity": "gelu"}
+        model.add_adapter("b", AdapterConfig(**houlsby))
+        model.add_adapter("c", AdapterConfig(kind="compacter", **houlsby))
+        model.add_adapter("b2", AdapterConfig(scaling=2.5, **houlsby))
+        model.add_fusion("f", ["b", "c", "b2"], FusionConfig())
+        model.add_head("f", 3)
+        model.double()
+        randomize(model, std=0.2)
+        model.set_trainable(fusions=["f"], heads=["f"])
+        model.activate(fusion="f", head="f")
+        logits = model(**tiny_batch())
+        logits.pow(2).sum().backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = run()
+    monkeypatch.setattr(AdapterSlot, "_fuse", naive_fuse)
+    naive, naive_grads = run()
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-10)
+    for name, grad in naive_grads.items():
+        torch.testing.assert_close(fast_grads.get(name, torch.zeros_like(grad)), grad, rtol=0, atol=1e-10)
+
+
+def test_parallel_fusion_fast_path_equals_naive(monkeypatch):
+    from test_attention import naive_fuse
+
+    def run():
+        torch.manual_seed(1)
+        model = AdaptedModel(tiny_backbone("llama"))
+        for name in ("p0", "p1"):
+            model.add_adapter(name, AdapterConfig(kind="parallel", reduction_factor=4))
+        model.add_fusion("f", ["p0", "p1"], FusionConfig())
+        model.add_head("f", 3)
+        model.double()
+        randomize(model, std=0.2)
+        model.set_trainable(fusions=["f"], heads=["f"])
+        model.activate(fusion="f", head="f")
+        logits = model(**tiny_batch())
+        logits.pow(2).sum().backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = run()
+    monkeypatch.setattr(AdapterSlot, "_fuse", naive_fuse)
+    naive, naive_grads = run()
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-10)
+    for name, grad in naive_grads.items():
+        torch.testing.assert_close(fast_grads.get(name, torch.zeros_like(grad)), grad, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["parallel", "compacter", "lora"])
+def test_a_sequence_of_each_kind_measures_bwt_zero(kind, tmp_path):
+    from conftest import ROOT
+
+    from adafuse.continual.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", str(ROOT / "configs" / "sequence" / "smoke.yaml"), "--out", str(out), "--adapter.kind", kind]
+    extra = ["--adapter.placement", "houlsby", "--adapter.non_linearity", "gelu"] if kind == "compacter" else []
+    assert main([*args, *extra, "--trainer.limit_train_batches", "4", "--trainer.max_epochs", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["bwt"] == 0.0 and metrics["adapter_kind"] == kind
+    params = {t["trainable_params"] for t in metrics["per_task"].values()}
+    assert len(params) == 1 and params.pop() > 0
+    assert f"adapter kind `{kind}`" in (out / "report.md").read_text()
+    library = LibraryModel.open(out / "library")
+    assert {e["config"]["adapter"]["kind"] for e in library.library.entries("adapter")} == {kind}
