@@ -17,6 +17,7 @@ and seeded: token ids uniform in the vocabulary, mask all ones, binary labels.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -26,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("floor_fwd", "floor_train", "single_train", "single_infer", "fusion_train", "fusion_infer")
+METHODS = ("floor_fwd", "floor_train", "single_train", "single_infer", "fusion_train", "fusion_infer", "merged_infer")
+# merged_infer (with --kind lora): inference after the adapter is folded into the weights (predict --merge)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"])
+    p.add_argument("--kind", default="bottleneck", choices=["bottleneck", "parallel", "compacter", "lora"])
+    p.add_argument("--lora-r", type=int, default=12, help="LoRA rank (12 on q, v: the rf-16 bottleneck's budget)")
     p.add_argument(
         "--malloc", default="tuned", choices=["tuned", "default"], help="glibc thresholds as the adafuse CLI sets them"
     )
@@ -74,21 +78,21 @@ def build(args, configs: list[tuple[str, int]]):
     else:
         backbone = BackboneConfig(name=args.backbone)
     model = AdaptedModel(load_model(backbone))
-    adapter = AdapterConfig(placement=args.placement)
+    adapter = AdapterConfig(kind=args.kind, placement=args.placement, r=args.lora_r, alpha=2.0 * args.lora_r)
+    fused = AdapterConfig(placement=args.placement) if adapter.acts != "slot" else adapter  # fusion sources
     sources = [f"source{i}" for i in range(max((k for m, k in configs if m.startswith("fusion")), default=0))]
     for name in sources:
-        model.add_adapter(name, adapter)
-    with torch.no_grad():  # trained-looking sources: non-zero up-projections
-        for _, _, slot in model.slots():
-            for name in sources:
-                if name in slot.adapters:
-                    slot.adapters[name].up.weight.normal_(std=0.02)
+        model.add_adapter(name, fused)
     for method, k in configs:
-        if method.startswith("single"):
+        if method.startswith(("single", "merged")):
             model.add_adapter(f"{method}{k}", adapter)
         elif method.startswith("fusion"):
             model.add_fusion(f"{method}{k}", sources[:k], FusionConfig())
         model.add_head(f"{method}{k}", 2)
+    with torch.no_grad():  # trained-looking adapters: non-zero up-projections (zero at init)
+        for name, param in model.named_parameters():
+            if ".adapters." in name and (".up." in name or "lora_B" in name or "W_right" in name):
+                param.normal_(std=0.02)
     return model.to(args.device)
 
 
@@ -99,7 +103,11 @@ def make_step(args, model, method: str, k: int, batch):
     ids, mask, labels = batch
     head = f"{method}{k}"  # the name of this configuration's head, adapter or fusion
     train = method.endswith("train")
-    if method.startswith("single"):
+    if method == "merged_infer":  # a copy of the model with this adapter folded into its weights
+        model = copy.deepcopy(model)
+        model.merge_adapter(head)
+        what, active = {}, {}
+    elif method.startswith("single"):
         what, active = {"adapters": [head]}, {"adapters": [head]}
     elif method.startswith("fusion"):
         what, active = {"fusions": [head]}, {"fusion": head}
@@ -186,10 +194,11 @@ def measure(args, configs: list[tuple[str, int]], layout: str) -> list[dict]:
                 "layout": layout,
                 "backbone": args.backbone,
                 "method": method,
-                "K": 0 if method.startswith("floor") else 1 if method.startswith("single") else k,
+                "K": 0 if method.startswith("floor") else 1 if method.startswith(("single", "merged")) else k,
                 "B": args.batch_size,
                 "L": args.length,
                 "placement": args.placement,
+                "kind": args.kind,
                 "precision": args.precision,
                 "malloc": malloc,
                 "step_ms_median": round(median, 3),
@@ -232,7 +241,11 @@ def paired_ratio(a: dict, b: dict) -> float:
 def ratio_table(records: list[dict]) -> str:
     timed = {(r["method"], r["K"]): r for r in records if r.get("layout", "interleaved") == "interleaved"}
     memory = {(r["method"], r["K"]): r for r in records if r.get("layout") == "process"}
-    pairs = [("single_train", 1, "floor_train", 0), ("single_infer", 1, "floor_fwd", 0)]
+    pairs = [
+        ("single_train", 1, "floor_train", 0),
+        ("single_infer", 1, "floor_fwd", 0),
+        ("merged_infer", 1, "floor_fwd", 0),
+    ]
     for k in sorted({k for method, k in timed if method.startswith("fusion")}):
         pairs += [("fusion_train", k, "single_train", 1), ("fusion_infer", k, "single_infer", 1)]
     rows = []
@@ -248,7 +261,8 @@ def ratio_table(records: list[dict]) -> str:
     header = (
         f"\n### adafuse speed ratios — {first['backbone']}, B={first['B']}, L={first['L']}, "
         f"{first['device']}, threads={first['threads']}, precision={first['precision']}, "
-        f"placement={first['placement']}, malloc={first.get('malloc', 'default')}, "
+        f"placement={first['placement']}, kind={first.get('kind', 'bottleneck')}, "
+        f"malloc={first.get('malloc', 'default')}, "
         f"{len(first['step_ms_all'])} interleaved rounds\n\n| ratio | value |\n|---|---|\n"
     )
     medians = "\n".join(

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     predict.add_argument("--drop-layers", type=int, default=0, help="AdapterDrop: skip adapters of the lowest N layers")
     predict.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
+    predict.add_argument(
+        "--merge", action="store_true", help="fold the LoRA --adapter into the weights first (the bare model's speed)"
+    )
     predict.set_defaults(handler=commands.cmd_predict)
 
     tasks = sub.add_parser("tasks", help="built-in tasks")

@@ -149,10 +149,15 @@ def run_predict(
     device: str = "cpu",
     drop_layers: int = 0,
     backbone: str | None = None,
+    merge: bool = False,
 ) -> int:
-    """Predict every row of ``input_path`` into ``out_path`` (JSONL); returns the number of rows."""
+    """Predict every row of ``input_path`` into ``out_path`` (JSONL); returns the number of rows.
+
+    ``merge`` folds a LoRA ``adapter`` into the backbone's weights first (the bare backbone's speed)."""
     if sum(x is not None for x in (adapter, fusion, task_column)) != 1:
         raise UserError("predict: give exactly one of --adapter NAME, --fusion NAME or --task-column COLUMN")
+    if merge and adapter is None:
+        raise UserError("predict --merge: needs --adapter NAME (one LoRA adapter folds into the weights)")
     if batch_size < 1 or max_length < 2:
         raise UserError(f"predict: --batch-size ({batch_size}) must be >= 1 and --max-length ({max_length}) >= 2")
     input_path, out_path = Path(input_path), Path(out_path)
@@ -164,6 +169,8 @@ def run_predict(
     fixed = adapter or fusion
     if fixed:
         predictor.add_task(fixed)
+    if merge:
+        predictor.opened.model.merge_adapter(adapter)
     count = 0
     with staged_file(out_path, "w", encoding="utf-8") as out, tqdm(unit=" rows", desc="predict", disable=None) as bar:
         for batch in _batches(read_rows(input_path, text_column, task_column), batch_size):

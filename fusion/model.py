@@ -52,6 +52,7 @@ class AdaptedModel(nn.Module):
         self.adapter_configs: dict[str, AdapterConfig] = {}
         self.fusion_sources: dict[str, tuple[str, ...]] = {}
         self.active_head: str | None = None
+        self.merged: set[str] = set()  # LoRA adapters folded into the backbone's weights (merge_adapter)
         for param in self.backbone.parameters():
             param.requires_grad_(False)
 
@@ -138,6 +139,21 @@ class AdaptedModel(nn.Module):
                 slot.fusions[name] = FusionLayer(self.hidden_size, config).train(self.training)
         self.fusion_sources[name] = tuple(sources)
 
+    def merge_adapter(self, name: str) -> None:
+        """Fold LoRA adapter ``name`` into the projections' weights (W += alpha/r B A) for inference: the model
+        then runs at the bare backbone's cost and computes what the active adapter computed (to float rounding).
+        The backbone no longer equals the library's: for serving one adapter, not for training."""
+        config = self.adapter_configs.get(name)
+        if config is None or config.acts != "projection":
+            kind = config.kind if config else "unknown"
+            raise UserError(f"adapter '{name}' ({kind}) cannot be merged: only weight deltas (lora) fold into weights")
+        with torch.no_grad():
+            for _, _, slot in self.slots():
+                if name in slot.adapters:
+                    slot.base.weight += slot.adapters[name].delta_weight().to(slot.base.weight.dtype)
+        self.delete_adapter(name)
+        self.merged.add(name)
+
     def delete_adapter(self, name: str) -> None:
         self._delete_from_slots(name, "adapters")
         self.adapter_configs.pop(name, None)
@@ -186,7 +202,7 @@ class AdaptedModel(nn.Module):
         One forward pass serves every task; apply each task's head to its rows of :meth:`encode`'s output.
         """
         for name in rows:
-            if name not in self.adapter_configs and name not in self.fusion_sources:
+            if name not in self.adapter_configs and name not in self.fusion_sources and name not in self.merged:
                 raise UserError(f"unknown adapter or fusion '{name}'")
         self.activate(skip_layers=skip_layers)
         for index, _, slot in self.slots():

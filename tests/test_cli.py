@@ -112,7 +112,7 @@ SMOKE_FUSE = "configs/fusion/smoke.yaml"
         (["fuse", SMOKE_FUSE, "--library", "{tmp}/foreign", "--out", "{tmp}/x", "--sources", "[nope]"], "no adapter"),
         (["fuse", SMOKE_FUSE, "--library", "{tmp}/foreign", "--out", "{tmp}/x", "--fusion.dropout", "2"], "dropout"),
         (["library", "show", "{tmp}/empty", "nope"], "has no artefact named 'nope'"),
-        (["library", "export", "nope", "--library", "{tmp}/empty", "--out", "{tmp}/x"], "no adapter or fusion"),
+        (["library", "export", "nope", "--library", "{tmp}/empty", "--out", "{tmp}/x"], "no adapter, fusion or head"),
         (["library", "import", "{tmp}/afile", "--library", "{tmp}/x"], "not a folder"),
         (["library", "import", "{tmp}", "--library", "{tmp}/x"], "none of adapter_config.json"),
         (["library", "verify", "{tmp}/afile"], "not found"),

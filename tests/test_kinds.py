@@ -228,3 +228,46 @@ def test_a_sequence_of_each_kind_measures_bwt_zero(kind, tmp_path):
     assert f"adapter kind `{kind}`" in (out / "report.md").read_text()
     library = LibraryModel.open(out / "library")
     assert {e["config"]["adapter"]["kind"] for e in library.library.entries("adapter")} == {kind}
+
+
+def test_merged_lora_gives_the_adapter_outputs():
+    torch.manual_seed(0)
+    model = AdaptedModel(tiny_backbone("llama"))
+    model.add_adapter("l", KIND_CONFIGS["lora"])
+    model.add_head("l", 3)
+    randomize(model.heads)
+    for _, _, slot in model.slots():
+        if "l" in slot.adapters:
+            torch.nn.init.normal_(slot.adapters["l"].lora_B, std=0.1)
+    model.eval()
+    model.activate(["l"], head="l")
+    with torch.no_grad():
+        adapted = model(**tiny_batch())
+        model.merge_adapter("l")
+        model.activate(head="l")
+        merged = model(**tiny_batch())
+    assert (adapted - merged).abs().max() < 1e-5 and "l" in model.merged and "l" not in model.adapter_configs
+    model.add_adapter("b", KIND_CONFIGS["bottleneck"])
+    with pytest.raises(UserError, match="only weight deltas"):
+        model.merge_adapter("b")
+
+
+def test_predict_merge_through_the_cli(tmp_path):
+    import yaml
+    from conftest import ROOT
+
+    from adafuse.continual.cli import main
+
+    config = yaml.safe_load((ROOT / "configs" / "sequence" / "smoke.yaml").read_text())
+    config |= {"tasks": ["bbc-business"], "adapter": {"kind": "lora", "r": 4, "alpha": 16}}
+    config["trainer"] |= {"max_epochs": 1, "limit_train_batches": 4, "lr": 0.05}
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "lora.yaml"), "--out", str(tmp_path / "run")]) == 0
+    (tmp_path / "in.txt").write_text("Shares rose sharply.\nThe striker scored twice in the final.\n")
+    base = ["predict", "--library", str(tmp_path / "run" / "library"), "--adapter", "bbc-business"]
+    base += ["--input", str(tmp_path / "in.txt")]
+    assert main([*base, "--out", str(tmp_path / "a.jsonl")]) == 0
+    assert main([*base, "--out", str(tmp_path / "m.jsonl"), "--merge"]) == 0
+    adapted, merged = ([json.loads(x) for x in (tmp_path / f).read_text().splitlines()] for f in ("a.jsonl", "m.jsonl"))
+    for a, m in zip(adapted, merged, strict=True):
+        assert m["probabilities"] == pytest.approx(a["probabilities"], abs=1e-5)
