@@ -27,13 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("floor_fwd", "floor_train", "single_train", "single_infer", "fusion_train", "fusion_infer", "merged_infer")
-# merged_infer (with --kind lora): inference after the adapter is folded into the weights (predict --merge)
+DEFAULT_METHODS = ("floor_fwd", "floor_train", "single_train", "single_infer", "fusion_train", "fusion_infer")
+METHODS = (*DEFAULT_METHODS, "merged_infer")  # with --kind lora: inference after predict --merge's folding
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--fusion-k", default="2,4,8,16")
     p.add_argument("-B", "--batch-size", type=int, default=16)
     p.add_argument("-L", "--length", type=int, default=128)
@@ -228,6 +228,8 @@ def plan(args) -> list[tuple[str, int]]:
     for method in args.methods.split(","):
         if method not in METHODS:
             sys.exit(f"speed.py: unknown method '{method}'; expected one of {', '.join(METHODS)}")
+        if method == "merged_infer" and args.kind != "lora":
+            sys.exit("speed.py: merged_infer needs --kind lora (only weight deltas fold into the weights)")
         ks = [int(k) for k in args.fusion_k.split(",")] if method.startswith("fusion") else [0]
         runs += [(method, k) for k in ks]
     return runs

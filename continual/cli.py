@@ -69,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", help="artefact name")
             p.add_argument("--kind", default=None, choices=["adapter", "head", "fusion"])
         p.set_defaults(handler=getattr(commands, f"cmd_library_{name}"))
-    imp = lib_sub.add_parser("import", help="import an AdapterHub adapter or fusion folder (with its head)")
-    imp.add_argument("dir", help="folder written by AdapterHub save_adapter / save_adapter_fusion")
-    imp.add_argument("--from", dest="source_format", choices=["adapterhub"], default="adapterhub")
+    imp = lib_sub.add_parser("import", help="import an AdapterHub adapter/fusion/head folder or a PEFT LoRA folder")
+    imp.add_argument(
+        "dir", help="folder written by AdapterHub save_adapter(_fusion) / save_head or PEFT save_pretrained"
+    )
+    imp.add_argument("--from", dest="source_format", choices=["adapterhub", "peft"], default="adapterhub")
     imp.add_argument("--library", required=True, help="library to import into (created if missing)")
     imp.add_argument("--name", default=None, help="name in the library (default: the saved name)")
     imp.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = lib_sub.add_parser("export", help="write an adapter or fusion (and its head) in AdapterHub's layout")
     exp.add_argument("name", help="adapter or fusion name")
     exp.add_argument("--library", required=True, help="the library holding it")
-    exp.add_argument("--to", dest="target_format", choices=["adapterhub"], default="adapterhub")
+    exp.add_argument("--to", dest="target_format", choices=["adapterhub", "peft"], default="adapterhub")
     exp.add_argument("--out", required=True, help="new (or empty) output folder")
     exp.add_argument("--kind", default=None, choices=["adapter", "fusion", "head"])
     exp.add_argument("--backbone", default=None, help=_BACKBONE_HELP)

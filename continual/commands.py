@@ -132,17 +132,22 @@ def cmd_library_verify(args, _overrides=()) -> int:
 
 
 def cmd_library_import(args, _overrides=()) -> int:
-    from .interop import import_adapterhub
+    from .interop import import_adapterhub, import_peft
 
-    import_adapterhub(Path(args.dir), Path(args.library), args.backbone, args.name)
+    read = import_peft if args.source_format == "peft" else import_adapterhub
+    read(Path(args.dir), Path(args.library), args.backbone, args.name)
     return 0
 
 
 def cmd_library_export(args, _overrides=()) -> int:
-    from .interop import export_adapterhub
+    from .interop import export_adapterhub, export_peft
 
-    out = export_adapterhub(Path(args.library), args.name, Path(args.out), args.backbone, args.kind)
-    print(f"exported '{args.name}' in AdapterHub layout to {out}")
+    if args.target_format == "peft":
+        out = export_peft(Path(args.library), args.name, Path(args.out), args.backbone)
+    else:
+        out = export_adapterhub(Path(args.library), args.name, Path(args.out), args.backbone, args.kind)
+    layout = {"peft": "PEFT", "adapterhub": "AdapterHub"}[args.target_format]
+    print(f"exported '{args.name}' in {layout} layout to {out}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``adafuse library import`` / ``export``: AdapterHub ``adapters`` folders in and out of a library.
+"""``adafuse library import`` / ``export``: AdapterHub ``adapters`` and HF PEFT (LoRA) folders in and out of a
+library.
 
 Import reads everything, checks it against the backbone (architecture, width, every tensor's shape by
 loading it into the model) and only then writes the library. Export writes the AdapterHub layout into a
@@ -20,6 +21,7 @@ from adafuse.fusion.backbone import EMBEDDED
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary, check_name
+from adafuse.fusion.peft_format import peft_files, read_peft_folder
 from adafuse.fusion.storage import fsync_dir
 
 from .library_model import LibraryModel
@@ -114,6 +116,40 @@ def import_adapterhub(folder: Path, library_dir: Path, backbone: str | None, nam
     for entry in written:
         log(f"imported {entry['kind']} '{entry['name']}' -> {opened.library.root / entry['file']}")
     return written
+
+
+def import_peft(folder: Path, library_dir: Path, backbone: str | None, name: str | None, log=print) -> list:
+    """Import a PEFT LoRA folder (``save_pretrained``) into the library as a ``lora`` adapter."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"'{folder}': not a folder (expected a PEFT save_pretrained folder)")
+    opened = LibraryModel.open(library_dir, backbone, create=True)
+    read = read_peft_folder(folder, opened.model.site_paths)
+    target = check_name(name or folder.name)
+    if opened.library.find("adapter", target) is not None:
+        raise UserError(f"library '{library_dir}' already has an adapter named '{target}'; import it with --name NEW")
+    opened.model.add_adapter(target, read["config"])
+    opened.model.load_adapter_state(target, read["tensors"])  # every shape checked before anything is written
+    config = {"method": "import", "imported_from": "peft", "adapter": asdict(read["config"])}
+    backbone_record = {"fingerprint": opened.fingerprint, "backbone": asdict(opened.backbone)}
+    entry = opened.library.add("adapter", target, opened.model.adapter_state(target), config=config, **backbone_record)
+    log(f"imported adapter '{target}' (lora, from PEFT) -> {opened.library.root / entry['file']}")
+    return [entry]
+
+
+def export_peft(library_dir: Path, name: str, out: Path, backbone: str | None) -> Path:
+    """Write LoRA adapter ``name`` as a PEFT folder (``PeftModel.from_pretrained(base, out)`` loads it)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out '{out}' exists and is not an empty folder")
+    opened = LibraryModel.open(library_dir, backbone)
+    if opened.library.find("adapter", name) is None:
+        raise UserError(f"library '{library_dir}' has no adapter named '{name}'")
+    opened.load_adapter(name)
+    config = opened.model.adapter_configs[name]
+    base = EMBEDDED_HUB_NAME if opened.backbone.name == EMBEDDED else opened.backbone.name
+    _write_folder(out, peft_files(config, opened.model.adapter_state(name), opened.model.site_paths, base))
+    return out
 
 
 def export_adapterhub(library_dir: Path, name: str, out: Path, backbone: str | None, kind: str | None = None) -> Path:
