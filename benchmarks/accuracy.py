@@ -22,6 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # full fine-tuning moves 22 M parameters: its usual small learning rate, with the head at the adapters' rate
 METHOD_OVERRIDES = {"full-finetune": ["--trainer.lr", "2e-5", "--trainer.head_lr", "1e-3"]}
+# --kinds: each kind near the rf-16 bottleneck's 113 k parameters on MiniLM where the method allows it (LoRA
+# r = 12 on q, v: 111 k); Compacter in its paper's setting (houlsby, gelu, n = 4), which is far smaller
+KIND_OVERRIDES = {
+    "bottleneck": [],
+    "parallel": ["--adapter.kind", "parallel"],
+    "compacter": ["--adapter.kind", "compacter", "--adapter.placement", "houlsby", "--adapter.non_linearity", "gelu"],
+    "lora": ["--adapter.kind", "lora", "--adapter.r", "12", "--adapter.alpha", "24"],
+}
 
 
 def run_job(args: list[str], out: Path) -> dict:
@@ -36,9 +44,10 @@ def run_job(args: list[str], out: Path) -> dict:
 
 def sequence_record(metrics: dict, seed: int) -> dict:
     per_task = metrics["per_task"]
+    kind = metrics.get("adapter_kind")
     return {
         "kind": "sequence",
-        "method": metrics["method"],
+        "method": f"{metrics['method']} ({kind})" if kind else metrics["method"],
         "seed": seed,
         "tasks": {name: per_task[name]["final_accuracy"] for name in metrics["tasks"]},
         "acc": metrics["acc"],
@@ -122,6 +131,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="adapters,shared-adapter,full-finetune")
     parser.add_argument("--fusion", action="store_true", help="also fusion + single-adapter baseline per seed")
+    parser.add_argument(
+        "--kinds", default="", help=f"isolated adapters of each kind instead: {','.join(KIND_OVERRIDES)}"
+    )
     parser.add_argument("--config", default="configs/sequence/bbc-topics.yaml")
     parser.add_argument("--fuse-config", default="configs/fusion/bbc-topic5-fewshot.yaml")
     parser.add_argument("--work", default="runs/accuracy", help="folder of the runs (reused when re-run)")
@@ -133,7 +145,15 @@ def main() -> None:
         methods.insert(0, "adapters")  # fusion needs that seed's adapter library
     work = Path(args.work)
     records = []
+    kinds = [k for k in args.kinds.split(",") if k]
+    if kinds:
+        methods, unknown = [], [k for k in kinds if k not in KIND_OVERRIDES]
+        if unknown:
+            sys.exit(f"accuracy.py: unknown kinds {unknown}; expected some of {', '.join(KIND_OVERRIDES)}")
     for seed in seeds:
+        for kind in kinds:
+            command = ["run", args.config, "--seed", str(seed), *KIND_OVERRIDES[kind], *overrides]
+            records.append(sequence_record(run_job(command, work / f"seed{seed}" / f"adapters-{kind}"), seed))
         for method in methods:
             command = ["run", args.config, "--method", method, "--seed", str(seed), *METHOD_OVERRIDES.get(method, [])]
             records.append(sequence_record(run_job([*command, *overrides], work / f"seed{seed}" / method), seed))
