@@ -100,6 +100,7 @@ def test_unsupported_peft_options_are_refused_by_name(tmp_path, capsys, option):
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text()) | option
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
     args = ["library", "import", str(tmp_path / "peft"), "--from", "peft", "--library", str(tmp_path / "lib")]
+    capsys.readouterr()  # what saving the PEFT model printed
     assert main([*args, "--backbone", str(folder)]) == 2
     err = capsys.readouterr().err.strip()
     assert "unsupported PEFT options" in err and next(iter(option)) in err and "\n" not in err

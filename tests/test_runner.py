@@ -137,7 +137,7 @@ def test_report_side_by_side(smoke_run, tmp_path, capsys):
     out, _ = smoke_run
     assert main(["report", str(out), str(out), "--out", str(tmp_path)]) == 0
     table = (tmp_path / "comparison.md").read_text()
-    assert table.count("| adapters |") == 2 and (tmp_path / "comparison.png").is_file()
+    assert table.count("| adapters (bottleneck) |") == 2 and (tmp_path / "comparison.png").is_file()
 
 
 def test_reference_models_give_intransigence(tmp_path):
