@@ -6,7 +6,6 @@ refuses anything but tensors and plain containers (no foreign code runs).
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 from .attention import FusionConfig
 from .errors import UserError, first_line
 from .kinds import AdapterConfig
+from .storage import read_json_object
 
 # <model prefix>.<site path>.<adapters|adapter_fusion_layer|loras>.<name>.<param>; site paths: the sites table's
 _SLOT_KEY = re.compile(r"^(.*?)\.(?:adapters|adapter_fusion_layer|loras)\.(.+)$")
@@ -63,13 +63,8 @@ _LORA_TARGETS = {"intermediate_lora": "ffn_in", "output_lora": "ffn_out"}
 
 def read_json(path: Path) -> dict:
     """A JSON object whose ``config`` (if present) is an object too."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("config", {}), dict):
+    data = read_json_object(path, "an AdapterHub config file")
+    if not isinstance(data.get("config", {}), dict):
         raise UserError(f"{path}: expected a JSON object with a 'config' object (an AdapterHub config file)")
     return data
 

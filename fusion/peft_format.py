@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save
 
 from .errors import UserError
 from .kinds import AdapterConfig
+from .storage import read_json_object
 
 _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
 # PEFT options adafuse computes only at these values (absent keys are PEFT's defaults, which are these).
@@ -41,14 +42,7 @@ SitePaths = dict[tuple[int, str], str]
 def read_peft_folder(folder: Path, site_paths: SitePaths) -> dict:
     """A PEFT LoRA folder -> AdapterConfig and tensors keyed like :meth:`AdaptedModel.adapter_state`."""
     where = folder / "adapter_config.json"
-    try:
-        config = json.loads(where.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{where}: file not found (expected a PEFT save_pretrained folder)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{where}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{where}: expected a JSON object")
+    config = read_json_object(where, "a PEFT save_pretrained folder's config")
     refused = [f"{k}={config[k]!r}" for k, v in _REQUIRED.items() if k in config and config[k] not in (v, None, [], {})]
     refused += [f"{k}={config[k]!r}" for k in ("peft_type",) if config.get(k) != "LORA"]
     if refused:

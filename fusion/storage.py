@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -133,3 +134,16 @@ class FileLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; a missing file, invalid JSON or another value is one UserError naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found (expected {what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object ({what})")
+    return data

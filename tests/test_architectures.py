@@ -161,34 +161,19 @@ def test_only_adapter_and_head_params_get_gradients(model_type):
 
 @pytest.mark.parametrize("model_type", sorted(BATCHES))
 def test_fast_fusion_equals_naive_loop_in_float64(model_type, monkeypatch):
-    from test_attention import naive_fuse
+    from test_attention import assert_fast_equals_naive, trainable_fusion
 
-    batch = {k: v.double() if v.is_floating_point() else v for k, v in BATCHES[model_type]().items()}
-
-    def run():
-        torch.manual_seed(0)
+    def build():
         model = AdaptedModel(tiny_backbone(model_type))
         for name in ("s0", "s1", "s2"):
             model.add_adapter(name, AdapterConfig(placement="houlsby", reduction_factor=4))
         model.add_fusion("f", ["s0", "s1", "s2"], FusionConfig(temperature=True))
         model.add_head("f", 3)
         model.set_fusion_temperature(3.0)
-        model.double()
-        randomize(model, std=0.2)
-        model.set_trainable(fusions=["f"], heads=["f"])
-        model.activate(fusion="f", head="f")
-        logits = model(**batch)
-        logits.pow(2).sum().backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-        return logits.detach(), grads
+        return trainable_fusion(model)
 
-    fast_logits, fast_grads = run()
-    monkeypatch.setattr(AdapterSlot, "_fuse", naive_fuse)
-    naive_logits, naive_grads = run()
-    torch.testing.assert_close(fast_logits, naive_logits, rtol=0, atol=1e-10)
-    assert fast_grads.keys() <= naive_grads.keys()
-    for name, grad in naive_grads.items():
-        torch.testing.assert_close(fast_grads.get(name, torch.zeros_like(grad)), grad, rtol=0, atol=1e-10)
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in BATCHES[model_type]().items()}
+    assert_fast_equals_naive(build, batch, monkeypatch)
 
 
 def test_decoder_classification_pools_the_last_real_token_with_either_padding_side():

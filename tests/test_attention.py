@@ -31,6 +31,36 @@ def naive_fuse(self, name, adapters, h, residual):
     return out if fusion.config.residual_before else out + h
 
 
+def assert_fast_equals_naive(build, batch: dict, monkeypatch) -> None:
+    """``build()`` -> a float64 model with an active fusion: logits and gradients of the fast path equal the
+    per-adapter loop (:func:`naive_fuse`) within 1e-10."""
+
+    def run():
+        torch.manual_seed(0)
+        model = build()
+        logits = model(**batch)
+        logits.pow(2).sum().backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(AdapterSlot, "_fuse", naive_fuse)
+        naive, naive_grads = run()
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-10)
+    assert fast_grads.keys() <= naive_grads.keys()  # b_K cancels in the softmax: the fast path never reads it
+    for name, grad in naive_grads.items():
+        torch.testing.assert_close(fast_grads.get(name, torch.zeros_like(grad)), grad, rtol=0, atol=1e-10)
+
+
+def trainable_fusion(model: AdaptedModel) -> AdaptedModel:
+    """float64, randomised, fusion "f" and its head training and active."""
+    model.double()
+    randomize(model, std=0.2)
+    model.set_trainable(fusions=["f"], heads=["f"])
+    model.activate(fusion="f", head="f")
+    return model
+
+
 def fused_model(k, placement, config):
     model = AdaptedModel(tiny_backbone())
     sources = [f"s{i}" for i in range(k)]

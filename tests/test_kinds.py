@@ -13,7 +13,6 @@ from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.kinds import AdapterConfig, BottleneckAdapter
 from adafuse.fusion.model import AdaptedModel
-from adafuse.fusion.slot import AdapterSlot
 
 
 def test_new_adapter_delta_is_exactly_zero():
@@ -153,15 +152,14 @@ def test_lora_on_gpt2_names_what_the_architecture_has():
 
 
 def test_fusion_refuses_lora_sources_and_mixes_slot_kinds(monkeypatch):
-    from test_attention import naive_fuse
+    from test_attention import assert_fast_equals_naive, trainable_fusion
 
     model = AdaptedModel(tiny_backbone("bert"))
     model.add_adapter("l", KIND_CONFIGS["lora"])
     with pytest.raises(UserError, match="act inside projections"):
         model.add_fusion("f", ["l"], FusionConfig())
 
-    def run():
-        torch.manual_seed(0)
+    def build():
         model = AdaptedModel(tiny_backbone("bert"))
         houlsby = {"placement": "houlsby", "reduction_factor": 4, "non_linearity": "gelu"}
         model.add_adapter("b", AdapterConfig(**houlsby))
@@ -169,46 +167,23 @@ def test_fusion_refuses_lora_sources_and_mixes_slot_kinds(monkeypatch):
         model.add_adapter("b2", AdapterConfig(scaling=2.5, **houlsby))
         model.add_fusion("f", ["b", "c", "b2"], FusionConfig())
         model.add_head("f", 3)
-        model.double()
-        randomize(model, std=0.2)
-        model.set_trainable(fusions=["f"], heads=["f"])
-        model.activate(fusion="f", head="f")
-        logits = model(**tiny_batch())
-        logits.pow(2).sum().backward()
-        return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return trainable_fusion(model)
 
-    fast, fast_grads = run()
-    monkeypatch.setattr(AdapterSlot, "_fuse", naive_fuse)
-    naive, naive_grads = run()
-    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-10)
-    for name, grad in naive_grads.items():
-        torch.testing.assert_close(fast_grads.get(name, torch.zeros_like(grad)), grad, rtol=0, atol=1e-10)
+    assert_fast_equals_naive(build, tiny_batch(), monkeypatch)
 
 
 def test_parallel_fusion_fast_path_equals_naive(monkeypatch):
-    from test_attention import naive_fuse
+    from test_attention import assert_fast_equals_naive, trainable_fusion
 
-    def run():
-        torch.manual_seed(1)
+    def build():
         model = AdaptedModel(tiny_backbone("llama"))
         for name in ("p0", "p1"):
             model.add_adapter(name, AdapterConfig(kind="parallel", reduction_factor=4))
         model.add_fusion("f", ["p0", "p1"], FusionConfig())
         model.add_head("f", 3)
-        model.double()
-        randomize(model, std=0.2)
-        model.set_trainable(fusions=["f"], heads=["f"])
-        model.activate(fusion="f", head="f")
-        logits = model(**tiny_batch())
-        logits.pow(2).sum().backward()
-        return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return trainable_fusion(model)
 
-    fast, fast_grads = run()
-    monkeypatch.setattr(AdapterSlot, "_fuse", naive_fuse)
-    naive, naive_grads = run()
-    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-10)
-    for name, grad in naive_grads.items():
-        torch.testing.assert_close(fast_grads.get(name, torch.zeros_like(grad)), grad, rtol=0, atol=1e-10)
+    assert_fast_equals_naive(build, tiny_batch(), monkeypatch)
 
 
 @pytest.mark.parametrize("kind", ["parallel", "compacter", "lora"])
