@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="train a fresh single adapter on the target instead (same budget, same metrics schema)",
     )
+    fuse.add_argument(
+        "--composition",
+        choices=["attention", "weighted"],
+        default=None,
+        help="attention: AdapterFusion over bottleneck/parallel/compacter sources; weighted: LoraHub over LoRA "
+        "sources (same as --fusion.composition)",
+    )
     fuse.set_defaults(handler=commands.cmd_fuse)
 
     report = sub.add_parser("report", help="re-render reports; several folders side by side")

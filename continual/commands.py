@@ -55,6 +55,8 @@ def cmd_fuse(args, overrides: list[str]) -> int:
     from .fuse import run_fusion
 
     _quiet_lightning()
+    if args.composition:
+        overrides = [*overrides, "--fusion.composition", args.composition]
     config = load_config(FuseConfig, args.config, overrides)
     out = _out_dir(args, args.config, "-baseline" if args.baseline else "")
     base = Path(args.config).parent

@@ -44,11 +44,16 @@ def _target(config: FuseConfig) -> TaskSpec:
     return spec
 
 
-def _source_entries(library: AdapterLibrary, sources: list[str] | str) -> list[dict]:
-    if sources == "all":
-        entries = library.entries("adapter")
+def _source_entries(library: AdapterLibrary, sources: list[str] | str, composition: str = "attention") -> list[dict]:
+    if sources == "all":  # every adapter the composition can take: slot kinds for attention, LoRA for weighted
+        lora = composition == "weighted"
+        kinds = {
+            e["name"]: e["config"].get("adapter", {}).get("kind", "bottleneck") for e in library.entries("adapter")
+        }
+        entries = [e for e in library.entries("adapter") if (kinds[e["name"]] == "lora") == lora]
         if not entries:
-            raise UserError(f"library '{library.root}' holds no adapters to fuse")
+            what = "LoRA adapters to compose" if lora else "adapters to fuse"
+            raise UserError(f"library '{library.root}' holds no {what}")
         return entries
     if isinstance(sources, str) or not sources:
         raise UserError(f"sources: expected 'all' or a non-empty list of adapter names, found {sources!r}")
@@ -62,7 +67,7 @@ def run_fusion(
     library = AdapterLibrary(library_dir)
     if not library.exists():
         raise UserError(f"'{library_dir}' is not an adapter library (no manifest.json)")
-    entries = _source_entries(library, config.sources) if baseline is None else []
+    entries = _source_entries(library, config.sources, config.fusion.composition) if baseline is None else []
     spec = _target(config)
     target = resolve_task(spec, base_dir, None, config.max_length)
     fusion_name = check_name(config.name or f"{target.name}-fusion")
@@ -145,6 +150,7 @@ def run_fusion(
             "train_wall_time_s": writer.result["train_wall_time_s"],
             "wall_time_s": round(time.perf_counter() - started, 3),
             "attention": attention,
+            "composition_weights": composition_weights(model, fusion_name) if baseline is None else None,
             "label_names": target.label_names,
             "lr": config.trainer.lr,
             "head_lr": config.trainer.head_lr or config.trainer.lr,
@@ -219,6 +225,13 @@ class SourceEvaluator:
             self.model.activate([name], head=head_name)
             results[name] = evaluate(self.model, loader)["accuracy"]
         return results
+
+
+def composition_weights(model: AdaptedModel, name: str) -> dict[str, float] | None:
+    """A weighted composition's learned weight per source (None for an attention fusion)."""
+    slot = next(slot for _, _, slot in model.slots() if name in slot.fusions)
+    weights = getattr(slot.fusions[name], "weights", None)
+    return None if weights is None else dict(zip(model.fusion_sources[name], weights.tolist(), strict=True))
 
 
 @torch.no_grad()

@@ -151,6 +151,8 @@ def _lora_options(config: AdapterConfig, name: str) -> dict:
 
 
 def fusion_config_json(config: FusionConfig, info: BackboneInfo, sources: list[str]) -> dict:
+    if config.composition != "attention":
+        raise UserError(f"fusion '{','.join(sources)}': a {config.composition} composition has no AdapterHub layout")
     options = {
         "dropout_prob": config.dropout or None,
         "key": config.key,

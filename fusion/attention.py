@@ -34,6 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UserError
+
+COMPOSITIONS = ("attention", "weighted")
+
 
 @dataclass
 class FusionConfig:
@@ -47,6 +51,11 @@ class FusionConfig:
         regularization: add ``reg_lambda`` * ||I - W_V||^2 to the loss.
         temperature: anneal the softmax temperature from ``temperature_start`` to 1.
         dropout: dropout probability on the raw scores (0 disables it).
+        composition: ``attention`` (AdapterFusion over slot kinds) or ``weighted`` (LoraHub: one learned weight
+            per LoRA source, :mod:`adafuse.fusion.composition`).
+        l1: weighted: the L1 penalty on the weights.
+        search: weighted: learn the weights by ``gradient`` (with the head) or by ``es``, a derivative-free
+            evolution strategy on the training loss (the head refit for each candidate), as LoraHub does.
     """
 
     query: bool = True
@@ -61,6 +70,15 @@ class FusionConfig:
     temperature: bool = False
     temperature_start: float = 50.0
     dropout: float = 0.0
+    composition: str = "attention"
+    l1: float = 0.05
+    search: str = "gradient"
+
+    def __post_init__(self) -> None:
+        if self.composition not in COMPOSITIONS:
+            raise UserError(f"fusion.composition: '{self.composition}' is not one of {', '.join(COMPOSITIONS)}")
+        if self.search not in ("gradient", "es"):
+            raise UserError(f"fusion.search: '{self.search}' is not one of gradient, es")
 
 
 class FusionLayer(nn.Module):

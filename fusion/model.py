@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .attention import FusionConfig, FusionLayer
+from .composition import WeightedSum
 from .errors import UserError
 from .heads import build_head
 from .kinds import AdapterConfig, build_adapter
@@ -117,25 +118,33 @@ class AdaptedModel(nn.Module):
         return self.sites.pooling if pooling == "auto" else pooling
 
     def add_fusion(self, name: str, sources: list[str], config: FusionConfig) -> None:
+        """Compose ``sources``: AdapterFusion attention over slot kinds (``config.composition`` attention) or
+        one learned weight per LoRA source (weighted, LoraHub)."""
         missing = [s for s in sources if s not in self.adapter_configs]
         if missing:
             raise UserError(
                 f"fusion '{name}': unknown source adapters {missing}; known: {sorted(self.adapter_configs)}"
             )
         configs = [self.adapter_configs[s] for s in sources]
-        weight_deltas = [s for s, c in zip(sources, configs, strict=True) if c.acts != "slot"]
-        if weight_deltas:
+        acts = "projection" if config.composition == "weighted" else "slot"
+        wrong = [s for s, c in zip(sources, configs, strict=True) if c.acts != acts]
+        if wrong:
             raise UserError(
-                f"fusion '{name}': {weight_deltas} act inside projections (lora); AdapterFusion attends over "
-                f"per-site deltas (bottleneck, parallel, compacter)"
+                f"fusion '{name}': {wrong} cannot be composed by {config.composition}: attention fuses per-site "
+                f"deltas (bottleneck, parallel, compacter), weighted composes weight deltas (lora)"
             )
         shapes = {(c.locations, c.size(self.hidden_size), c.non_linearity, c.input) for c in configs}
+        if acts == "projection":
+            shapes = {c.locations for c in configs}
         if len(shapes) > 1:
-            raise UserError(
-                f"fusion '{name}': sources differ in sites/bottleneck/non-linearity/input: {sorted(shapes)}"
-            )
-        for _, location, slot in self.slots():
-            if location in configs[0].locations:
+            raise UserError(f"fusion '{name}': sources differ in sites/size/non-linearity/input: {sorted(shapes)}")
+        slots = [slot for _, location, slot in self.slots() if location in configs[0].locations]
+        if acts == "projection":
+            weights = nn.Parameter(torch.zeros(len(sources)))  # inert at init: the bare backbone
+            for slot in slots:
+                slot.fusions[name] = WeightedSum(weights, config, 1 / len(slots)).train(self.training)
+        else:
+            for slot in slots:
                 slot.fusions[name] = FusionLayer(self.hidden_size, config).train(self.training)
         self.fusion_sources[name] = tuple(sources)
 

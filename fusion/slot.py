@@ -173,9 +173,9 @@ class ResidualTap(nn.Module):
 class ProjectionSlot(nn.Module):
     """Replaces one linear projection; the active adapters (LoRA) add their deltas to its output.
 
-    The same attributes as :class:`AdapterSlot` (``adapters``, ``active``, ``routes``; ``fusions`` stays empty:
-    weight-delta kinds are composed by weighting, not by attention), so activation, training and state code
-    treat both slots alike.
+    The same attributes as :class:`AdapterSlot` (``adapters``, ``active``, ``routes``, ``fusions``: here weighted
+    compositions, :mod:`adafuse.fusion.composition`), so activation, training and state code treat both slots
+    alike.
     """
 
     def __init__(self, base: nn.Linear) -> None:
@@ -200,20 +200,27 @@ class ProjectionSlot(nn.Module):
 
     @property
     def is_bare(self) -> bool:
-        return not self.active and not self.routes
+        return not self.active and self.active_fusion is None and not self.routes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.is_bare:
             return out
         if self.routes:
-            for name, _, rows in self.routes:
-                delta = self.adapters[name](x.index_select(0, rows))
-                out = out.index_add(0, rows, delta)
+            for name, sources, rows in self.routes:
+                out = out.index_add(0, rows, self._delta(name, sources, x.index_select(0, rows)))
             return out
+        if self.active_fusion is not None:
+            return out + self._delta(*self.active_fusion, x)
         for name in self.active:
             out = out + self.adapters[name](x)
         return out
+
+    def _delta(self, name: str, sources: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s delta, or composition ``name``'s over its ``sources``."""
+        if sources:
+            return self.fusions[name](x, [self.adapters[s] for s in sources])
+        return self.adapters[name](x)
 
     def forget_maps(self) -> None:
         """Nothing memoised here (the protocol of :meth:`AdapterSlot.forget_maps`)."""

@@ -246,3 +246,81 @@ def test_predict_merge_through_the_cli(tmp_path):
     adapted, merged = ([json.loads(x) for x in (tmp_path / f).read_text().splitlines()] for f in ("a.jsonl", "m.jsonl"))
     for a, m in zip(adapted, merged, strict=True):
         assert m["probabilities"] == pytest.approx(a["probabilities"], abs=1e-5)
+
+
+def _lora_sources(model: AdaptedModel, names=("l0", "l1", "l2")) -> list[str]:
+    for name in names:
+        model.add_adapter(name, KIND_CONFIGS["lora"])
+    with torch.no_grad():  # trained-looking sources (B is zero at init)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    return list(names)
+
+
+def test_weighted_composition_is_inert_at_init_and_learns_only_its_weights():
+    torch.manual_seed(0)
+    model = AdaptedModel(tiny_backbone("bert"))
+    sources = _lora_sources(model)
+    model.add_fusion("w", sources, FusionConfig(composition="weighted"))
+    model.add_head("w", 3)
+    model.eval()
+    batch = tiny_batch()
+    model.activate(head="w")
+    with torch.no_grad():
+        bare = model(**batch)
+    model.activate(fusion="w", head="w")
+    with torch.no_grad():
+        assert torch.equal(model(**batch), bare)  # all weights 0: exactly the bare backbone
+    weights = {id(s.fusions["w"].weights) for _, _, s in model.slots() if "w" in s.fusions}
+    assert len(weights) == 1  # one weight vector shared by every projection
+    model.set_trainable(fusions=["w"], heads=["w"])
+    (model(**batch).pow(2).sum() + model.fusion_regularization()).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.endswith("fusions.w.weights") for n in grads)
+    assert all(".fusions.w." in n or n.startswith("heads.w.") for n in grads)
+    with torch.no_grad():  # a weighted sum of the sources' deltas, nothing else
+        slot = next(s for _, _, s in model.slots() if "w" in s.fusions)
+        slot.fusions["w"].weights.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        model.activate(["l0"], head="w")
+        x = torch.randn(2, 3, slot.in_features)
+        expected = sum(w * slot.adapters[s](x) for w, s in zip([0.5, -1.0, 2.0], sources, strict=True))
+        torch.testing.assert_close(slot.fusions["w"](x, [slot.adapters[s] for s in sources]), expected)
+
+
+def test_weighted_composition_refuses_slot_kinds_and_round_trips():
+    model = AdaptedModel(tiny_backbone("bert"))
+    model.add_adapter("b", KIND_CONFIGS["bottleneck"])
+    with pytest.raises(UserError, match="cannot be composed by weighted"):
+        model.add_fusion("w", ["b"], FusionConfig(composition="weighted"))
+    sources = _lora_sources(model)
+    model.add_fusion("w", sources, FusionConfig(composition="weighted"))
+    randomize(model, std=0.3)
+    state = model.fusion_state("w")
+    again = AdaptedModel(tiny_backbone("bert"))
+    _lora_sources(again)
+    again.add_fusion("w", sources, FusionConfig(composition="weighted"))
+    again.load_fusion_state("w", state)
+    assert all(torch.equal(v, again.fusion_state("w")[k]) for k, v in state.items())
+
+
+def test_fuse_composition_weighted_through_the_cli(tmp_path):
+    import yaml
+    from conftest import ROOT
+
+    from adafuse.continual.cli import main
+
+    config = yaml.safe_load((ROOT / "configs" / "sequence" / "smoke.yaml").read_text())
+    config |= {"adapter": {"kind": "lora", "r": 4, "alpha": 8}}
+    config["trainer"] |= {"max_epochs": 1, "limit_train_batches": 4}
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "lora.yaml"), "--out", str(tmp_path / "run")]) == 0
+    library = str(tmp_path / "run" / "library")
+    fuse = ["fuse", str(ROOT / "configs" / "fusion" / "smoke.yaml"), "--library", library, "--out", str(tmp_path / "w")]
+    assert main([*fuse, "--composition", "weighted"]) == 0
+    metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert set(metrics["composition_weights"]) == {"bbc-business", "bbc-sports", "bbc-tech"}
+    assert any(w != 0.0 for w in metrics["composition_weights"].values())  # learned by gradient
+    assert metrics["source_accuracy_before"] == metrics["source_accuracy_after"]
+    opened = LibraryModel.open(library)
+    assert opened.load_fusion("bbc-topic5-fewshot-fusion") == ["bbc-business", "bbc-sports", "bbc-tech"]
