@@ -32,6 +32,7 @@ from .methods import seeded_adapter_state, seeded_head_state
 from .module import AdapterTaskModule, FusionModule
 from .report import write_fusion_report, write_results
 from .runner import claimed_output, prepare_environment, trainable_count
+from .search import search_weights
 from .training import LibraryWriter, fit, make_trainer
 
 
@@ -100,8 +101,17 @@ def run_fusion(
         model.load_head_state(head, seeded_head_state(model, target.num_labels, config.head, config.seed * 31 + 1))
         if baseline is None:
             model.add_fusion(fusion_name, sources, config.fusion)
+            searched = config.fusion.composition == "weighted" and config.fusion.search == "es"
+            if searched:  # gradient-free weights first (LoraHub), then the head by gradient with them frozen
+                log(f"searching the weights of {len(sources)} LoRA sources (evolution strategy, training split)")
+                search_weights(model, fusion_name, head, data.eval_dataloader("train"), seed=config.seed, log=log)
             module = FusionModule(
-                model, head=head, num_labels=target.num_labels, trainer_config=config.trainer, fusion=fusion_name
+                model,
+                head=head,
+                num_labels=target.num_labels,
+                trainer_config=config.trainer,
+                fusion=fusion_name,
+                train_fusion=not searched,
             )
         else:
             model.add_adapter(head, config.adapter)

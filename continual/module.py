@@ -47,6 +47,7 @@ class AdapterTaskModule(L.LightningModule):
         fusion: str | None = None,
         train_adapters: tuple[str, ...] = (),
         train_backbone: bool = False,
+        train_fusion: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -55,7 +56,7 @@ class AdapterTaskModule(L.LightningModule):
         self.selection = {"adapters": tuple(adapters), "fusion": fusion, "head": head}
         self.trainable = {
             "adapters": tuple(train_adapters),
-            "fusions": (fusion,) if fusion else (),
+            "fusions": (fusion,) if fusion and train_fusion else (),
             "heads": (head,),
             "backbone": train_backbone,
         }

@@ -324,3 +324,39 @@ def test_fuse_composition_weighted_through_the_cli(tmp_path):
     assert metrics["source_accuracy_before"] == metrics["source_accuracy_after"]
     opened = LibraryModel.open(library)
     assert opened.load_fusion("bbc-topic5-fewshot-fusion") == ["bbc-business", "bbc-sports", "bbc-tech"]
+
+
+def test_gradient_free_search_never_ends_worse_than_it_started():
+    from adafuse.continual.search import search_weights
+
+    torch.manual_seed(0)
+    model = AdaptedModel(tiny_backbone("bert"))
+    sources = _lora_sources(model)
+    model.add_fusion("w", sources, FusionConfig(composition="weighted", l1=0.0))
+    model.add_head("w", 2)
+    batches = [{**tiny_batch(seed=s), "labels": torch.tensor([0, 1, 1])} for s in range(3)]
+    scores = []
+    found = search_weights(model, "w", "w", batches, iterations=4, population=4, log=scores.append)
+    slot = next(s for _, _, s in model.slots() if "w" in s.fusions)
+    assert slot.fusions["w"].weights.tolist() == found and len(found) == 3
+    best = [float(line.split("best score ")[1].split(",")[0]) for line in scores]
+    assert best == sorted(best, reverse=True)  # the best score only ever improves
+
+
+def test_fuse_weighted_by_search_keeps_the_searched_weights(tmp_path):
+    import yaml
+    from conftest import ROOT
+
+    from adafuse.continual.cli import main
+
+    config = yaml.safe_load((ROOT / "configs" / "sequence" / "smoke.yaml").read_text())
+    config |= {"tasks": ["bbc-business", "bbc-tech"], "adapter": {"kind": "lora", "r": 4, "alpha": 8}}
+    config["trainer"] |= {"max_epochs": 1, "limit_train_batches": 2}
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "lora.yaml"), "--out", str(tmp_path / "run")]) == 0
+    fuse = ["fuse", str(ROOT / "configs" / "fusion" / "smoke.yaml"), "--library", str(tmp_path / "run" / "library")]
+    args = [*fuse, "--out", str(tmp_path / "es"), "--composition", "weighted", "--fusion.search", "es"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "es" / "metrics.json").read_text())
+    assert set(metrics["composition_weights"]) == {"bbc-business", "bbc-tech"}
+    assert metrics["trainable_params"] == 32 * 32 + 32 + 32 * 5 + 5  # the head only: the weights stay as searched
