@@ -134,6 +134,9 @@ def fusion_markdown(metrics: dict) -> str:
                 ],
             )
         )
+    if metrics.get("composition_weights"):
+        parts += ["", "## Composition weights (LoraHub: one weight per LoRA source)", ""]
+        parts.append(_table(["source", "weight"], [[s, w] for s, w in metrics["composition_weights"].items()]))
     parts += [
         "",
         f"Trainable parameters: {metrics.get('trainable_params')}, wall time {metrics.get('wall_time_s')} s.",

@@ -322,6 +322,7 @@ def test_fuse_composition_weighted_through_the_cli(tmp_path):
     assert set(metrics["composition_weights"]) == {"bbc-business", "bbc-sports", "bbc-tech"}
     assert any(w != 0.0 for w in metrics["composition_weights"].values())  # learned by gradient
     assert metrics["source_accuracy_before"] == metrics["source_accuracy_after"]
+    assert "Composition weights" in (tmp_path / "w" / "report.md").read_text()
     opened = LibraryModel.open(library)
     assert opened.load_fusion("bbc-topic5-fewshot-fusion") == ["bbc-business", "bbc-sports", "bbc-tech"]
 
