@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -152,10 +153,13 @@ def export_peft(library_dir: Path, name: str, out: Path, backbone: str | None) -
     return out
 
 
-def export_adapterhub(library_dir: Path, name: str, out: Path, backbone: str | None, kind: str | None = None) -> Path:
+def export_adapterhub(
+    library_dir: Path, name: str, out: Path, backbone: str | None, kind: str | None = None, warn=None
+) -> Path:
     """Write adapter or fusion ``name`` (and its head, if the library has one), or a head alone, as an AdapterHub
     folder."""
     out = Path(out)
+    warn = warn or (lambda line: print(f"adafuse: warning: {line}", file=sys.stderr))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out '{out}' exists and is not an empty folder")
     library = AdapterLibrary(library_dir)
@@ -189,9 +193,17 @@ def export_adapterhub(library_dir: Path, name: str, out: Path, backbone: str | N
         pooling = getattr(head, "pooling", None)  # None: a language-model head
         if pooling is not None and (pooling != model.resolve_pooling("auto") or model.sites.features is not None):
             # AdapterHub reads the first token (encoders), the last one (decoders), T5's decoder eos tokens
-            raise UserError(f"head '{name}' pools by '{pooling}', which AdapterHub's {info.model_type} heads do not")
-        dropout = float(entry["config"].get("head", {}).get("dropout", 0.1))
-        files |= head_files(info, ah_name, head, opened.model.head_state(name), labels, dropout)
+            if kinds[0] == "head":
+                raise UserError(
+                    f"head '{name}' pools by '{pooling}', which AdapterHub's {info.model_type} heads do not"
+                )
+            warn(
+                f"head '{name}' not exported: it pools by '{pooling}', which AdapterHub's {info.model_type} "
+                "heads do not"
+            )
+        else:
+            dropout = float(entry["config"].get("head", {}).get("dropout", 0.1))
+            files |= head_files(info, ah_name, head, opened.model.head_state(name), labels, dropout)
     _write_folder(out, files)
     return out
 
