@@ -156,7 +156,7 @@ def test_fusion_refuses_lora_sources_and_mixes_slot_kinds(monkeypatch):
 
     model = AdaptedModel(tiny_backbone("bert"))
     model.add_adapter("l", KIND_CONFIGS["lora"])
-    with pytest.raises(UserError, match="act inside projections"):
+    with pytest.raises(UserError, match="cannot be composed by attention"):
         model.add_fusion("f", ["l"], FusionConfig())
 
     def build():
