@@ -205,7 +205,13 @@ def get_path(root: nn.Module, path: str) -> nn.Module:
     """Follow a dotted attribute path (``"encoder.layer"``) from ``root``."""
     module = root
     for part in path.split("."):
-        module = getattr(module, part)
+        try:
+            module = getattr(module, part)
+        except AttributeError:
+            raise UserError(
+                f"{type(root).__name__} has no module '{path}' where the sites table expects one (this "
+                f"transformers version lays the model out differently; adafuse's table follows transformers 5)"
+            ) from None
     return module
 
 
