@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
+from adafuse.fusion.attention import COMPOSITIONS
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary, check_name
@@ -47,13 +48,12 @@ def _target(config: FuseConfig) -> TaskSpec:
 
 def _source_entries(library: AdapterLibrary, sources: list[str] | str, composition: str = "attention") -> list[dict]:
     if sources == "all":  # every adapter the composition can take: slot kinds for attention, LoRA for weighted
-        lora = composition == "weighted"
-        kinds = {
-            e["name"]: e["config"].get("adapter", {}).get("kind", "bottleneck") for e in library.entries("adapter")
-        }
-        entries = [e for e in library.entries("adapter") if (kinds[e["name"]] == "lora") == lora]
+        acts = COMPOSITIONS[composition]
+        entries = [
+            e for e in library.entries("adapter") if AdapterConfig(**e["config"].get("adapter", {})).acts == acts
+        ]
         if not entries:
-            what = "LoRA adapters to compose" if lora else "adapters to fuse"
+            what = "adapters to fuse" if acts == "slot" else "LoRA adapters to compose"
             raise UserError(f"library '{library.root}' holds no {what}")
         return entries
     if isinstance(sources, str) or not sources:

@@ -60,17 +60,27 @@ def _label_names(head: dict) -> list[str]:
     return [label for label, _ in sorted(label2id.items(), key=lambda item: item[1])]
 
 
-def _read_folder(folder: Path, site_paths) -> tuple[str, dict]:
-    """(kind, what was read) of an AdapterHub adapter, fusion or head-only (``save_head``) folder."""
-    if (folder / "adapter_fusion_config.json").is_file():
-        return "fusion", read_fusion_folder(folder, site_paths)
-    if (folder / "adapter_config.json").is_file():
-        return "adapter", read_adapter_folder(folder, site_paths)
-    if (folder / "head_config.json").is_file():
-        meta = read_json(folder / "head_config.json")
-        name = meta.get("name") or folder.name
-        return "head", {"name": name, "meta": meta, "head": read_head(folder, name)}
+# what an AdapterHub folder holds, by the config file it has (checked in this order)
+_CONFIG_FILES = {"fusion": "adapter_fusion_config.json", "adapter": "adapter_config.json", "head": "head_config.json"}
+
+
+def _folder_kind(folder: Path) -> str:
+    """fusion, adapter or head (a ``save_head`` folder): the first of :data:`_CONFIG_FILES` that ``folder`` has."""
+    for kind, filename in _CONFIG_FILES.items():
+        if (folder / filename).is_file():
+            return kind
     raise UserError(f"'{folder}': none of adapter_config.json, adapter_fusion_config.json, head_config.json found")
+
+
+def _read_folder(folder: Path, kind: str, site_paths) -> dict:
+    """What an AdapterHub folder of ``kind`` holds, its keys mapped through the model's ``site_paths``."""
+    if kind == "fusion":
+        return read_fusion_folder(folder, site_paths)
+    if kind == "adapter":
+        return read_adapter_folder(folder, site_paths)
+    meta = read_json(folder / _CONFIG_FILES["head"])
+    name = meta.get("name") or folder.name
+    return {"name": name, "meta": meta, "head": read_head(folder, name)}
 
 
 def import_adapterhub(folder: Path, library_dir: Path, backbone: str | None, name: str | None, log=print) -> list:
@@ -78,12 +88,11 @@ def import_adapterhub(folder: Path, library_dir: Path, backbone: str | None, nam
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"'{folder}': not a folder (expected an AdapterHub save_adapter/save_adapter_fusion folder)")
+    kind = _folder_kind(folder)
     opened = LibraryModel.open(library_dir, backbone, create=True)
-    for config_file in ("adapter_fusion_config.json", "adapter_config.json", "head_config.json"):
-        if (folder / config_file).is_file():  # the architecture first: its keys only map onto its own sites
-            _check_backbone(read_json(folder / config_file), opened, folder)
-            break
-    kind, read = _read_folder(folder, opened.model.site_paths)
+    # the architecture first: the folder's keys only map onto the sites of its own architecture
+    _check_backbone(read_json(folder / _CONFIG_FILES[kind]), opened, folder)
+    read = _read_folder(folder, kind, opened.model.site_paths)
     model, library, target = opened.model, opened.library, check_name(name or read["name"])
     if library.find(kind, target) is not None:  # never overwrite finished work (fusions may depend on it)
         raise UserError(f"library '{library_dir}' already has an {kind} named '{target}'; import it with --name NEW")

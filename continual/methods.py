@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save
 
 from adafuse.fusion.heads import ClassificationHead
-from adafuse.fusion.kinds import build_adapter
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.storage import atomic_write
@@ -160,18 +159,10 @@ class SequenceMethod:
 
 def seeded_adapter_state(model: AdaptedModel, config: RunConfig, seed: int) -> dict[str, torch.Tensor]:
     """Initial tensors of an adapter ("<layer>.<location>.down.weight", ...) drawn from ``seed``."""
-    state, shared = {}, {}
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        for index, location, slot in model.slots():
-            if location in config.adapter.locations:
-                shape = (
-                    getattr(slot, "in_features", model.hidden_size),
-                    getattr(slot, "out_features", model.hidden_size),
-                )
-                adapter = build_adapter(*shape, config.adapter, shared)
-                state.update({f"{index}.{location}.{k}": v for k, v in adapter.state_dict().items()})
-    return state
+        modules = model.new_adapter_modules(config.adapter)
+    return {f"{i}.{loc}.{k}": v for (i, loc), module in modules.items() for k, v in module.state_dict().items()}
 
 
 class IsolatedAdapters(SequenceMethod):

@@ -31,8 +31,8 @@ def search_weights(
     log=print,
 ) -> list[float]:
     """Set composition ``name``'s weights to the best candidate found and return them."""
-    weights = next(slot.fusions[name].weights for _, _, slot in model.slots() if name in slot.fusions)
-    l1 = next(slot.fusions[name].config.l1 for _, _, slot in model.slots() if name in slot.fusions)
+    composition = next(slot.fusions[name] for _, _, slot in model.slots() if name in slot.fusions)
+    weights, l1 = composition.weights, composition.config.l1  # one weight vector, shared by every slot
     pooling = model.heads[head].pooling
     batches = [{k: v for k, v in b.items()} for b in loader]
     labels = torch.cat([b.pop("labels") for b in batches])

@@ -21,6 +21,7 @@ from .kinds import AdapterConfig
 
 VERSION = "adapters.1.3.0"
 _PARAM_NAMES = {"down.": "adapter_down.0.", "up.": "adapter_up."}
+_CONTAINERS = {"slot": "adapters", "projection": "loras"}  # where AdapterHub keeps each kind's modules
 # Options of an AdapterHub bottleneck config that adafuse's adapter always has at these values.
 _FIXED_OPTIONS = {
     "adapter_residual_before_ln": False,
@@ -102,7 +103,7 @@ def _slot_keys(tensors: dict[str, torch.Tensor], info: BackboneInfo, container: 
 
 
 def adapter_config_json(config: AdapterConfig, info: BackboneInfo, name: str) -> dict:
-    if config.kind == "lora":
+    if config.acts == "projection":  # LoRA, AdapterHub's only weight-delta kind here
         return _header(info, name, _lora_options(config, name))
     size = config.size(info.hidden_size)
     factor = info.hidden_size / size
@@ -113,14 +114,14 @@ def adapter_config_json(config: AdapterConfig, info: BackboneInfo, name: str) ->
         "mh_adapter": config.placement == "houlsby",
         "output_adapter": True,
         "non_linearity": config.non_linearity,
-        "original_ln_before": config.input_is_normed and config.kind != "parallel",
+        "original_ln_before": config.input == "normed",
         "reduction_factor": int(factor) if factor == int(factor) else factor,
-        "is_parallel": config.kind == "parallel",
+        "is_parallel": config.input == "residual",
         "scaling": config.delta_scale,
-        "phm_layer": config.kind == "compacter",
+        "phm_layer": config.phm,
         "phm_dim": config.phm_dim,
     }
-    if config.kind == "parallel":
+    if config.input == "residual":
         options["init_weights"] = "mam_adapter"
     return _header(info, name, dict(sorted(options.items())))
 
@@ -210,7 +211,7 @@ def adapter_files(info: BackboneInfo, name: str, config: AdapterConfig, tensors:
     """The files of an AdapterHub adapter folder (without its head)."""
     return {
         "adapter_config.json": _json(adapter_config_json(config, info, name)),
-        "adapter.safetensors": save(_slot_keys(tensors, info, "loras" if config.kind == "lora" else "adapters", name)),
+        "adapter.safetensors": save(_slot_keys(tensors, info, _CONTAINERS[config.acts], name)),
     }
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-COMPOSITIONS = ("attention", "weighted")
+COMPOSITIONS = {"attention": "slot", "weighted": "projection"}  # composition -> where its sources act
 
 
 @dataclass

@@ -23,8 +23,10 @@ POOLINGS = ("auto", "cls", "mean", "last")  # auto: the architecture's own (see 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
     """(B, L, d) -> (B, d): first token, last non-padding token (left or right padding) or masked mean."""
-    if pooling == "cls" or attention_mask is None:
-        return hidden[:, 0] if pooling != "last" else hidden[:, -1]
+    if pooling == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:  # no padding (e.g. image patches): every position is real
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
     if pooling == "last":
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (L,)
         last = (attention_mask.to(positions.dtype) * positions).argmax(-1)  # (B,)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from .attention import FusionConfig, FusionLayer
+from .attention import COMPOSITIONS, FusionConfig, FusionLayer
 from .composition import WeightedSum
 from .errors import UserError
 from .heads import build_head
@@ -79,14 +79,24 @@ class AdaptedModel(nn.Module):
                 f"adapter '{name}' ({config.kind}): the {self.backbone.config.model_type} backbone has no {where} "
                 f"{missing}; it has {have or 'none'}"
             )
-        shared: dict = {}  # what the adapter's sites share (Compacter's rule matrices)
-        for _, location, slot in self.slots():
-            if location in config.locations:
-                in_features = getattr(slot, "in_features", self.hidden_size)
-                out_features = getattr(slot, "out_features", self.hidden_size)
-                module = build_adapter(in_features, out_features, config, shared)
-                slot.adapters[name] = module.train(self.training)
+        for site, module in self.new_adapter_modules(config).items():
+            self._slots[site].adapters[name] = module.train(self.training)
         self.adapter_configs[name] = config
+
+    def new_adapter_modules(self, config: AdapterConfig) -> dict[tuple[int, str], nn.Module]:
+        """Fresh modules of one ``config`` adapter, one per site or projection it names, in slot order (drawn
+        from the global RNG); its sites share what the kind shares (Compacter's rule matrices)."""
+        shared: dict = {}
+        return {
+            (index, location): build_adapter(
+                getattr(slot, "in_features", self.hidden_size),
+                getattr(slot, "out_features", self.hidden_size),
+                config,
+                shared,
+            )
+            for index, location, slot in self.slots()
+            if location in config.locations
+        }
 
     def add_head(
         self,
@@ -126,16 +136,17 @@ class AdaptedModel(nn.Module):
                 f"fusion '{name}': unknown source adapters {missing}; known: {sorted(self.adapter_configs)}"
             )
         configs = [self.adapter_configs[s] for s in sources]
-        acts = "projection" if config.composition == "weighted" else "slot"
+        acts = COMPOSITIONS[config.composition]
         wrong = [s for s, c in zip(sources, configs, strict=True) if c.acts != acts]
         if wrong:
             raise UserError(
                 f"fusion '{name}': {wrong} cannot be composed by {config.composition}: attention fuses per-site "
                 f"deltas (bottleneck, parallel, compacter), weighted composes weight deltas (lora)"
             )
-        shapes = {(c.locations, c.size(self.hidden_size), c.non_linearity, c.input) for c in configs}
-        if acts == "projection":
+        if acts == "projection":  # a weighted sum of deltas needs the same projections
             shapes = {c.locations for c in configs}
+        else:  # the fast path needs one input, one bottleneck size and one non-linearity
+            shapes = {(c.locations, c.size(self.hidden_size), c.non_linearity, c.input) for c in configs}
         if len(shapes) > 1:
             raise UserError(f"fusion '{name}': sources differ in sites/size/non-linearity/input: {sorted(shapes)}")
         slots = [slot for _, location, slot in self.slots() if location in configs[0].locations]

@@ -23,7 +23,6 @@ from .storage import read_json_object
 _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
 # PEFT options adafuse computes only at these values (absent keys are PEFT's defaults, which are these).
 _REQUIRED = {
-    "peft_type": "LORA",
     "bias": "none",
     "fan_in_fan_out": False,
     "use_rslora": False,
@@ -44,11 +43,10 @@ def read_peft_folder(folder: Path, site_paths: SitePaths) -> dict:
     where = folder / "adapter_config.json"
     config = read_json_object(where, "a PEFT save_pretrained folder's config")
     refused = [f"{k}={config[k]!r}" for k, v in _REQUIRED.items() if k in config and config[k] not in (v, None, [], {})]
-    refused += [f"{k}={config[k]!r}" for k in ("peft_type",) if config.get(k) != "LORA"]
+    if config.get("peft_type") != "LORA":  # absent counts too: then it is not a PEFT LoRA config
+        refused.insert(0, f"peft_type={config.get('peft_type')!r}")
     if refused:
-        raise UserError(
-            f"{where}: unsupported PEFT options {', '.join(sorted(set(refused)))} (adafuse imports plain LoRA)"
-        )
+        raise UserError(f"{where}: unsupported PEFT options {', '.join(refused)} (adafuse imports plain LoRA)")
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise UserError(f"{folder}: adapter_model.safetensors not found (adafuse reads PEFT's safetensors only)")

@@ -89,7 +89,9 @@ def test_peft_trained_lora_imports_with_the_same_outputs(saved_backbone, tmp_pat
     assert entry["kind"] == "lora" and entry["r"] == 4 and entry["alpha"] == 8.0
 
 
-@pytest.mark.parametrize("option", [{"use_dora": True}, {"bias": "all"}, {"modules_to_save": ["classifier"]}])
+@pytest.mark.parametrize(
+    "option", [{"use_dora": True}, {"bias": "all"}, {"modules_to_save": ["classifier"]}, {"peft_type": "IA3"}]
+)
 def test_unsupported_peft_options_are_refused_by_name(tmp_path, capsys, option):
     from transformers import AutoModel
 

@@ -27,12 +27,20 @@ from ..errors import UserError
 from .bottleneck import ACTIVATIONS, INPUTS, PLACEMENTS, BottleneckAdapter
 from .lora import LoRA
 
-# kind -> (acts at: "slot" | "projection", default scaling)
-KINDS: dict[str, tuple[str, float]] = {
-    "bottleneck": ("slot", 1.0),
-    "parallel": ("slot", 4.0),
-    "compacter": ("slot", 1.0),
-    "lora": ("projection", 1.0),
+
+@dataclass(frozen=True)
+class Kind:
+    acts: str  # "slot" (a per-site delta fusion attends over) or "projection" (a weight delta)
+    scaling: float = 1.0  # default scale of a slot kind's delta
+    reads_residual: bool = False  # a slot kind's input is the residual stream (beside the sub-layer)
+    phm: bool = False  # down/up are PHM layers (Compacter)
+
+
+KINDS: dict[str, Kind] = {
+    "bottleneck": Kind("slot"),
+    "parallel": Kind("slot", scaling=4.0, reads_residual=True),
+    "compacter": Kind("slot", phm=True),
+    "lora": Kind("projection"),
 }
 PROJECTIONS = ("q", "k", "v", "ffn_in", "ffn_out")  # LoRA targets, named per architecture in the sites table
 
@@ -85,7 +93,7 @@ class AdapterConfig:
         if self.bottleneck is not None and self.bottleneck < 1:
             raise UserError(f"adapter.bottleneck: {self.bottleneck} must be >= 1")
         unknown = [m for m in self.target_modules if m not in PROJECTIONS]
-        if self.kind == "lora" and (unknown or not self.target_modules):
+        if self.acts == "projection" and (unknown or not self.target_modules):
             raise UserError(f"adapter.target_modules: {unknown or '[]'} (expected a non-empty subset of {PROJECTIONS})")
         if not 0 <= self.dropout < 1:
             raise UserError(f"adapter.dropout: {self.dropout} is out of range (expected in [0, 1))")
@@ -93,7 +101,7 @@ class AdapterConfig:
     @property
     def acts(self) -> str:
         """Where the kind acts: ``slot`` (a per-site delta) or ``projection`` (a weight delta)."""
-        return KINDS[self.kind][0]
+        return KINDS[self.kind].acts
 
     @property
     def locations(self) -> tuple[str, ...]:
@@ -109,13 +117,18 @@ class AdapterConfig:
     @property
     def input(self) -> str:
         """What a slot kind reads: ``normed`` LayerNorm(h + residual), ``output`` h, or ``residual``."""
-        if self.kind == "parallel":
+        if KINDS[self.kind].reads_residual:
             return "residual"
         return "normed" if self.input_is_normed else "output"
 
     @property
     def delta_scale(self) -> float:
-        return KINDS[self.kind][1] if self.scaling is None else self.scaling
+        return KINDS[self.kind].scaling if self.scaling is None else self.scaling
+
+    @property
+    def phm(self) -> bool:
+        """Down- and up-projection are PHM layers sharing one rule (Compacter)."""
+        return KINDS[self.kind].phm
 
     def size(self, hidden_size: int) -> int:
         return self.bottleneck or max(1, hidden_size // self.reduction_factor)

@@ -46,7 +46,7 @@ class BottleneckAdapter(nn.Module):
         super().__init__()
         self.config = config
         size = config.size(hidden_size)
-        if config.kind == "compacter":
+        if config.phm:
             rule = shared.setdefault("phm_rule", _phm_rule(config.phm_dim))
             self.down = PHMLinear(hidden_size, size, rule, where="adapter down-projection")
             self.up = PHMLinear(size, hidden_size, rule, where="adapter up-projection")
