@@ -1,12 +1,21 @@
 # The two commands: `make demo` and `make test`. Both bootstrap .venv idempotently.
-# torch is installed FIRST from TORCH_SPEC (the local CPU wheel by default; e.g. TORCH_SPEC="torch==2.13.0"
-# with a CUDA index for GPU users), then the package with torch pinned by a constraint so nothing replaces it.
+# torch is installed FIRST from TORCH_SPEC (the local CPU wheel by default), then the package with torch
+# pinned by a constraint so nothing replaces it. On a GPU machine (README, "GPU"):
+#   TORCH_SPEC="torch==2.13.0" PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128 make test
+#   VENV=/opt/conda TORCH_SPEC=torch make test      # install into an existing environment that has CUDA torch
+#   ACCELERATOR=gpu PRECISION=bf16-mixed make demo
+#   PYTEST_ARGS="-n 8" make test                    # with pytest-xdist installed
+# Offline, pip reads PIP_NO_INDEX=1 and PIP_FIND_LINKS=DIR_OF_WHEELS from the environment.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.stamp-install
 DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+ACCELERATOR ?= cpu
+PRECISION ?= 32-true
+TRAINER := --trainer.accelerator $(ACCELERATOR) --trainer.precision $(PRECISION)
 
 .PHONY: install test lint demo clean
 
@@ -27,16 +36,16 @@ lint: install
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/adafuse run configs/sequence/bbc-topics.yaml --out $(DEMO_OUT)/sequence
+	$(BIN)/adafuse run configs/sequence/bbc-topics.yaml --out $(DEMO_OUT)/sequence $(TRAINER)
 	$(BIN)/adafuse fuse configs/fusion/bbc-topic5-fewshot.yaml --library $(DEMO_OUT)/sequence/library \
-		--out $(DEMO_OUT)/fusion
+		--out $(DEMO_OUT)/fusion $(TRAINER)
 	$(BIN)/adafuse fuse configs/fusion/bbc-topic5-fewshot.yaml --library $(DEMO_OUT)/sequence/library \
-		--out $(DEMO_OUT)/single-adapter --baseline single-adapter
+		--out $(DEMO_OUT)/single-adapter --baseline single-adapter $(TRAINER)
 	$(BIN)/adafuse report $(DEMO_OUT)/sequence $(DEMO_OUT)/fusion $(DEMO_OUT)/single-adapter --out $(DEMO_OUT)
 	$(BIN)/python -m adafuse.continual.summary $(DEMO_OUT)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf .venv runs  # never $(VENV): it may name an environment adafuse did not create

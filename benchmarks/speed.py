@@ -259,6 +259,9 @@ def ratio_table(records: list[dict]) -> str:
         if method == "fusion_train" and ("single_train", 1) in memory:
             rss = memory[(method, k)]["peak_rss_mb"] / memory[("single_train", 1)]["peak_rss_mb"]
             rows.append((f"peak RSS fusion_train K={k} / single_train", rss))
+            if memory[(method, k)].get("peak_cuda_mb"):
+                gpu = memory[(method, k)]["peak_cuda_mb"] / memory[("single_train", 1)]["peak_cuda_mb"]
+                rows.append((f"peak GPU memory fusion_train K={k} / single_train", gpu))
     first = (list(timed.values()) or records)[0]
     header = (
         f"\n### adafuse speed ratios — {first['backbone']}, B={first['B']}, L={first['L']}, "

@@ -23,6 +23,8 @@ from adafuse.fusion.heads import POOLINGS
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.tasks.spec import TaskSpec
 
+from .hardware import check_hardware
+
 METHODS = ("adapters", "shared-adapter", "full-finetune")
 
 
@@ -65,6 +67,7 @@ class TrainerConfig:
         check_range("trainer.weight_decay", self.weight_decay, minimum=0)
         check_range("trainer.num_workers", self.num_workers, minimum=0)
         check_range("trainer.warmup_ratio", self.warmup_ratio, minimum=0, maximum=1)
+        check_hardware(self.accelerator, self.precision)
 
 
 @dataclass

@@ -19,9 +19,12 @@ from .distributed import gather_tensors, shard
 
 @torch.inference_mode()
 def predict_logits(
-    model: AdaptedModel, loader, device: torch.device | str = "cpu"
+    model: AdaptedModel, loader, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated (N, C) logits and (N,) labels over ``loader``, in eval mode."""
+    """Concatenated (N, C) logits and (N,) labels over ``loader``, in eval mode.
+
+    The batches move to ``device`` (default: where the model is); the model does not move."""
+    device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     logits, labels = [], []
@@ -49,5 +52,5 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     }
 
 
-def evaluate(model: AdaptedModel, loader, device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate(model: AdaptedModel, loader, device: torch.device | str | None = None) -> dict[str, float]:
     return scores(*predict_logits(model, loader, device))

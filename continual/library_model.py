@@ -47,12 +47,15 @@ class LibraryModel:
         return self._tokenizer
 
     @classmethod
-    def open(cls, library_dir: str | Path, backbone: str | None = None, create: bool = False) -> LibraryModel:
+    def open(
+        cls, library_dir: str | Path, backbone: str | None = None, create: bool = False, device=None
+    ) -> LibraryModel:
+        """The library and its backbone, loaded on ``device`` (default: the CPU)."""
         library = AdapterLibrary(library_dir)
         if not create and not library.exists():
             raise UserError(f"'{library_dir}' is not an adapter library (no manifest.json)")
         config = backbone_config(backbone, library)
-        model = load_model(config)
+        model = load_model(config, device)
         fp = fingerprint(model)
         expected = (library.read_manifest().get("backbone") or {}).get("fingerprint")
         if expected is not None and expected != fp:

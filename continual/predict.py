@@ -94,7 +94,7 @@ class Predictor:
         self.device = device
         self.drop_layers = drop_layers
         self.kinds: dict[str, str] = {}
-        opened.model.to(device).eval()
+        opened.model.to(device).eval()  # the backbone is there already; this moves the adapter modules
 
     def add_task(self, name: str, where: str = "") -> None:
         """Load adapter or fusion ``name`` and the head of the same name."""
@@ -165,7 +165,8 @@ def run_predict(
         raise UserError(f"--input '{input_path}': file not found")
     if out_path.is_dir():
         raise UserError(f"--out '{out_path}' is a folder; expected a .jsonl file path")
-    predictor = Predictor(LibraryModel.open(library_dir, backbone), max_length, _device(device), drop_layers)
+    device = _device(device)
+    predictor = Predictor(LibraryModel.open(library_dir, backbone, device=device), max_length, device, drop_layers)
     fixed = adapter or fusion
     if fixed:
         predictor.add_task(fixed)

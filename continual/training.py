@@ -146,6 +146,7 @@ def fit(trainer: L.Trainer, module: L.LightningModule, data, out: Path, task: st
     last = folder / "last.ckpt"
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+        module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU: evaluate where it trained
     except NonFiniteLossError:
         if is_main():
             shutil.rmtree(folder, ignore_errors=True)

@@ -53,7 +53,6 @@ _REQUIRED = {
         "composition_mode": "add",
         "use_gating": False,
         "use_dora": False,
-        "leave_out": [],
         "vera_b": None,
         "vera_d": None,
     },
@@ -106,12 +105,16 @@ def adapter_config(adapter_json: dict, where: str) -> AdapterConfig:
     for key, value in _REQUIRED[kind].items():
         if key in config and config[key] != value:
             raise UserError(f"{where}: AdapterHub option {key}={config[key]!r} is not supported (expected {value!r})")
+    leave_out = sorted(config.get("leave_out") or [])
+    if leave_out != list(range(len(leave_out))):
+        raise UserError(f"{where}: AdapterHub leave_out={leave_out} is not supported (expected layers 0..N-1)")
+    skip = {"skip_layers": len(leave_out)}
     if kind == "lora":
         targets = list(config.get("attn_matrices", ["q", "v"]))
         targets += [target for key, target in _LORA_TARGETS.items() if config.get(key)]
         return AdapterConfig(
             kind="lora", r=int(config.get("r", 8)), alpha=float(config.get("alpha", 8)), target_modules=targets,
-            dropout=float(config.get("dropout", 0.0)),
+            dropout=float(config.get("dropout", 0.0)), **skip,
         )  # fmt: skip
     locations = (config.get("mh_adapter", False), config.get("output_adapter", True))
     placement = {(False, True): "pfeiffer", (True, True): "houlsby"}.get(locations)
@@ -125,6 +128,7 @@ def adapter_config(adapter_json: dict, where: str) -> AdapterConfig:
         ln_before=bool(config.get("original_ln_before", placement == "pfeiffer")),
         scaling=float(config.get("scaling", 1.0)) if kind == "parallel" else None,
         phm_dim=int(config.get("phm_dim", 4)),
+        **skip,
     )
 
 

@@ -120,6 +120,7 @@ def adapter_config_json(config: AdapterConfig, info: BackboneInfo, name: str) ->
         "scaling": config.delta_scale,
         "phm_layer": config.phm,
         "phm_dim": config.phm_dim,
+        "leave_out": list(range(config.skip_layers)),
     }
     if config.input == "residual":
         options["init_weights"] = "mam_adapter"
@@ -140,7 +141,7 @@ def _lora_options(config: AdapterConfig, name: str) -> dict:
         "init_weights": "lora",
         "init_weights_seed": None,
         "intermediate_lora": "ffn_in" in config.target_modules,
-        "leave_out": [],
+        "leave_out": list(range(config.skip_layers)),
         "output_lora": "ffn_out" in config.target_modules,
         "r": config.r,
         "selfattn_lora": True,

@@ -22,7 +22,7 @@ formed. With dropout on the scores (AdapterHub's ``BertFusion``) the common term
 are added back exactly.
 
 ``FusionLayer.forward`` computes this with autograd in every mode; in the common one (query = adapter
-input, no score dropout, frozen sources, no autocast) the slot runs the per-token part through
+input, no score dropout, frozen sources; under autocast too) the slot runs the per-token part through
 :class:`adafuse.fusion.fastpath.FusedAttention` instead, the same equations with a hand-written backward.
 """
 
@@ -56,6 +56,8 @@ class FusionConfig:
         l1: weighted: the L1 penalty on the weights.
         search: weighted: learn the weights by ``gradient`` (with the head) or by ``es``, a derivative-free
             evolution strategy on the training loss (the head refit for each candidate), as LoraHub does.
+        skip_layers: AdapterDrop in training: no fusion layer in the lowest N blocks (nor where a source has
+            no module), so the backward pass stops above them.
     """
 
     query: bool = True
@@ -73,8 +75,11 @@ class FusionConfig:
     composition: str = "attention"
     l1: float = 0.05
     search: str = "gradient"
+    skip_layers: int = 0
 
     def __post_init__(self) -> None:
+        if self.skip_layers < 0:
+            raise UserError(f"fusion.skip_layers: {self.skip_layers} must be >= 0")
         if self.composition not in COMPOSITIONS:
             raise UserError(f"fusion.composition: '{self.composition}' is not one of {', '.join(COMPOSITIONS)}")
         if self.search not in ("gradient", "es"):

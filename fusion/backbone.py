@@ -70,13 +70,13 @@ def resolve_source(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def _from_pretrained(loader, name: str, what: str):
+def _from_pretrained(loader, name: str, what: str, **options):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per load is noise in every command's output
     source, local = resolve_source(name)
     try:
-        return loader.from_pretrained(source, local_files_only=local)
+        return loader.from_pretrained(source, local_files_only=local, **options)
     except OSError as err:
         where = "local folder" if local else "Hub name (needs network access)"
         raise UserError(f"could not load {what} from {where} '{name}': {first_line(err)}") from None
@@ -110,8 +110,12 @@ def check_max_length(model: nn.Module, max_length: int, key: str = "max_length")
             )
 
 
-def load_model(config: BackboneConfig) -> nn.Module:
-    """Load (or randomly build) the base model and freeze every parameter."""
+def load_model(config: BackboneConfig, device: torch.device | str | None = None) -> nn.Module:
+    """Load (or randomly build) the base model on ``device`` and freeze every parameter.
+
+    Saved weights go straight to the device (no full copy in CPU memory first). A random-init model is built
+    on the CPU, so that its seeded weights, and with them the fingerprint, are the same on every device.
+    """
     from transformers import AutoConfig, AutoModel
 
     if config.random_init is not None:
@@ -126,8 +130,10 @@ def load_model(config: BackboneConfig) -> nn.Module:
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
             model = AutoModel.from_config(hf_config)
+        model.to(device or "cpu")
     else:
-        model = _from_pretrained(AutoModel, config.name, "backbone")
+        on_device = {"device_map": str(device)} if device is not None and torch.device(device).type != "cpu" else {}
+        model = _from_pretrained(AutoModel, config.name, "backbone", **on_device)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

@@ -47,25 +47,35 @@ def _mix(g: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 class FusedAttention(torch.autograd.Function):
-    """o = mix(softmax(scores(x))) V~ for K frozen adapters; gradients for x, M, b and V~ only."""
+    """o = mix(softmax(scores(x))) V~ for K frozen adapters; gradients for x, M, b and V~ only.
+
+    ``dtype`` is the matmul dtype under autocast (bf16 or fp16; None: the inputs' own). The two matmuls of
+    each pass run in it; the activations, the score sums, the softmax and every gradient sum between the
+    matmuls run in ``acc`` = at least float32, and each gradient comes back in its input's dtype. The caller
+    turns autocast off around :meth:`apply`: the casts here are all explicit, so the float32 and float64 paths
+    are the plain ones (every ``.to`` a no-op).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, k: int, temperature: float, act: str):
+    def forward(ctx, x, weight, bias, values, k: int, temperature: float, act: str, dtype=None):
         """x (B, L, d); weight [D; M^T] (K r + K(r+1), d); bias (same rows); values V~ (K(r+1), d).
 
-        Returns o (B, L, d) without the residual, and the attention weights s (B, L, K).
+        Returns o (B, L, d) without the residual (in the matmul dtype), and the attention weights s (B, L, K).
         """
-        flat = x.reshape(-1, x.shape[-1])  # (N, d)
-        z = torch.addmm(bias, flat, weight.t())  # (N, K r + K(r+1))
+        mm = dtype or x.dtype
+        acc = torch.promote_types(x.dtype, torch.float32)
+        flat = x.reshape(-1, x.shape[-1]).to(mm)  # (N, d)
+        z = torch.addmm(bias.to(mm), flat, weight.to(mm).t())  # (N, K r + K(r+1))
         rows = weight.shape[0] - values.shape[0]  # K r
         n, r = flat.shape[0], rows // k
-        g = ACTIVATIONS[act](z[:, :rows]).reshape(n, k, r)  # (N, K, r)
-        proj = z[:, rows:].view(n, k, r + 1)  # (N, K, r+1)
+        g = ACTIVATIONS[act](z[:, :rows].to(acc)).reshape(n, k, r)  # (N, K, r)
+        proj = z[:, rows:].to(acc).view(n, k, r + 1)  # (N, K, r+1)
         scores = torch.linalg.vecdot(proj[..., :r], g) + proj[..., r]  # (N, K)
         weights = torch.softmax(scores / temperature, dim=-1)  # (N, K)
-        out = _mix(g, weights) @ values  # (N, d)
+        out = _mix(g, weights).to(mm) @ values.to(mm)  # (N, d)
         ctx.save_for_backward(flat, weight, values, z, weights)
         ctx.shape, ctx.k, ctx.temperature, ctx.act = x.shape, k, temperature, act
+        ctx.x_dtype, ctx.mm, ctx.acc = x.dtype, mm, acc
         ctx.mark_non_differentiable(weights)
         return out.view(x.shape), weights.view(*x.shape[:-1], k)
 
@@ -73,34 +83,43 @@ class FusedAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_weights):
         flat, weight, values, z, weights = ctx.saved_tensors
-        k, n = ctx.k, flat.shape[0]
+        with torch.autocast(flat.device.type, enabled=False):
+            return FusedAttention._backward(ctx, grad_out, flat, weight, values, z, weights)
+
+    @staticmethod
+    def _backward(ctx, grad_out, flat, weight, values, z, weights):
+        k, n, mm, acc = ctx.k, flat.shape[0], ctx.mm, ctx.acc
         rows = weight.shape[0] - values.shape[0]
         r = rows // k
-        go = grad_out.reshape(n, -1)  # (N, d)
-        g = ACTIVATIONS[ctx.act](z[:, :rows]).reshape(n, k, r)  # recomputed, (N, K, r)
-        proj = z[:, rows:].view(n, k, r + 1)
+        go = grad_out.reshape(n, -1).to(mm)  # (N, d)
+        g = ACTIVATIONS[ctx.act](z[:, :rows].to(acc)).reshape(n, k, r)  # recomputed, (N, K, r)
+        proj = z[:, rows:].to(acc).view(n, k, r + 1)
 
-        grad_values = _mix(g, weights).t() @ go if ctx.needs_input_grad[3] else None  # (K(r+1), d)
-        grad_mixed = (go @ values.t()).view(n, k, r + 1)  # (N, K, r+1)
+        grad_values = None
+        if ctx.needs_input_grad[3]:  # (K(r+1), d)
+            grad_values = (_mix(g, weights).to(mm).t() @ go).to(values.dtype)
+        grad_mixed = (go @ values.to(mm).t()).to(acc).view(n, k, r + 1)  # (N, K, r+1)
         grad_s = torch.linalg.vecdot(grad_mixed[..., :r], g) + grad_mixed[..., r]  # (N, K)
         grad_scores = weights * (grad_s - (grad_s * weights).sum(-1, keepdim=True))
         grad_scores /= ctx.temperature  # (N, K)
 
-        grad_z = z.new_empty(z.shape)  # (N, K r + K(r+1)): [grad of the pre-activations, grad of x M + b]
+        grad_z = z.new_empty(z.shape, dtype=acc)  # (N, K r + K(r+1)): [grad of the pre-activations, of x M + b]
         grad_pre = grad_z[:, :rows].view(n, k, r)
         grad_proj = grad_z[:, rows:].view(n, k, r + 1)
         torch.mul(g, grad_scores.unsqueeze(-1), out=grad_proj[..., :r])
         grad_proj[..., r] = grad_scores
         torch.mul(grad_mixed[..., :r], weights.unsqueeze(-1), out=grad_pre)  # through s_n g_n
         grad_pre.addcmul_(proj[..., :r], grad_scores.unsqueeze(-1))  # through the scores
-        _activation_backward(ctx.act, grad_pre, z[:, :rows].view(n, k, r))
+        _activation_backward(ctx.act, grad_pre, z[:, :rows].to(acc).view(n, k, r))
 
-        grad_x = (grad_z @ weight).view(ctx.shape) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_bias = None
+        grad_x = grad_weight = grad_bias = None
+        grad_z_mm = grad_z.to(mm)
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_z_mm @ weight.to(mm)).view(ctx.shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:  # the frozen D rows get zeros; only the M rows are computed
             grad_weight = weight.new_zeros(weight.shape)
-            torch.mm(grad_z[:, rows:].t(), flat, out=grad_weight[rows:])
+            grad_weight[rows:] = grad_z_mm[:, rows:].t() @ flat
         if ctx.needs_input_grad[2]:
             grad_bias = weight.new_zeros(weight.shape[0])
-            torch.sum(grad_z[:, rows:], dim=0, out=grad_bias[rows:])
-        return grad_x, grad_weight, grad_bias, grad_values, None, None, None
+            grad_bias[rows:] = grad_z[:, rows:].sum(dim=0)
+        return grad_x, grad_weight, grad_bias, grad_values, None, None, None, None

@@ -79,6 +79,10 @@ class AdaptedModel(nn.Module):
                 f"adapter '{name}' ({config.kind}): the {self.backbone.config.model_type} backbone has no {where} "
                 f"{missing}; it has {have or 'none'}"
             )
+        if config.skip_layers >= self.num_layers:
+            raise UserError(
+                f"adapter '{name}': skip_layers {config.skip_layers} leaves none of the {self.num_layers} blocks"
+            )
         for site, module in self.new_adapter_modules(config).items():
             self._slots[site].adapters[name] = module.train(self.training)
         self.adapter_configs[name] = config
@@ -95,7 +99,7 @@ class AdaptedModel(nn.Module):
                 shared,
             )
             for index, location, slot in self.slots()
-            if location in config.locations
+            if location in config.locations and index >= config.skip_layers
         }
 
     def add_head(
@@ -149,7 +153,15 @@ class AdaptedModel(nn.Module):
             shapes = {(c.locations, c.size(self.hidden_size), c.non_linearity, c.input) for c in configs}
         if len(shapes) > 1:
             raise UserError(f"fusion '{name}': sources differ in sites/size/non-linearity/input: {sorted(shapes)}")
-        slots = [slot for _, location, slot in self.slots() if location in configs[0].locations]
+        slots = [  # where every source has a module (AdapterDrop: above the lowest blocks)
+            slot
+            for index, location, slot in self.slots()
+            if location in configs[0].locations
+            and index >= config.skip_layers
+            and all(s in slot.adapters for s in sources)
+        ]
+        if not slots:
+            raise UserError(f"fusion '{name}': no block holds all of {list(sources)} above skip_layers")
         if acts == "projection":
             weights = nn.Parameter(torch.zeros(len(sources)))  # inert at init: the bare backbone
             for slot in slots:

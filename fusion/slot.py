@@ -98,16 +98,16 @@ class AdapterSlot(nn.Module):
         fusion = self.fusions[name]
         x = self._adapter_input(adapters[-1].config.input, h, residual)
         sources_frozen = not any(p.requires_grad for adapter in adapters for p in adapter.parameters())
-        fast = (
-            not fusion.config.query_before_ln
-            and not fusion.drops_scores
-            and sources_frozen
-            and not torch.is_autocast_enabled(x.device.type)
-        )
+        fast = not fusion.config.query_before_ln and not fusion.drops_scores and sources_frozen
         if fast:  # the common case: one hand-differentiated pass (adafuse.fusion.fastpath)
-            weight, bias, values = self._fusion_maps(name, fusion, adapters)
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
             act = adapters[-1].config.non_linearity
-            out, weights = FusedAttention.apply(x, weight, bias, values, len(adapters), fusion.temperature, act)
+            with torch.autocast(device, enabled=False):  # maps in the weights' dtype; FusedAttention casts
+                weight, bias, values = self._fusion_maps(name, fusion, adapters)
+                out, weights = FusedAttention.apply(
+                    x, weight, bias, values, len(adapters), fusion.temperature, act, dtype
+                )
             out = fusion.add_residual(out, h)
         else:
             query = h if fusion.config.query_before_ln else x

@@ -44,6 +44,16 @@ TINY_VIT = dict(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2
 BREADTH = ROOT.parent / "shared" / "fixtures" / "adapterhub-breadth"
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests run where a CUDA device is, and are skipped (with the reason) elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device here")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def tiny_backbone(model_type: str = "bert", seed: int = 0):
     from adafuse.fusion.backbone import BackboneConfig, load_model
 

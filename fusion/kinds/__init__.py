@@ -64,6 +64,9 @@ class AdapterConfig:
         alpha: lora scale numerator (delta = alpha / r * B A x).
         target_modules: lora: projections that get a delta (q, k, v, ffn_in, ffn_out).
         dropout: lora: dropout on the delta's input while training.
+        skip_layers: AdapterDrop in training (Rücklé et al. 2021): no module in the lowest N blocks, so those
+            blocks run as the bare backbone and the backward pass stops above them (AdapterHub's ``leave_out``
+            of layers 0..N-1).
     """
 
     kind: str = "bottleneck"
@@ -79,6 +82,7 @@ class AdapterConfig:
     alpha: float = 8.0
     target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
     dropout: float = 0.0
+    skip_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -95,6 +99,8 @@ class AdapterConfig:
         unknown = [m for m in self.target_modules if m not in PROJECTIONS]
         if self.acts == "projection" and (unknown or not self.target_modules):
             raise UserError(f"adapter.target_modules: {unknown or '[]'} (expected a non-empty subset of {PROJECTIONS})")
+        if self.skip_layers < 0:
+            raise UserError(f"adapter.skip_layers: {self.skip_layers} must be >= 0")
         if not 0 <= self.dropout < 1:
             raise UserError(f"adapter.dropout: {self.dropout} is out of range (expected in [0, 1))")
 

@@ -1,0 +1,41 @@
+"""What this machine can run, checked when a trainer config is read (one line and exit 2, before anything is
+written): ``trainer.accelerator: gpu`` needs a CUDA device, and ``bf16-mixed`` on the CPU needs bf16
+instructions. Lightning's ``bf16-mixed`` runs on any CPU, but without native bf16 (AVX512-BF16 or AMX-BF16)
+every matmul converts through float32 and runs slower than float32 itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from adafuse.fusion.errors import UserError
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True where the CPU has native bf16 matmul instructions (Linux: /proc/cpuinfo's flags; elsewhere oneDNN's
+    own check, which also counts emulated support)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        import torch
+
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return any(flag in flags for flag in BF16_FLAGS)
+
+
+def check_hardware(accelerator: str, precision: str) -> None:
+    """Refuse a GPU accelerator without a CUDA device, and bf16 autocast on a CPU without bf16 instructions."""
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.accelerator: '{accelerator}' needs a CUDA device; none is visible here")
+    if accelerator == "cpu" and str(precision).startswith("bf16") and not cpu_has_bf16():
+        raise UserError(
+            f"trainer.precision: '{precision}' needs a CPU with bf16 instructions ({' or '.join(BF16_FLAGS)}); "
+            "this CPU has neither: use 32-true"
+        )
