@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"])
     p.add_argument("--kind", default="bottleneck", choices=["bottleneck", "parallel", "compacter", "lora"])
+    p.add_argument("--skip-layers", type=int, default=0, help="AdapterDrop in training: no adapter/fusion below")
     p.add_argument("--lora-r", type=int, default=12, help="LoRA rank (12 on q, v: the rf-16 bottleneck's budget)")
     p.add_argument(
         "--malloc", default="tuned", choices=["tuned", "default"], help="glibc thresholds as the adafuse CLI sets them"
@@ -78,8 +79,11 @@ def build(args, configs: list[tuple[str, int]]):
     else:
         backbone = BackboneConfig(name=args.backbone)
     model = AdaptedModel(load_model(backbone))
-    adapter = AdapterConfig(kind=args.kind, placement=args.placement, r=args.lora_r, alpha=2.0 * args.lora_r)
-    fused = AdapterConfig(placement=args.placement) if adapter.acts != "slot" else adapter  # fusion sources
+    skip = args.skip_layers
+    adapter = AdapterConfig(
+        kind=args.kind, placement=args.placement, r=args.lora_r, alpha=2.0 * args.lora_r, skip_layers=skip
+    )
+    fused = AdapterConfig(placement=args.placement, skip_layers=skip) if adapter.acts != "slot" else adapter
     sources = [f"source{i}" for i in range(max((k for m, k in configs if m.startswith("fusion")), default=0))]
     for name in sources:
         model.add_adapter(name, fused)
@@ -87,7 +91,7 @@ def build(args, configs: list[tuple[str, int]]):
         if method.startswith(("single", "merged")):
             model.add_adapter(f"{method}{k}", adapter)
         elif method.startswith("fusion"):
-            model.add_fusion(f"{method}{k}", sources[:k], FusionConfig())
+            model.add_fusion(f"{method}{k}", sources[:k], FusionConfig(skip_layers=skip))
         model.add_head(f"{method}{k}", 2)
     with torch.no_grad():  # trained-looking adapters: non-zero up-projections (zero at init)
         for name, param in model.named_parameters():
@@ -199,6 +203,7 @@ def measure(args, configs: list[tuple[str, int]], layout: str) -> list[dict]:
                 "L": args.length,
                 "placement": args.placement,
                 "kind": args.kind,
+                "skip_layers": args.skip_layers,
                 "precision": args.precision,
                 "malloc": malloc,
                 "step_ms_median": round(median, 3),
@@ -267,6 +272,7 @@ def ratio_table(records: list[dict]) -> str:
         f"\n### adafuse speed ratios — {first['backbone']}, B={first['B']}, L={first['L']}, "
         f"{first['device']}, threads={first['threads']}, precision={first['precision']}, "
         f"placement={first['placement']}, kind={first.get('kind', 'bottleneck')}, "
+        f"skip_layers={first.get('skip_layers', 0)}, "
         f"malloc={first.get('malloc', 'default')}, "
         f"{len(first['step_ms_all'])} interleaved rounds\n\n| ratio | value |\n|---|---|\n"
     )

@@ -251,12 +251,14 @@ def fusion_attention(model: AdaptedModel, loader) -> list[list[float]]:
     totals = [None] * len(slots)
     tokens = 0.0
     model.eval()
+    device = next(model.parameters()).device
     for batch in loader:
         for slot in slots:
             slot.attention_recorder = []
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        model(**inputs)
-        mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, L, 1)
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}  # the batches move, not the model
+        with torch.inference_mode():
+            model(**inputs)
+        mask = inputs["attention_mask"].unsqueeze(-1).float()  # (B, L, 1)
         tokens += float(mask.sum())
         for index, slot in enumerate(slots):
             if not slot.attention_recorder:  # a site the task does not run (T5's decoder when classifying)

@@ -80,7 +80,7 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in module.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * std)
+            param.add_(torch.randn(param.shape, generator=generator).to(param.device) * std)
 
 
 VOLATILE = {"wall_time_s", "train_wall_time_s", "reused", "versions"}
