@@ -34,7 +34,7 @@ class AdapterSlot(nn.Module):
         # Per-row routing (mixed-task batches): (adapter or fusion name, its sources or (), batch row indices).
         self.routes: list[tuple[str, tuple[str, ...], torch.Tensor]] | None = None
         self.attention_recorder: list[torch.Tensor] | None = None
-        self._maps_memo: dict[str, tuple] = {}  # fusion name -> (key, maps); see _fusion_maps
+        self._maps_memo: dict[tuple[str, str], tuple] = {}  # ("sources"|"maps", fusion) -> (key, value)
 
     @property
     def layer_norm(self) -> nn.Module:
@@ -121,18 +121,24 @@ class AdapterSlot(nn.Module):
     def _fusion_maps(self, name: str, fusion: nn.Module, adapters: list[nn.Module]):
         """[D; M^T], [e; b] and V~ for the fast path, from the weights.
 
-        Without autograd (inference, validation) they are memoised per slot and fusion until one of the
-        tensors they are made of changes (an optimizer step, a load, ``.to()``): the key holds each tensor with
-        its version counter and storage.
+        The stacked (frozen) sources are memoised per slot and fusion, and so are the maps without autograd
+        (inference, validation), each until one of the tensors it is made of changes (an optimizer step, a load,
+        ``.to()``): the key holds each tensor with its version counter and storage. In training only the maps'
+        few products with the fusion's own weights run every step.
         """
-        if torch.is_grad_enabled():  # weights change every step: nothing to keep
-            self._maps_memo.pop(name, None)
-            return _maps(fusion, adapters)
-        tensors = [t for adapter in adapters for t in adapter.parameters()] + list(fusion.parameters())
-        key = [(t, t._version, t.data_ptr()) for t in tensors]
-        memo = self._maps_memo.get(name)
-        if memo is None or not _same_key(memo[0], key):
-            memo = self._maps_memo[name] = (key, _maps(fusion, adapters))
+        frozen = [t for adapter in adapters for t in adapter.parameters()]
+        sources = self._memo(("sources", name), frozen, lambda: _stacked(adapters))
+        if torch.is_grad_enabled():  # the fusion's weights change every step
+            self._maps_memo.pop(("maps", name), None)
+            return _maps(fusion, *sources)
+        return self._memo(("maps", name), [*fusion.parameters(), *sources], lambda: _maps(fusion, *sources))
+
+    def _memo(self, key: tuple[str, str], tensors: list[torch.Tensor], make):
+        """``make()``, kept under ``key`` while every one of ``tensors`` is unchanged."""
+        stamp = [(t, t._version, t.data_ptr()) for t in tensors]
+        memo = self._maps_memo.get(key)
+        if memo is None or not _same_key(memo[0], stamp):
+            memo = self._maps_memo[key] = (stamp, make())
         return memo[1]
 
     def forget_maps(self) -> None:
@@ -140,8 +146,13 @@ class AdapterSlot(nn.Module):
         self._maps_memo.clear()
 
 
-def _maps(fusion: nn.Module, adapters: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    down_w, down_b, up = stack_adapters(adapters)
+def _stacked(adapters: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The frozen sources stacked; plain tensors even under inference mode, as training steps reuse them."""
+    with torch.inference_mode(False):
+        return stack_adapters(adapters)
+
+
+def _maps(fusion: nn.Module, down_w, down_b, up) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     up_flat = up.reshape(-1, up.shape[-1])  # U~, (K(r+1), d)
     m, bias = fusion.score_map(up_flat)
     return torch.cat([down_w, m.t()]), torch.cat([down_b, bias]), fusion.value_map(up_flat)

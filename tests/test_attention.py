@@ -285,8 +285,31 @@ def test_each_fusion_keeps_its_own_maps_and_deleting_drops_them(monkeypatch):
         first = model(**batch)
         model.activate(fusion="g", head="f")
         model(**batch)
-        assert all(set(slot._maps_memo) == {"f", "g"} for slot in slots)
+        assert all({name for _, name in slot._maps_memo} == {"f", "g"} for slot in slots)
         model.activate(fusion="f", head="f")
         assert torch.equal(model(**batch), first)  # f's maps survived g's pass
     model.delete_fusion("g")
     assert all(not slot._maps_memo for slot in slots)
+
+
+def test_stacked_sources_are_kept_across_training_steps_and_inference_mode(monkeypatch):
+    """The frozen sources are stacked once (also when first needed under inference mode, as validation does)
+    and reused by later training steps, whose results equal a model that never memoised anything."""
+    from adafuse.fusion import slot as slot_module
+
+    stacked = []
+    original = slot_module.stack_adapters
+    monkeypatch.setattr(slot_module, "stack_adapters", lambda adapters: stacked.append(1) or original(adapters))
+    model = fused_model(3, "pfeiffer", FusionConfig())
+    model.eval()
+    with torch.inference_mode():
+        model(**tiny_batch())
+    layers = len(stacked)
+    _, grads = run(model, train_mode=False)
+    _, again = run(model, train_mode=False)
+    assert len(stacked) == layers  # stacked under inference mode, reused with autograd, twice
+    fresh = fused_model(3, "pfeiffer", FusionConfig())
+    fresh.load_state_dict(model.state_dict())
+    _, reference = run(fresh, train_mode=False)
+    for name, grad in reference.items():
+        assert torch.equal(grads[name], grad) and torch.equal(again[name], grad), name
