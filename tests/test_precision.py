@@ -237,3 +237,52 @@ def test_smoke_sequence_in_bf16_mixed_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["bwt"] == 0.0 and metrics["acc"] > 0.6  # better than chance on the binary tasks
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One gloo rank: the same fusion model, its share of the batch, bf16 autocast, DDP's gradient averaging."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = fused_model(2, "pfeiffer", FusionConfig())
+    model.eval()
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)  # b_K never enters the fast path
+    batch = {k: v[rank::world] for k, v in tiny_batch(batch=4).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ddp(**batch)
+    logits.float().pow(2).sum().backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_reduces_bf16_fusion_gradients_like_one_process(tmp_path):
+    """Under bf16-mixed the fusion's gradients are float32 (its parameters are) and DDP's all-reduce (gloo here,
+    NCCL on GPUs: the same code path) averages them: world x the mean equals the one-process gradient of the
+    whole batch within the bf16 bound."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = str(tmp_path / "grads.pt")
+    mp.spawn(_ddp_rank, args=(2, port, out), nprocs=2, join=True)
+    reduced = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    model = fused_model(2, "pfeiffer", FusionConfig())
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(**tiny_batch(batch=4))
+    logits.float().pow(2).sum().backward()
+    whole = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert reduced.keys() == whole.keys()
+    assert all(g.dtype == torch.float32 for g in reduced.values())
+    assert relative(flat({n: 2 * g for n, g in reduced.items()}), flat(whole)) <= 8 * UNIT_ROUNDOFF[torch.bfloat16]
