@@ -24,7 +24,7 @@ def predict_logits(
     """Concatenated (N, C) logits and (N,) labels over ``loader``, in eval mode.
 
     The batches move to ``device`` (default: where the model is); the model does not move."""
-    device = device or next(model.parameters()).device
+    device = device or model.device
     was_training = model.training
     model.eval()
     logits, labels = [], []

@@ -251,11 +251,10 @@ def fusion_attention(model: AdaptedModel, loader) -> list[list[float]]:
     totals = [None] * len(slots)
     tokens = 0.0
     model.eval()
-    device = next(model.parameters()).device
     for batch in loader:
         for slot in slots:
             slot.attention_recorder = []
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}  # the batches move, not the model
+        inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}  # batches move, not the model
         with torch.inference_mode():
             model(**inputs)
         mask = inputs["attention_mask"].unsqueeze(-1).float()  # (B, L, 1)

@@ -126,7 +126,7 @@ class SequenceMethod:
         task, so memory stays flat however long the sequence (one adapter trains, one is evaluated)."""
         self.select(j, i, live)
         try:
-            return evaluate(self.model, self.loaders[j], self.model_device())
+            return evaluate(self.model, self.loaders[j])
         finally:
             if j != i:
                 self.release(j)
@@ -136,9 +136,6 @@ class SequenceMethod:
         self.model.activate()
         if self.name(j) in self.model.heads:
             del self.model.heads[self.name(j)]
-
-    def model_device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     # ---- per-method hooks ----------------------------------------------------------------------------------
     def module_kwargs(self, i: int) -> dict:

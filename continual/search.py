@@ -34,8 +34,7 @@ def search_weights(
     composition = next(slot.fusions[name] for _, _, slot in model.slots() if name in slot.fusions)
     weights, l1 = composition.weights, composition.config.l1  # one weight vector, shared by every slot
     pooling = model.heads[head].pooling
-    device = next(model.parameters()).device
-    batches = [{k: v.to(device) for k, v in b.items()} for b in loader]  # the batches move, not the model
+    batches = [{k: v.to(model.device) for k, v in b.items()} for b in loader]  # the batches move, not the model
     labels = torch.cat([b.pop("labels") for b in batches])
     targets = F.one_hot(labels, model.heads[head].num_labels).to(weights.dtype)  # (N, C)
     generator = torch.Generator().manual_seed(seed)

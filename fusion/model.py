@@ -63,6 +63,11 @@ class AdaptedModel(nn.Module):
             yield index, location, slot
 
     @property
+    def device(self) -> torch.device:
+        """Where the model is: evaluation and prediction move their batches here."""
+        return next(self.parameters()).device
+
+    @property
     def num_layers(self) -> int:
         return 1 + max(index for index, _ in self._slots)
 

@@ -97,14 +97,15 @@ class AdapterSlot(nn.Module):
     def _fuse(self, name: str, adapters: list[nn.Module], h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         fusion = self.fusions[name]
         x = self._adapter_input(adapters[-1].config.input, h, residual)
-        sources_frozen = not any(p.requires_grad for adapter in adapters for p in adapter.parameters())
+        source_params = [p for adapter in adapters for p in adapter.parameters()]  # read once: the hot path
+        sources_frozen = not any(p.requires_grad for p in source_params)
         fast = not fusion.config.query_before_ln and not fusion.drops_scores and sources_frozen
         if fast:  # the common case: one hand-differentiated pass (adafuse.fusion.fastpath)
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
             act = adapters[-1].config.non_linearity
             with torch.autocast(device, enabled=False):  # maps in the weights' dtype; FusedAttention casts
-                weight, bias, values = self._fusion_maps(name, fusion, adapters)
+                weight, bias, values = self._fusion_maps(name, fusion, adapters, source_params)
                 out, weights = FusedAttention.apply(
                     x, weight, bias, values, len(adapters), fusion.temperature, act, dtype
                 )
@@ -118,7 +119,7 @@ class AdapterSlot(nn.Module):
             self.attention_recorder.append(weights.detach())
         return out
 
-    def _fusion_maps(self, name: str, fusion: nn.Module, adapters: list[nn.Module]):
+    def _fusion_maps(self, name: str, fusion: nn.Module, adapters: list[nn.Module], source_params: list):
         """[D; M^T], [e; b] and V~ for the fast path, from the weights.
 
         The stacked (frozen) sources are memoised per slot and fusion, and so are the maps without autograd
@@ -126,8 +127,7 @@ class AdapterSlot(nn.Module):
         ``.to()``): the key holds each tensor with its version counter and storage. In training only the maps'
         few products with the fusion's own weights run every step.
         """
-        frozen = [t for adapter in adapters for t in adapter.parameters()]
-        sources = self._memo(("sources", name), frozen, lambda: _stacked(adapters))
+        sources = self._memo(("sources", name), source_params, lambda: _stacked(adapters))
         if torch.is_grad_enabled():  # the fusion's weights change every step
             self._maps_memo.pop(("maps", name), None)
             return _maps(fusion, *sources)
