@@ -29,6 +29,7 @@ KIND_OVERRIDES = {
     "parallel": ["--adapter.kind", "parallel"],
     "compacter": ["--adapter.kind", "compacter", "--adapter.placement", "houlsby", "--adapter.non_linearity", "gelu"],
     "lora": ["--adapter.kind", "lora", "--adapter.r", "12", "--adapter.alpha", "24"],
+    "prefix": ["--adapter.kind", "prefix"],  # P = 30, MLP width 24 (d / 16), tanh: 136 k
 }
 
 

@@ -50,9 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"])
-    p.add_argument("--kind", default="bottleneck", choices=["bottleneck", "parallel", "compacter", "lora"])
+    p.add_argument("--kind", default="bottleneck", choices=["bottleneck", "parallel", "compacter", "lora", "prefix"])
     p.add_argument("--skip-layers", type=int, default=0, help="AdapterDrop in training: no adapter/fusion below")
     p.add_argument("--lora-r", type=int, default=12, help="LoRA rank (12 on q, v: the rf-16 bottleneck's budget)")
+    p.add_argument("--prefix-length", type=int, default=30, help="prefix tuning: key/value positions per layer")
     p.add_argument(
         "--malloc", default="tuned", choices=["tuned", "default"], help="glibc thresholds as the adafuse CLI sets them"
     )
@@ -81,7 +82,12 @@ def build(args, configs: list[tuple[str, int]]):
     model = AdaptedModel(load_model(backbone))
     skip = args.skip_layers
     adapter = AdapterConfig(
-        kind=args.kind, placement=args.placement, r=args.lora_r, alpha=2.0 * args.lora_r, skip_layers=skip
+        kind=args.kind,
+        placement=args.placement,
+        r=args.lora_r,
+        alpha=2.0 * args.lora_r,
+        prefix_length=args.prefix_length,
+        skip_layers=skip,
     )
     fused = AdapterConfig(placement=args.placement, skip_layers=skip) if adapter.acts != "slot" else adapter
     sources = [f"source{i}" for i in range(max((k for m, k in configs if m.startswith("fusion")), default=0))]

@@ -20,6 +20,9 @@ from .storage import read_json_object
 
 # <model prefix>.<site path>.<adapters|adapter_fusion_layer|loras>.<name>.<param>; site paths: the sites table's
 _SLOT_KEY = re.compile(r"^(.*?)\.(?:adapters|adapter_fusion_layer|loras)\.(.+)$")
+# <model prefix>.<site path>.prefix_tuning.pool.prefix_tunings.<name>.self_prefix.<param>, and once more for the
+# model's pool (<model prefix>.prefix_tuning.prefix_tunings...): the same shared tensors, read from the layers
+_PREFIX_KEY = re.compile(r"^(.*?)\.?prefix_tuning\.(?:pool\.)?prefix_tunings\.(.+)$")
 _SHARED_KEY = re.compile(r"^(?:[a-z_]+\.)?shared_parameters\.(.+)\.(phm_rule)$")  # Compacter's shared rule
 SitePaths = dict[tuple[int, str], str]  # (block index, location) -> AdapterHub's site path (AdaptedModel.site_paths)
 _PARAM_RENAMES = (("adapter_down.0.", "down."), ("adapter_up.", "up."))
@@ -48,6 +51,7 @@ _REQUIRED = {
         "phm_rank": 1,
         "phm_bias": True,
     },
+    "prefix": {"flat": False, "use_gating": False, "encoder_prefix": True},
     "lora": {
         "selfattn_lora": True,
         "composition_mode": "add",
@@ -96,12 +100,14 @@ def adapter_config(adapter_json: dict, where: str) -> AdapterConfig:
     """An AdapterHub adapter config (bottleneck, parallel, Compacter or LoRA) as an :class:`AdapterConfig`."""
     config = adapter_json.get("config", adapter_json)
     architecture = config.get("architecture")
-    if architecture == "lora":
-        kind = "lora"
+    if architecture in ("lora", "prefix_tuning"):
+        kind = architecture.removesuffix("_tuning")
     elif architecture in (None, "bottleneck"):
         kind = "parallel" if config.get("is_parallel") else "compacter" if config.get("phm_layer") else "bottleneck"
     else:
-        raise UserError(f"{where}: AdapterHub architecture {architecture!r} is not supported (bottleneck, lora)")
+        raise UserError(
+            f"{where}: AdapterHub architecture {architecture!r} is not supported (bottleneck, lora, prefix_tuning)"
+        )
     for key, value in _REQUIRED[kind].items():
         if key in config and config[key] != value:
             raise UserError(f"{where}: AdapterHub option {key}={config[key]!r} is not supported (expected {value!r})")
@@ -114,6 +120,13 @@ def adapter_config(adapter_json: dict, where: str) -> AdapterConfig:
         targets += [target for key, target in _LORA_TARGETS.items() if config.get(key)]
         return AdapterConfig(
             kind="lora", r=int(config.get("r", 8)), alpha=float(config.get("alpha", 8)), target_modules=targets,
+            dropout=float(config.get("dropout", 0.0)), **skip,
+        )  # fmt: skip
+    if kind == "prefix":
+        return AdapterConfig(
+            kind="prefix", prefix_length=int(config.get("prefix_length", 30)),
+            bottleneck=int(config.get("bottleneck_size", 512)),
+            non_linearity=config.get("non_linearity", "tanh").lower(),
             dropout=float(config.get("dropout", 0.0)), **skip,
         )  # fmt: skip
     locations = (config.get("mh_adapter", False), config.get("output_adapter", True))
@@ -157,6 +170,16 @@ def map_slot_keys(
     slots = {path: f"{index}.{location}" for (index, location), path in site_paths.items()}
     mapped, shared = {}, {}
     for key, value in tensors.items():
+        prefix_match = _PREFIX_KEY.match(key)
+        if prefix_match:
+            path, param = prefix_match.group(1), prefix_match.group(2)
+            site = slots.get(path) or slots.get(path.partition(".")[2])
+            if site is None and "." not in path:  # the model's pool: a copy of the layers'
+                continue
+            if site is None or not param.startswith(f"{name}.self_prefix."):
+                raise UserError(f"{where}: unexpected tensor '{key}' for '{name}'")
+            mapped[f"{site}.{param.removeprefix(f'{name}.self_prefix.')}"] = value
+            continue
         match = _SLOT_KEY.match(key)
         site = match and (slots.get(match.group(1)) or slots.get(match.group(1).partition(".")[2]))
         shared_match = _SHARED_KEY.match(key)

@@ -8,6 +8,7 @@ every option AdapterHub expects with the values adafuse computes.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -21,7 +22,6 @@ from .kinds import AdapterConfig
 
 VERSION = "adapters.1.3.0"
 _PARAM_NAMES = {"down.": "adapter_down.0.", "up.": "adapter_up."}
-_CONTAINERS = {"slot": "adapters", "projection": "loras"}  # where AdapterHub keeps each kind's modules
 # Options of an AdapterHub bottleneck config that adafuse's adapter always has at these values.
 _FIXED_OPTIONS = {
     "adapter_residual_before_ln": False,
@@ -83,7 +83,7 @@ def _json(data: dict) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _slot_keys(tensors: dict[str, torch.Tensor], info: BackboneInfo, container: str, name: str) -> dict:
+def _slot_keys(tensors: dict[str, torch.Tensor], info: BackboneInfo, name: str, container: str = "adapters") -> dict:
     """``3.output.down.weight`` -> ``bert.encoder.layer.3.output.<container>.<name>.adapter_down.0.weight``;
     Compacter's rule, a copy in every PHM layer here, is written once as ``<prefix>.shared_parameters.<name>``."""
     out = {}
@@ -102,9 +102,25 @@ def _slot_keys(tensors: dict[str, torch.Tensor], info: BackboneInfo, container: 
     return out
 
 
+def _prefix_keys(tensors: dict[str, torch.Tensor], info: BackboneInfo, name: str) -> dict:
+    """``0.prefix.wte.weight`` -> ``bert.encoder.layer.0.attention.self.prefix_tuning.pool.prefix_tunings.<name>
+    .self_prefix.wte.weight`` for each layer, plus the model pool's copy (``bert.prefix_tuning.prefix_tunings...``):
+    AdapterHub saves the shared reparametrisation under every path that reaches it."""
+    out = {}
+    for key, value in tensors.items():
+        layer, location, param = key.split(".", 2)
+        value = value.detach().contiguous().cpu()
+        tail = f"prefix_tunings.{name}.self_prefix.{param}"
+        out[f"{info.prefix}.{info.site_paths[(int(layer), location)]}.prefix_tuning.pool.{tail}"] = value
+        out.setdefault(f"{info.prefix}.prefix_tuning.{tail}", value.clone())  # safetensors: no shared storage
+    return out
+
+
 def adapter_config_json(config: AdapterConfig, info: BackboneInfo, name: str) -> dict:
-    if config.acts == "projection":  # LoRA, AdapterHub's only weight-delta kind here
-        return _header(info, name, _lora_options(config, name))
+    return _header(info, name, _WRITERS[config.acts][0](config, info, name))
+
+
+def _bottleneck_options(config: AdapterConfig, info: BackboneInfo, name: str) -> dict:
     size = config.size(info.hidden_size)
     factor = info.hidden_size / size
     if int(info.hidden_size // factor) != size:
@@ -124,10 +140,10 @@ def adapter_config_json(config: AdapterConfig, info: BackboneInfo, name: str) ->
     }
     if config.input == "residual":
         options["init_weights"] = "mam_adapter"
-    return _header(info, name, dict(sorted(options.items())))
+    return dict(sorted(options.items()))
 
 
-def _lora_options(config: AdapterConfig, name: str) -> dict:
+def _lora_options(config: AdapterConfig, info: BackboneInfo, name: str) -> dict:
     attention = [m for m in config.target_modules if m in ("q", "k", "v")]
     if not attention:
         raise UserError(f"adapter '{name}': AdapterHub LoRA needs at least one of q, k, v in target_modules")
@@ -149,6 +165,23 @@ def _lora_options(config: AdapterConfig, name: str) -> dict:
         "use_gating": False,
         "vera_b": None,
         "vera_d": None,
+    }
+
+
+def _prefix_options(config: AdapterConfig, info: BackboneInfo, name: str) -> dict:
+    return {
+        "architecture": "prefix_tuning",
+        "bottleneck_size": config.size(info.hidden_size),
+        "cross_prefix": True,
+        "dropout": config.dropout,
+        "encoder_prefix": True,
+        "flat": False,
+        "init_weights_seed": None,
+        "leave_out": list(range(config.skip_layers)),
+        "non_linearity": config.non_linearity,
+        "prefix_length": config.prefix_length,
+        "shared_gating": True,
+        "use_gating": False,
     }
 
 
@@ -212,8 +245,16 @@ def adapter_files(info: BackboneInfo, name: str, config: AdapterConfig, tensors:
     """The files of an AdapterHub adapter folder (without its head)."""
     return {
         "adapter_config.json": _json(adapter_config_json(config, info, name)),
-        "adapter.safetensors": save(_slot_keys(tensors, info, _CONTAINERS[config.acts], name)),
+        "adapter.safetensors": save(_WRITERS[config.acts][1](tensors, info, name)),
     }
+
+
+# where a kind acts -> (its AdapterHub config options, its AdapterHub tensor names)
+_WRITERS = {
+    "slot": (_bottleneck_options, _slot_keys),
+    "projection": (_lora_options, functools.partial(_slot_keys, container="loras")),
+    "prefix": (_prefix_options, _prefix_keys),
+}
 
 
 def fusion_files(info: BackboneInfo, sources: list[str], config: FusionConfig, tensors: dict) -> dict[str, bytes]:
@@ -221,5 +262,5 @@ def fusion_files(info: BackboneInfo, sources: list[str], config: FusionConfig, t
     name = ",".join(sources)
     return {
         "adapter_fusion_config.json": _json(fusion_config_json(config, info, sources)),
-        "model_adapter_fusion.safetensors": save(_slot_keys(tensors, info, "adapter_fusion_layer", name)),
+        "model_adapter_fusion.safetensors": save(_slot_keys(tensors, info, name, "adapter_fusion_layer")),
     }

@@ -20,7 +20,7 @@ from .errors import UserError
 from .heads import build_head
 from .kinds import AdapterConfig, build_adapter
 from .sites import LOCATIONS, SiteSpec, get_path, set_path, sites_for
-from .slot import AdapterSlot, ProjectionSlot, ResidualTap
+from .slot import AdapterSlot, PrefixSlot, ProjectionSlot, ResidualTap
 
 
 class AdaptedModel(nn.Module):
@@ -40,6 +40,10 @@ class AdaptedModel(nn.Module):
                 self._slots[(index, name)] = ProjectionSlot(get_path(block, path))
                 set_path(block, path, self._slots[(index, name)])
                 self.site_paths[(index, name)] = f"{stack.adapterhub_path}.{i}.{path}"
+            if stack.prefix:  # second: the self-attention holds the q, k, v projections
+                self._slots[(index, "prefix")] = PrefixSlot(get_path(block, stack.prefix))
+                set_path(block, stack.prefix, self._slots[(index, "prefix")])
+                self.site_paths[(index, "prefix")] = f"{stack.adapterhub_path}.{i}.{stack.prefix}"
             for location in LOCATIONS:
                 spec = getattr(stack, location)
                 base = get_path(block, spec.module)
@@ -78,11 +82,9 @@ class AdaptedModel(nn.Module):
         present = {location for _, location, _ in self.slots()}
         missing = [location for location in config.locations if location not in present]
         if missing:
-            where = "projections" if config.acts == "projection" else "sites"
-            have = sorted(present - set(LOCATIONS)) if config.acts == "projection" else list(LOCATIONS)
             raise UserError(
-                f"adapter '{name}' ({config.kind}): the {self.backbone.config.model_type} backbone has no {where} "
-                f"{missing}; it has {have or 'none'}"
+                f"adapter '{name}' ({config.kind}): the {self.backbone.config.model_type} backbone has no "
+                f"{_WHERE[config.acts]} {missing}; it has {sorted(present)}"
             )
         if config.skip_layers >= self.num_layers:
             raise UserError(
@@ -96,15 +98,21 @@ class AdaptedModel(nn.Module):
         """Fresh modules of one ``config`` adapter, one per site or projection it names, in slot order (drawn
         from the global RNG); its sites share what the kind shares (Compacter's rule matrices)."""
         shared: dict = {}
+        sites = [
+            (index, location, slot)
+            for index, location, slot in self.slots()
+            if location in config.locations and index >= config.skip_layers
+        ]
         return {
             (index, location): build_adapter(
                 getattr(slot, "in_features", self.hidden_size),
                 getattr(slot, "out_features", self.hidden_size),
                 config,
                 shared,
+                position,
+                len(sites),
             )
-            for index, location, slot in self.slots()
-            if location in config.locations and index >= config.skip_layers
+            for position, (index, location, slot) in enumerate(sites)
         }
 
     def add_head(
@@ -369,6 +377,9 @@ class AdaptedModel(nn.Module):
                 prefix = f"{index}.{location}."
                 part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                 _strict_load(container[name], part, f"{kind[:-1]} '{name}'")
+
+
+_WHERE = {"slot": "sites", "projection": "projections", "prefix": "self-attention site (prefix tuning)"}
 
 
 def _site_norm(block: nn.Module, base: nn.Module, spec: SiteSpec) -> nn.Module | None:

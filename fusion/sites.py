@@ -4,7 +4,9 @@ Each entry of :data:`SITES` lists the stacks of transformer blocks of the base m
 a decoder, two for an encoder-decoder) and, for the two adapter locations of a block (``attention`` after
 the self-attention sub-layer, ``output`` after the feed-forward sub-layer), the module a slot replaces and
 how the block's residual and layer norm are reached, plus the linear projections that LoRA can adapt
-(``projections``: q, k, v, ffn_in, ffn_out). Three block shapes cover every entry:
+(``projections``: q, k, v, ffn_in, ffn_out) and the self-attention module prefix tuning extends (``prefix``:
+one whose ``forward`` takes ``cache=`` and reads keys and values through ``cache.update``; the BERT family).
+Three block shapes cover every entry:
 
 * ``inner`` (post-LN, BERT family): the replaced module takes ``(hidden_states, input_tensor)`` and owns
   ``dense``, ``dropout`` and the norm named by ``norm`` (inside the module); the slot computes
@@ -52,6 +54,7 @@ class Stack:
     output: SiteSpec
     adapterhub_layers: str | None = None  # AdapterHub's path of the blocks, where it differs (transformers 4 names)
     projections: dict[str, str] = field(default_factory=dict)  # LoRA targets (q, k, v, ffn_in, ffn_out) -> nn.Linear
+    prefix: str | None = None  # self-attention taking ``cache=``, where prefix tuning prepends keys and values
 
     @property
     def adapterhub_path(self) -> str:
@@ -66,7 +69,9 @@ class ArchitectureSites:
     lm_scale: bool = False  # LM heads read hidden * d^-1/2 when the word embeddings are tied (T5)
 
 
-def _bert_like(query: str = "query", key: str = "key", value: str = "value") -> ArchitectureSites:
+def _bert_like(
+    query: str = "query", key: str = "key", value: str = "value", prefix: str | None = "attention.self"
+) -> ArchitectureSites:
     return ArchitectureSites(
         (
             Stack(
@@ -80,6 +85,7 @@ def _bert_like(query: str = "query", key: str = "key", value: str = "value") -> 
                     "ffn_in": "intermediate.dense",
                     "ffn_out": "output.dense",
                 },
+                prefix=prefix,
             ),
         )
     )
@@ -135,7 +141,7 @@ SITES: dict[str, ArchitectureSites] = {
     "roberta": _BERT_LIKE,
     "xlm-roberta": _BERT_LIKE,
     "electra": _BERT_LIKE,
-    "deberta-v2": _bert_like("query_proj", "key_proj", "value_proj"),
+    "deberta-v2": _bert_like("query_proj", "key_proj", "value_proj", prefix=None),  # disentangled attention
     "distilbert": ArchitectureSites(
         (
             Stack(

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .attention import fused_activations, stack_adapters
 from .fastpath import FusedAttention
+from .memo import stamp, unchanged
 from .sites import SiteSpec
 
 
@@ -135,10 +136,10 @@ class AdapterSlot(nn.Module):
 
     def _memo(self, key: tuple[str, str], tensors: list[torch.Tensor], make):
         """``make()``, kept under ``key`` while every one of ``tensors`` is unchanged."""
-        stamp = [(t, t._version, t.data_ptr()) for t in tensors]
+        now = stamp(tensors)
         memo = self._maps_memo.get(key)
-        if memo is None or not _same_key(memo[0], stamp):
-            memo = self._maps_memo[key] = (stamp, make())
+        if memo is None or not unchanged(memo[0], now):
+            memo = self._maps_memo[key] = (now, make())
         return memo[1]
 
     def forget_maps(self) -> None:
@@ -156,10 +157,6 @@ def _maps(fusion: nn.Module, down_w, down_b, up) -> tuple[torch.Tensor, torch.Te
     up_flat = up.reshape(-1, up.shape[-1])  # U~, (K(r+1), d)
     m, bias = fusion.score_map(up_flat)
     return torch.cat([down_w, m.t()]), torch.cat([down_b, bias]), fusion.value_map(up_flat)
-
-
-def _same_key(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b, strict=True))
 
 
 class ResidualTap(nn.Module):
@@ -235,3 +232,85 @@ class ProjectionSlot(nn.Module):
 
     def forget_maps(self) -> None:
         """Nothing memoised here (the protocol of :meth:`AdapterSlot.forget_maps`)."""
+
+
+class PrefixSlot(nn.Module):
+    """Replaces a self-attention module; the active adapters (prefix tuning) prepend keys and values to its own.
+
+    The module reads its keys and values through ``cache.update(k, v, layer)`` (transformers' KV cache); the slot
+    passes a :class:`_Prepend` there, which returns ``[prefix; k]`` and ``[prefix; v]``, and widens the attention
+    mask by the prefix positions. Several active prefixes are concatenated; with per-row routes each row sees
+    only its own adapter's prefix (the others are masked). Same attributes as :class:`AdapterSlot`.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.heads = base.num_attention_heads
+        self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()  # stays empty: prefixes are not fused
+        self.active: tuple[str, ...] = ()
+        self.active_fusion = None
+        self.routes: list[tuple[str, tuple[str, ...], torch.Tensor]] | None = None
+        self.attention_recorder = None
+
+    @property
+    def is_bare(self) -> bool:
+        return not self.active and not self.routes
+
+    def forward(self, hidden_states: torch.Tensor, *args, attention_mask=None, cache=None, **kwargs):
+        if self.is_bare:
+            return self.base(hidden_states, *args, attention_mask=attention_mask, cache=cache, **kwargs)
+        if cache is not None:
+            raise RuntimeError("prefix tuning runs without a KV cache (the BERT family's self-attention)")
+        batch = hidden_states.shape[0]
+        parts = [(self.adapters[name](), None) for name in self.active]  # (2, P, d), all rows
+        for name, _, rows in self.routes or ():
+            seen = torch.zeros(batch, dtype=torch.bool, device=hidden_states.device)
+            parts.append((self.adapters[name](), seen.index_fill(0, rows, True)))
+        prefix = torch.cat([p for p, _ in parts], dim=1)  # (2, P, d)
+        key, value = (
+            p.view(p.shape[0], self.heads, -1).transpose(0, 1).expand(batch, -1, -1, -1) for p in prefix
+        )  # (B, H, P, d/H)
+        mask = _prefix_mask(attention_mask, parts, hidden_states, self.base.config._attn_implementation)
+        return self.base(hidden_states, *args, attention_mask=mask, cache=_Prepend(key, value), **kwargs)
+
+    def forget_maps(self) -> None:
+        """Nothing memoised here (the protocol of :meth:`AdapterSlot.forget_maps`); prefixes fold themselves."""
+
+
+class _Prepend:
+    """A stand-in for transformers' KV cache: ``update`` returns the prefixes followed by the new keys/values."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.key, self.value = key, value
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.key.to(key.dtype), key], dim=2), torch.cat([self.value.to(value.dtype), value], dim=2)
+
+
+def _prefix_mask(mask: torch.Tensor | None, parts: list, hidden: torch.Tensor, implementation: str):
+    """The attention mask widened by the prefix positions (B, 1, L, P + L): a prefix is visible to the rows
+    it serves. ``mask`` is None (everything visible), boolean (True: attend) or additive (0: attend)."""
+    if mask is None and all(rows is None for _, rows in parts):
+        return None
+    batch, length = hidden.shape[:2]
+    visible = torch.cat(
+        [
+            (rows if rows is not None else torch.ones(batch, dtype=torch.bool, device=hidden.device))[:, None].expand(
+                -1, p.shape[1]
+            )
+            for p, rows in parts
+        ],
+        dim=1,
+    )  # (B, P)
+    if mask is not None and mask.dim() == 2:  # (B, L) padding mask (flash attention): 1 attend
+        return torch.cat([visible.to(mask.dtype), mask], dim=-1)
+    additive = mask.is_floating_point() if mask is not None else implementation == "eager"
+    if mask is None:
+        mask = torch.zeros(batch, 1, length, length, dtype=hidden.dtype, device=hidden.device)
+        mask = mask if additive else mask == 0
+    prefix = visible[:, None, None, :].expand(-1, 1, mask.shape[2], -1)  # (B, 1, L, P)
+    if additive:
+        prefix = torch.zeros_like(prefix, dtype=mask.dtype).masked_fill(~prefix, torch.finfo(mask.dtype).min)
+    return torch.cat([prefix, mask.expand(batch, -1, -1, -1)], dim=-1)

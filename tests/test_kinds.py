@@ -1,6 +1,7 @@
 """Adapter kinds: bottleneck, parallel, Compacter and LoRA behind one protocol; AdapterHub parity for each."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,9 +10,10 @@ from safetensors.torch import load_file
 
 from adafuse.continual.interop import export_adapterhub, import_adapterhub
 from adafuse.continual.library_model import LibraryModel
+from adafuse.fusion.adapterhub import load_tensors
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.errors import UserError
-from adafuse.fusion.kinds import AdapterConfig, BottleneckAdapter
+from adafuse.fusion.kinds import KINDS, AdapterConfig, BottleneckAdapter
 from adafuse.fusion.model import AdaptedModel
 
 
@@ -54,12 +56,13 @@ def test_placements():
 # ---- every kind: AdapterHub parity, the invariants, a sequence with BWT = 0 -------------------------------------
 
 KINDS_CASE = BREADTH / "kinds-bert"
-IMPORTABLE = ["lora", "parallel", "compacter"]
+IMPORTABLE = ["lora", "parallel", "compacter", "prefix"]
 KIND_CONFIGS = {
     "bottleneck": AdapterConfig(reduction_factor=4),
     "parallel": AdapterConfig(kind="parallel", reduction_factor=4),
     "compacter": AdapterConfig(kind="compacter", placement="houlsby", reduction_factor=4, non_linearity="gelu"),
     "lora": AdapterConfig(kind="lora", r=4, alpha=8, target_modules=["q", "v", "ffn_out"]),
+    "prefix": AdapterConfig(kind="prefix", prefix_length=3, bottleneck=8),
 }
 
 
@@ -92,10 +95,7 @@ def test_imported_kind_reproduces_adapterhub(kinds_library, name):
 def test_kind_export_round_trips_bit_exactly(kinds_library, name, tmp_path):
     opened, _ = kinds_library
     out = export_adapterhub(opened.library.root, name, tmp_path / name, str(KINDS_CASE / "backbone"))
-    ours, theirs = (
-        load_file(str(out / "adapter.safetensors")),
-        load_file(str(KINDS_CASE / name / "adapter.safetensors")),
-    )
+    ours, theirs = load_file(str(out / "adapter.safetensors")), load_tensors(KINDS_CASE / name, "adapter")
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     config = json.loads((out / "adapter_config.json").read_text())["config"]
@@ -103,17 +103,23 @@ def test_kind_export_round_trips_bit_exactly(kinds_library, name, tmp_path):
     assert {k: v for k, v in config.items() if k in reference} == {k: v for k, v in reference.items() if k in config}
 
 
-def test_prefix_tuning_import_is_refused_with_one_line(tmp_path):
+def test_flat_prefix_tuning_import_is_refused_with_one_line(tmp_path):
     if not KINDS_CASE.is_dir():
         pytest.skip("fixtures missing")
-    with pytest.raises(UserError, match="architecture 'prefix_tuning' is not supported"):
-        import_adapterhub(KINDS_CASE / "prefix", tmp_path / "lib", str(KINDS_CASE / "backbone"), None)
+    shutil.copytree(KINDS_CASE / "prefix", tmp_path / "flat")
+    meta = json.loads((tmp_path / "flat" / "adapter_config.json").read_text())
+    meta["config"]["flat"] = True
+    (tmp_path / "flat" / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="AdapterHub option flat=True is not supported"):
+        import_adapterhub(tmp_path / "flat", tmp_path / "lib", str(KINDS_CASE / "backbone"), None)
     assert not (tmp_path / "lib" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("kind", sorted(KIND_CONFIGS))
 @pytest.mark.parametrize("model_type", ["bert", "llama"])
-def test_each_kind_is_identity_at_init_and_only_its_params_train(kind, model_type):
+def test_each_kind_is_identity_at_init_where_defined_and_only_its_params_train(kind, model_type):
+    if (kind, model_type) == ("prefix", "llama"):
+        pytest.skip("BERT family only: test_prefix_is_refused_where_attention_takes_no_prefix")
     torch.manual_seed(0)
     batch = tiny_batch()
     model = AdaptedModel(tiny_backbone(model_type))
@@ -124,25 +130,95 @@ def test_each_kind_is_identity_at_init_and_only_its_params_train(kind, model_typ
     model.add_head("a", 2)
     model.activate(["a"], head="a")
     with torch.no_grad():
-        torch.testing.assert_close(model.encode(**batch), bare, rtol=0, atol=1e-6)
+        adapted = model.encode(**batch)
+    if KINDS[kind].identity_at_init:
+        torch.testing.assert_close(adapted, bare, rtol=0, atol=1e-6)
+    else:  # prefix tuning: the prefixes are attended to from the start
+        assert (adapted - bare).abs().max() > 1e-3
     model.set_trainable(adapters=["a"], heads=["a"])
     model(**batch).pow(2).sum().backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all(".adapters.a." in n or n.startswith("heads.a.") for n in grads)
-    assert any(".adapters.a." in n and ("up" in n or "lora_B" in n) for n in grads)  # the zero factor learns
+    learns = ("up", "lora_B", "control_trans.2")  # the factor that starts at zero, or the prefixes' last layer
+    assert any(".adapters.a." in n and any(part in n for part in learns) for n in grads)
 
 
-def test_compacter_rule_is_shared_and_round_trips_exactly():
+@pytest.mark.parametrize(("kind", "shared"), [("compacter", "down.phm_rule"), ("prefix", "wte.weight")])
+def test_shared_parameters_are_one_and_round_trip_exactly(kind, shared):
     model = AdaptedModel(tiny_backbone("bert"))
-    model.add_adapter("c", KIND_CONFIGS["compacter"])
-    rules = {id(slot.adapters["c"].down.phm_rule) for _, _, slot in model.slots() if "c" in slot.adapters}
-    assert len(rules) == 1  # one Parameter for every PHM layer of the adapter
+    model.add_adapter("c", KIND_CONFIGS[kind])
+    modules = [slot.adapters["c"] for _, _, slot in model.slots() if "c" in slot.adapters]
+    assert len(modules) > 1
+    assert len({id(m.get_parameter(shared)) for m in modules}) == 1  # one Parameter for every site of the adapter
     randomize(model)
     state = model.adapter_state("c")
     again = AdaptedModel(tiny_backbone("bert"))
-    again.add_adapter("c", KIND_CONFIGS["compacter"])
+    again.add_adapter("c", KIND_CONFIGS[kind])
     again.load_adapter_state("c", state)
     assert all(torch.equal(v, again.adapter_state("c")[k]) for k, v in state.items())
+
+
+def test_prefix_is_refused_where_attention_takes_no_prefix():
+    model = AdaptedModel(tiny_backbone("llama"))
+    with pytest.raises(UserError, match=r"llama backbone has no self-attention site \(prefix tuning\) \['prefix'\]"):
+        model.add_adapter("p", KIND_CONFIGS["prefix"])
+    assert "p" not in model.adapter_configs
+
+
+def test_prefix_folds_for_inference_and_unfolds_after_a_step():
+    model = AdaptedModel(tiny_backbone("bert"))
+    model.add_adapter("p", AdapterConfig(kind="prefix", prefix_length=3, bottleneck=8, dropout=0.5))
+    prefix = next(slot.adapters["p"] for _, _, slot in model.slots() if "p" in slot.adapters)
+    model.eval()
+    with torch.no_grad():
+        folded = prefix()
+        assert prefix() is folded  # computed once, reused by every forward pass
+    with torch.inference_mode():
+        assert prefix() is folded
+    assert folded.shape == (2, 3, model.hidden_size)  # keys and values, P positions
+    model.set_trainable(adapters=["p"])
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    trained = prefix()
+    assert trained.requires_grad and not torch.equal(trained, folded)  # dropout runs in training
+    trained.sum().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert not torch.equal(prefix(), folded)  # the step changed the weights: folded anew
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_routed_rows_see_only_their_own_prefix(implementation):
+    torch.manual_seed(0)
+    model = AdaptedModel(tiny_backbone("bert"))
+    model.backbone.set_attn_implementation(implementation)
+    for name in ("p", "q"):
+        model.add_adapter(name, AdapterConfig(kind="prefix", prefix_length=2 + len(name), bottleneck=8))
+    model.add_adapter("b", AdapterConfig(reduction_factor=4))
+    randomize(model)
+    model.eval()
+    batch = tiny_batch(batch=4)
+    expected = torch.empty(4, 7, model.hidden_size)
+    with torch.no_grad():
+        for name, rows in (("p", [0, 3]), ("q", [1]), ("b", [2])):
+            model.activate([name])
+            expected[rows] = model.encode(**batch)[rows]
+        model.route({"p": torch.tensor([0, 3]), "q": torch.tensor([1]), "b": torch.tensor([2])})
+        routed = model.encode(**batch)
+    torch.testing.assert_close(routed, expected, rtol=0, atol=1e-5)
+
+
+def test_prefixes_are_neither_fused_nor_merged():
+    model = AdaptedModel(tiny_backbone("bert"))
+    model.add_adapter("p", KIND_CONFIGS["prefix"])
+    with pytest.raises(UserError, match="cannot be composed by attention"):
+        model.add_fusion("f", ["p"], FusionConfig())
+    with pytest.raises(UserError, match="cannot be composed by weighted"):
+        model.add_fusion("f", ["p"], FusionConfig(composition="weighted"))
+    with pytest.raises(UserError, match=r"'p' \(prefix\) cannot be merged"):
+        model.merge_adapter("p")
 
 
 def test_lora_on_gpt2_names_what_the_architecture_has():
@@ -186,7 +262,7 @@ def test_parallel_fusion_fast_path_equals_naive(monkeypatch):
     assert_fast_equals_naive(build, tiny_batch(), monkeypatch)
 
 
-@pytest.mark.parametrize("kind", ["parallel", "compacter", "lora"])
+@pytest.mark.parametrize("kind", ["parallel", "compacter", "lora", "prefix"])
 def test_a_sequence_of_each_kind_measures_bwt_zero(kind, tmp_path):
     from conftest import ROOT
 
