@@ -24,8 +24,9 @@ from adafuse.fusion.kinds import AdapterConfig
 from adafuse.tasks.spec import TaskSpec
 
 from .hardware import check_hardware
+from .strategies import STRATEGY_METHODS, StrategyConfig
 
-METHODS = ("adapters", "shared-adapter", "full-finetune")
+METHODS = ("adapters", "shared-adapter", "full-finetune", *STRATEGY_METHODS)
 
 
 @dataclass
@@ -125,12 +126,15 @@ class RunConfig(JobConfig):
     sequence: str | None = "bbc-topics"
     tasks: list[TaskSpec | str] | None = None
     method: str = "adapters"
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.method not in METHODS:
             raise UserError(f"method: '{self.method}' is not one of {', '.join(METHODS)}")
+        if self.method in STRATEGY_METHODS and (self.trainer.devices not in (1, "1") or self.trainer.num_nodes > 1):
+            raise UserError(f"method: '{self.method}' trains on one device (trainer.devices: 1, trainer.num_nodes: 1)")
 
 
 @dataclass

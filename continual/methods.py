@@ -3,6 +3,8 @@
 * ``adapters``: one new adapter + head per task; earlier adapters frozen (isolation, no forgetting).
 * ``shared-adapter``: one adapter trained through all tasks, a head per task (a forgetting baseline).
 * ``full-finetune``: the backbone itself trained through the tasks, a head per task (a forgetting baseline).
+* ``ewc``, ``lwf``, ``replay``: a continual-learning strategy (:mod:`adafuse.continual.strategies`) on the
+  trainable set of ``strategy.base`` (shared-adapter or full-finetune); artefacts are named ``<method>@<task>``.
 
 Every initial state (adapter, head) is drawn from a generator seeded by (seed, task), so an untrained
 task evaluated for FWT starts from exactly the weights its training will start from.
@@ -23,6 +25,7 @@ from adafuse.tasks.spec import TaskData
 
 from .config import HeadConfig, RunConfig, to_dict
 from .evaluate import evaluate
+from .strategies import STRATEGY_METHODS, strategy_for
 
 SHARED = "shared"
 
@@ -47,6 +50,7 @@ class SequenceMethod:
         tasks: list[TaskData],
         loaders,
         checkpoint_dir: Path,
+        train_data: list | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -55,6 +59,10 @@ class SequenceMethod:
         self.tasks = tasks
         self.loaders = loaders  # task index -> test DataLoader
         self.checkpoint_dir = checkpoint_dir
+        self.train_data = train_data  # task index -> TaskDataModule (what a strategy reads)
+        self.strategy = strategy_for(config.method, config.strategy)
+        if config.method in STRATEGY_METHODS:
+            self.prefix = f"{config.method}@"
 
     # ---- names and initial states ------------------------------------------------------------------------
     def name(self, i: int) -> str:
@@ -94,7 +102,8 @@ class SequenceMethod:
     def is_done(self, i: int) -> bool:
         entry = self.library.find("head", self.name(i))
         return (
-            entry is not None
+            (not self.strategy.stateful or self._strategy_file(i).is_file())
+            and entry is not None
             and entry["fingerprint"] == self.fingerprint
             and entry["config"].get("method") == self.config.method
             and entry["config"].get("label_names") == self.tasks[i].label_names
@@ -117,6 +126,38 @@ class SequenceMethod:
             metrics=metrics,
             backbone=to_dict(self.config.backbone),
         )
+
+    def frozen_head(self, j: int) -> torch.nn.Module:
+        """A frozen copy of task j's head as the library holds it (outside the model's heads)."""
+        module = ClassificationHead(
+            self.model.hidden_size,
+            self.tasks[j].num_labels,
+            self.model.resolve_pooling(self.config.head.pooling),
+            self.config.head.dropout,
+        )
+        module.load_state_dict(self.library.load("head", self.name(j), self.fingerprint).tensors)
+        return module.requires_grad_(False).eval()
+
+    # ---- the strategy around training: before, after, resume -------------------------------------------------
+    def before_task(self, i: int) -> None:
+        self.strategy.before_task(i, self, self.train_data[i])
+
+    def finish(self, i: int, metrics: dict) -> None:
+        """Task i's best weights are back: the strategy takes what it keeps (saved first), then the artefacts."""
+        self.strategy.after_task(i, self, self.train_data[i])
+        if self.strategy.stateful:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.strategy.state().items()}
+            atomic_write(self._strategy_file(i), save(state))
+        self.write(i, metrics)
+
+    def resume(self, i: int) -> None:
+        """Bring the model and the strategy to their state after finished task i."""
+        self.restore(i)
+        if self.strategy.stateful:
+            self.strategy.load_state(load_file(str(self._strategy_file(i))))
+
+    def _strategy_file(self, i: int) -> Path:
+        return self.checkpoint_dir / f"strategy@{self.name(i)}.safetensors"
 
     def write_head(self, i: int, metrics: dict) -> None:
         self.write_artefact("head", i, self.model.head_state(self.name(i)), metrics)
@@ -271,3 +312,9 @@ class FullFinetune(SequenceMethod):
 
 
 METHOD_CLASSES = {"adapters": IsolatedAdapters, "shared-adapter": SharedAdapter, "full-finetune": FullFinetune}
+
+
+def method_for(config: RunConfig, *args, **kwargs) -> SequenceMethod:
+    """The SequenceMethod of ``config.method`` (a strategy: its base's, with the strategy attached)."""
+    base = config.strategy.base if config.method in STRATEGY_METHODS else config.method
+    return METHOD_CLASSES[base](config, *args, **kwargs)

@@ -20,6 +20,9 @@ from adafuse.fusion.faults import fault_point
 from adafuse.fusion.model import AdaptedModel
 
 from .config import TrainerConfig
+from .strategies import Strategy
+
+NOT_MODEL_INPUTS = ("labels", "example_index")  # batch columns the model does not read
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -48,9 +51,11 @@ class AdapterTaskModule(L.LightningModule):
         train_adapters: tuple[str, ...] = (),
         train_backbone: bool = False,
         train_fusion: bool = True,
+        strategy: Strategy | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.strategy = strategy or Strategy()  # a continual-learning strategy's objective (none by default)
         self.head = head
         self.config = trainer_config
         self.selection = {"adapters": tuple(adapters), "fusion": fusion, "head": head}
@@ -73,18 +78,20 @@ class AdapterTaskModule(L.LightningModule):
         self.prepare()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return self.model(**inputs)
+        return self.model(**{k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS})
 
     def extra_loss(self) -> torch.Tensor | None:
         return None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         fault_point("train-step")
-        logits = self(batch)
+        inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+        hidden = self.model.encode(**inputs)  # (B, L, d), for the head and the strategy
+        logits = self.model.heads[self.head](hidden, inputs.get("attention_mask"))
         loss = F.cross_entropy(logits, batch["labels"])
+        total = self.strategy.loss(self.model, batch, hidden, loss, self.global_step)
         extra = self.extra_loss()
-        total = loss if extra is None else loss + extra
+        total = total if extra is None else total + extra
         if not torch.isfinite(total):
             raise NonFiniteLossError(
                 f"task '{self.head}': the training loss became {total.item()} at step {self.global_step}; "

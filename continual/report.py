@@ -105,6 +105,9 @@ def run_markdown(metrics: dict) -> str:
             rows,
         )
     )
+    strategy = {k: v for k, v in (metrics.get("strategy") or {}).items() if not isinstance(v, dict | list)}
+    if strategy:
+        parts += ["", "Strategy: " + ", ".join(f"{k} {v}" for k, v in strategy.items()) + "."]
     parts += [
         "",
         f"Backbone `{metrics['backbone']['name']}` ({metrics['backbone']['params']:,} parameters, "
@@ -213,7 +216,9 @@ def comparison_markdown(runs: list[tuple[Path, dict]]) -> str:
         if "tasks" in m:
             params = sum((t.get("trainable_params") or 0) for t in m["per_task"].values())
             method = f"{m['method']} ({m['adapter_kind']})" if m.get("adapter_kind") else m["method"]
-            rows.append([str(folder), method, m["acc"], m["bwt"], m["forgetting"], params, _seconds(m)])
+            extra = (m.get("strategy") or {}).get("extra_memory", "–")
+            scores = [m[k] for k in ("acc", "bwt", "fwt", "forgetting", "intransigence")]
+            rows.append([str(folder), method, *scores, params, extra, _seconds(m)])
         else:
             fusion_rows.append(
                 [
@@ -229,7 +234,21 @@ def comparison_markdown(runs: list[tuple[Path, dict]]) -> str:
     parts = ["# adafuse — runs side by side", ""]
     if rows:
         parts.append(
-            _table(["run", "method", "ACC", "BWT", "forgetting", "trainable params (sum of tasks)", "time (s)"], rows)
+            _table(
+                [
+                    "run",
+                    "method",
+                    "ACC",
+                    "BWT",
+                    "FWT",
+                    "forgetting",
+                    "intransigence",
+                    "trainable params (sum of tasks)",
+                    "extra memory",
+                    "time (s)",
+                ],
+                rows,
+            )
         )
     if fusion_rows:
         parts += [

@@ -25,7 +25,7 @@ from adafuse.tasks.resolve import resolve_sequence
 
 from .config import RunConfig, dump_yaml
 from .distributed import is_main, on_main
-from .methods import METHOD_CLASSES, ReferenceAdapters
+from .methods import ReferenceAdapters, method_for
 from .metrics import summarize
 from .module import AdapterTaskModule
 from .monitor import ForgettingMonitor
@@ -109,7 +109,7 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
         for i, t in enumerate(tasks)
     ]
     library = AdapterLibrary(library_dir)
-    method = METHOD_CLASSES[config.method](
+    method = method_for(
         config,
         env.model,
         library,
@@ -117,6 +117,7 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
         tasks,
         [m.eval_dataloader("test") for m in modules],
         out / "checkpoints",
+        train_data=modules,
     )
     monitor = ForgettingMonitor([t.name for t in tasks], method.evaluate, config.monitor.every_n_val_epochs)
     log(f"adafuse run: {len(tasks)} tasks, method {config.method}, evaluating the untrained model")
@@ -126,7 +127,7 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
         monitor.current = i
         if method.is_done(i):
             entry = library.get("head", method.name(i))
-            method.restore(i)
+            method.resume(i)
             monitor.evaluate_row(i)
             per_task[task.name] = {**entry["metrics"], "reused": True}
             log(f"[{i + 1}/{len(tasks)}] {task.name}: found in the library, not retrained")
@@ -136,11 +137,16 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
         log(f"[{i + 1}/{len(tasks)}] {task.name}: training ({task.sizes()['train']} examples)")
         L.seed_everything(config.seed + i, workers=True, verbose=False)
         module = AdapterTaskModule(
-            env.model, num_labels=task.num_labels, trainer_config=config.trainer, **method.module_kwargs(i)
+            env.model,
+            num_labels=task.num_labels,
+            trainer_config=config.trainer,
+            strategy=method.strategy,
+            **method.module_kwargs(i),
         )
+        method.before_task(i)
         trainable = trainable_count(env.model)
         counts = {"trainable_params": trainable, "trainable_pct": round(100.0 * trainable / env.backbone_params, 4)}
-        writer = LibraryWriter(lambda m, i=i, counts=counts: method.write(i, {**m, **counts}))
+        writer = LibraryWriter(lambda m, i=i, counts=counts: method.finish(i, {**m, **counts}))
         trainer = make_trainer(config.trainer, out, task.name, [writer, monitor], config.seed + i)
         fit(trainer, module, data, out, task.name, config)
         per_task[task.name] = {**writer.result, **counts}
@@ -153,6 +159,7 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
         method.reset_backbone()
         reference = _reference_accuracies(config, env, tasks, modules, out, log)
     metrics = _metrics(config, tasks, monitor, per_task, env, time.perf_counter() - started, reference)
+    metrics["strategy"] = method.strategy.summary()
     on_main(write_results, out, metrics, write_run_report)
     return metrics
 

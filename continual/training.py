@@ -24,14 +24,16 @@ from .module import NonFiniteLossError
 BEST_METRIC = "val_accuracy"
 
 
-class EpochSeed(L.Callback):
-    """Seeds torch at every epoch start from (seed, epoch): dropout masks do not depend on resumption."""
+class StepSeed(L.Callback):
+    """Seeds torch before every training step from (seed, global step): the dropout masks of a step do not
+    depend on what drew random numbers before it (a resumed run creates its data iterator, which draws a seed,
+    at another point than an uninterrupted one; seeding per epoch let that shift every mask of the epoch)."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        torch.manual_seed(self.seed * 100_003 + trainer.current_epoch)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        torch.manual_seed(self.seed * 100_003 + trainer.global_step)
 
 
 class LibraryWriter(L.Callback):
@@ -96,7 +98,7 @@ def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.
         strategy=config.strategy,
         precision=config.precision,
         gradient_clip_val=config.gradient_clip_val,
-        callbacks=[EpochSeed(seed), *callbacks, checkpoint],
+        callbacks=[StepSeed(seed), *callbacks, checkpoint],
         plugins=[AtomicCheckpointIO()],
         logger=loggers(out, task),
         enable_progress_bar=config.progress_bar,
