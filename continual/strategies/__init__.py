@@ -44,7 +44,7 @@ class StrategyConfig:
     """
 
     base: str = "shared-adapter"
-    ewc_lambda: float = 100.0
+    ewc_lambda: float = 1000.0
     ewc_gamma: float = 1.0
     fisher_samples: int = 200
     lwf_alpha: float = 1.0
