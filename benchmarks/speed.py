@@ -29,6 +29,11 @@ from pathlib import Path
 
 DEFAULT_METHODS = ("floor_fwd", "floor_train", "single_train", "single_infer", "fusion_train", "fusion_infer")
 METHODS = (*DEFAULT_METHODS, "merged_infer")  # with --kind lora: inference after predict --merge's folding
+# a continual-learning strategy's training step on one shared adapter, against single_train (its naive
+# counterpart), with --old-tasks finished tasks: EWC's penalty, LwF's distillation, replay's extra rows
+STRATEGY_STEPS = ("ewc_train", "lwf_train", "replay_train")
+METHODS += STRATEGY_STEPS
+SHARED = ("single", "merged", *STRATEGY_STEPS)  # configurations that train or run one adapter
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-layers", type=int, default=0, help="AdapterDrop in training: no adapter/fusion below")
     p.add_argument("--lora-r", type=int, default=12, help="LoRA rank (12 on q, v: the rf-16 bottleneck's budget)")
     p.add_argument("--prefix-length", type=int, default=30, help="prefix tuning: key/value positions per layer")
+    p.add_argument("--old-tasks", type=int, default=4, help="strategy steps: finished tasks (heads, memory)")
     p.add_argument(
         "--malloc", default="tuned", choices=["tuned", "default"], help="glibc thresholds as the adafuse CLI sets them"
     )
@@ -94,7 +100,7 @@ def build(args, configs: list[tuple[str, int]]):
     for name in sources:
         model.add_adapter(name, fused)
     for method, k in configs:
-        if method.startswith(("single", "merged")):
+        if method.startswith(SHARED):
             model.add_adapter(f"{method}{k}", adapter)
         elif method.startswith("fusion"):
             model.add_fusion(f"{method}{k}", sources[:k], FusionConfig(skip_layers=skip))
@@ -117,7 +123,7 @@ def make_step(args, model, method: str, k: int, batch):
         model = copy.deepcopy(model)
         model.merge_adapter(head)
         what, active = {}, {}
-    elif method.startswith("single"):
+    elif method.startswith(("single", *STRATEGY_STEPS)):
         what, active = {"adapters": [head]}, {"adapters": [head]}
     elif method.startswith("fusion"):
         what, active = {"fusions": [head]}, {"fusion": head}
@@ -131,6 +137,9 @@ def make_step(args, model, method: str, k: int, batch):
         device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"
     )
     cuda = args.device.startswith("cuda")
+    strategy = synthetic_strategy(args, model, method, head) if method in STRATEGY_STEPS else None
+    rows = {"input_ids": ids, "attention_mask": mask, "labels": labels, "example_index": torch.arange(len(ids))}
+    counter = iter(range(10**9))
 
     def run():
         if not train:
@@ -141,10 +150,13 @@ def make_step(args, model, method: str, k: int, batch):
             if method == "floor_train":  # backward all the way to the (frozen) embeddings
                 embeds = embeddings(ids).detach().requires_grad_(True)
                 hidden = model.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-                logits = model.heads[head](hidden, mask)
             else:
-                logits = model(ids, mask)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels) + model.fusion_regularization()
+                hidden = model.encode(ids, mask)
+            task_loss = torch.nn.functional.cross_entropy(model.heads[head](hidden, mask).float(), labels)
+            if strategy is not None:  # as AdapterTaskModule.training_step
+                loss = strategy.loss(model, rows, hidden, task_loss, next(counter))
+            else:
+                loss = task_loss + model.fusion_regularization()
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -162,6 +174,44 @@ def make_step(args, model, method: str, k: int, batch):
         return (time.perf_counter() - start) * 1000, value if train else None
 
     return step, sum(p.numel() for p in params)
+
+
+def synthetic_strategy(args, model, method: str, head: str):
+    """The strategy of ``method`` in the state it has after ``--old-tasks`` tasks, with made-up contents of
+    the true sizes: EWC's F and θ* for every adapter parameter, LwF's recorded outputs of each earlier head
+    for every row, replay's class-balanced memory (50 examples of length L per task) and earlier heads."""
+    import torch
+
+    from adafuse.continual.strategies import StrategyConfig, strategy_for
+    from adafuse.fusion.heads import ClassificationHead
+
+    strategy = strategy_for(method.removesuffix("_train"), StrategyConfig()).to(args.device)
+    old = range(args.old_tasks)
+    strategy.old_heads = torch.nn.ModuleDict(
+        {str(j): ClassificationHead(model.hidden_size, 2, "cls", 0.1).requires_grad_(False) for j in old}
+    ).to(args.device)
+    model.set_trainable(adapters=[head], heads=[head])
+    shared = {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")}
+    strategy.fisher = {n: torch.rand_like(p) * 1e-3 for n, p in shared.items()}
+    strategy.anchors = {n: p.detach().clone() for n, p in shared.items()}
+    strategy._params = shared
+    strategy.recorded = {str(j): torch.randn(args.batch_size, 2) for j in old}
+    g = torch.Generator().manual_seed(1)
+    vocab = model.backbone.config.vocab_size
+
+    def example() -> dict:
+        return {"input_ids": torch.randint(0, vocab, (args.length,), generator=g).tolist(), "labels": 0}
+
+    strategy.memory = {j: [example() for _ in range(50)] for j in old}
+    strategy.replayed = max(1, round(strategy.config.replay_ratio * args.batch_size))
+    strategy.seed = 0
+
+    def collate(examples):
+        ids = torch.tensor([e["input_ids"] for e in examples])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0] * len(ids))}
+
+    strategy.collate = collate
+    return strategy
 
 
 def fixed_batch(args, model):
@@ -204,7 +254,7 @@ def measure(args, configs: list[tuple[str, int]], layout: str) -> list[dict]:
                 "layout": layout,
                 "backbone": args.backbone,
                 "method": method,
-                "K": 0 if method.startswith("floor") else 1 if method.startswith(("single", "merged")) else k,
+                "K": 0 if method.startswith("floor") else 1 if method.startswith(SHARED) else k,
                 "B": args.batch_size,
                 "L": args.length,
                 "placement": args.placement,
@@ -259,6 +309,7 @@ def ratio_table(records: list[dict]) -> str:
         ("single_infer", 1, "floor_fwd", 0),
         ("merged_infer", 1, "floor_fwd", 0),
     ]
+    pairs += [(name, 1, "single_train", 1) for name in STRATEGY_STEPS]
     for k in sorted({k for method, k in timed if method.startswith("fusion")}):
         pairs += [("fusion_train", k, "single_train", 1), ("fusion_infer", k, "single_infer", 1)]
     rows = []

@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--adapter", default=None, help="adapter (and head of the same name) for every row")
     which.add_argument("--fusion", default=None, help="fusion (and head of the same name) for every row")
     which.add_argument("--task-column", default=None, help="column naming each row's adapter or fusion")
+    which.add_argument(
+        "--task",
+        choices=["auto"],
+        default=None,
+        help="auto: each row's adapter chosen by the library's routers (stored by class-incremental runs)",
+    )
     predict.add_argument("--input", required=True, help="CSV/TSV/JSONL with a text column, or plain text lines")
     predict.add_argument("--out", required=True, help="output JSONL, one line per input row")
     predict.add_argument("--text-column", default="text", help="text column or field (default: text)")

@@ -156,7 +156,7 @@ def cmd_library_export(args, _overrides=()) -> int:
 def cmd_predict(args, _overrides=()) -> int:
     from .predict import run_predict
 
-    options = ("adapter", "fusion", "task_column", "text_column", "batch_size", "max_length", "device")
+    options = ("adapter", "fusion", "task_column", "task", "text_column", "batch_size", "max_length", "device")
     options += ("drop_layers", "backbone", "merge")  # run_predict's keyword arguments, named as the flags are
     count = run_predict(
         Path(args.library), Path(args.input), Path(args.out), **{name: getattr(args, name) for name in options}

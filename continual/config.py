@@ -27,6 +27,7 @@ from .hardware import check_hardware
 from .strategies import STRATEGY_METHODS, StrategyConfig
 
 METHODS = ("adapters", "shared-adapter", "full-finetune", *STRATEGY_METHODS)
+SETTINGS = ("task-incremental", "class-incremental")  # is the task given at test time?
 
 
 @dataclass
@@ -126,6 +127,7 @@ class RunConfig(JobConfig):
     sequence: str | None = "bbc-topics"
     tasks: list[TaskSpec | str] | None = None
     method: str = "adapters"
+    setting: str = "task-incremental"
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
@@ -133,6 +135,8 @@ class RunConfig(JobConfig):
         super().__post_init__()
         if self.method not in METHODS:
             raise UserError(f"method: '{self.method}' is not one of {', '.join(METHODS)}")
+        if self.setting not in SETTINGS:
+            raise UserError(f"setting: '{self.setting}' is not one of {', '.join(SETTINGS)}")
         if self.method in STRATEGY_METHODS and (self.trainer.devices not in (1, "1") or self.trainer.num_nodes > 1):
             raise UserError(f"method: '{self.method}' trains on one device (trainer.devices: 1, trainer.num_nodes: 1)")
 

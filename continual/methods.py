@@ -23,8 +23,10 @@ from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.storage import atomic_write
 from adafuse.tasks.spec import TaskData
 
+from .class_incremental import evaluate_class_incremental
 from .config import HeadConfig, RunConfig, to_dict
 from .evaluate import evaluate
+from .router import bare_features, class_means
 from .strategies import STRATEGY_METHODS, strategy_for
 
 SHARED = "shared"
@@ -40,6 +42,7 @@ def seeded_head_state(model: AdaptedModel, num_labels: int, head: HeadConfig, se
 
 class SequenceMethod:
     prefix = ""
+    isolated = False  # one adapter per task: class-incremental evaluation routes inputs to tasks
 
     def __init__(
         self,
@@ -61,6 +64,7 @@ class SequenceMethod:
         self.checkpoint_dir = checkpoint_dir
         self.train_data = train_data  # task index -> TaskDataModule (what a strategy reads)
         self.strategy = strategy_for(config.method, config.strategy)
+        self._prototypes: dict[int, torch.Tensor] = {}
         if config.method in STRATEGY_METHODS:
             self.prefix = f"{config.method}@"
 
@@ -164,13 +168,26 @@ class SequenceMethod:
 
     def evaluate(self, j: int, i: int, live: bool = False) -> dict[str, float]:
         """Evaluate task j after task i; task j's modules leave the model afterwards unless j is the current
-        task, so memory stays flat however long the sequence (one adapter trains, one is evaluated)."""
-        self.select(j, i, live)
+        task, so memory stays flat however long the sequence (one adapter trains, one is evaluated).
+        Class-incremental: without the task, among every class seen (:mod:`.class_incremental`)."""
+        class_incremental = self.config.setting == "class-incremental"
+        if not class_incremental:
+            self.select(j, i, live)
         try:
+            if class_incremental:
+                return evaluate_class_incremental(self, j, i, live)
             return evaluate(self.model, self.loaders[j])
         finally:
-            if j != i:
-                self.release(j)
+            for t in range(max(i, j) + 1) if class_incremental else [j]:
+                if t != i:
+                    self.release(t)
+
+    def router_prototypes(self, t: int) -> torch.Tensor:
+        """Task t's class means on the bare backbone (:mod:`.router`): the same before and after training."""
+        if t not in self._prototypes:
+            features, labels = bare_features(self.model, self.train_data[t].eval_dataloader("train"))
+            self._prototypes[t] = class_means(features, labels, self.tasks[t].num_labels)
+        return self._prototypes[t]
 
     def release(self, j: int) -> None:
         """Remove task j's head from the model (it is reloaded from the library when needed)."""
@@ -204,6 +221,8 @@ def seeded_adapter_state(model: AdaptedModel, config: RunConfig, seed: int) -> d
 
 
 class IsolatedAdapters(SequenceMethod):
+    isolated = True
+
     def module_kwargs(self, i: int) -> dict:
         adapter = self.ensure_adapter(self.name(i), self._seed(i, 2), fresh=True)
         head = self.ensure_head(i, fresh=True)
@@ -211,11 +230,17 @@ class IsolatedAdapters(SequenceMethod):
 
     def write(self, i: int, metrics: dict) -> None:
         self.write_artefact("adapter", i, self.model.adapter_state(self.name(i)), metrics)
+        if self.routed:  # class-incremental: predict --task auto reads the routers
+            self.write_artefact("router", i, {"prototypes": self.router_prototypes(i)}, metrics)
         self.write_head(i, metrics)
 
+    @property
+    def routed(self) -> bool:
+        return self.config.setting == "class-incremental"
+
     def is_done(self, i: int) -> bool:
-        entry = self.library.find("adapter", self.name(i))
-        return super().is_done(i) and entry is not None and entry["fingerprint"] == self.fingerprint
+        entries = [self.library.find(kind, self.name(i)) for kind in ("adapter", "router")[: 1 + self.routed]]
+        return super().is_done(i) and all(e is not None and e["fingerprint"] == self.fingerprint for e in entries)
 
     def release(self, j: int) -> None:
         super().release(j)

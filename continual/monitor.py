@@ -27,6 +27,7 @@ class ForgettingMonitor(L.Callback):
         self.matrix: list[list[float | None]] = [[None] * t for _ in range(t)]
         self.f1_matrix: list[list[float | None]] = [[None] * t for _ in range(t)]
         self.baseline: list[float | None] = [None] * t
+        self.extra: dict[str, list[list[float | None]]] = {}  # other scores an evaluation returns, as matrices
         self.interim: list[dict] = []
         self.current: int | None = None
 
@@ -40,6 +41,9 @@ class ForgettingMonitor(L.Callback):
             result = self.evaluate(j, i, False)
             self.matrix[i][j] = result["accuracy"]
             self.f1_matrix[i][j] = result["macro_f1"]
+            for key in result.keys() - {"accuracy", "macro_f1"}:  # class-incremental: oracle, task identification
+                t = len(self.task_names)
+                self.extra.setdefault(key, [[None] * t for _ in range(t)])[i][j] = result[key]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.current is not None:

@@ -21,6 +21,7 @@ from adafuse.fusion.errors import UserError
 from adafuse.fusion.storage import staged_file
 
 from .library_model import LibraryModel
+from .router import identify, pooled
 
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 
@@ -135,6 +136,36 @@ class Predictor:
         return results
 
 
+class Router:
+    """Names each row's task: the nearest class mean of the library's routers on the bare backbone."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        library = predictor.opened.library
+        entries = library.entries("router")
+        if not entries:
+            raise UserError(
+                f"predict --task auto: '{library.root}' has no routers (a run with setting: class-incremental "
+                "stores one per task)"
+            )
+        self.predictor = predictor
+        self.names = [e["name"] for e in entries]
+        fingerprint = predictor.opened.fingerprint
+        self.prototypes = [library.load("router", n, fingerprint).tensors["prototypes"] for n in self.names]
+        for name in self.names:
+            predictor.add_task(name)
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> list[str]:
+        opened, device = self.predictor.opened, self.predictor.device
+        encoded = opened.tokenizer(
+            texts, truncation=True, max_length=self.predictor.max_length, padding=True, return_tensors="pt"
+        )
+        mask = encoded["attention_mask"].to(device)
+        with opened.model.bare_backbone():
+            features = pooled(opened.model.encode(encoded["input_ids"].to(device), mask), mask).cpu()
+        return [self.names[t] for t in identify(features, self.prototypes).tolist()]
+
+
 def run_predict(
     library_dir: Path,
     input_path: Path,
@@ -143,6 +174,7 @@ def run_predict(
     adapter: str | None = None,
     fusion: str | None = None,
     task_column: str | None = None,
+    task: str | None = None,
     text_column: str = "text",
     batch_size: int = 32,
     max_length: int = 128,
@@ -153,9 +185,12 @@ def run_predict(
 ) -> int:
     """Predict every row of ``input_path`` into ``out_path`` (JSONL); returns the number of rows.
 
-    ``merge`` folds a LoRA ``adapter`` into the backbone's weights first (the bare backbone's speed)."""
-    if sum(x is not None for x in (adapter, fusion, task_column)) != 1:
-        raise UserError("predict: give exactly one of --adapter NAME, --fusion NAME or --task-column COLUMN")
+    ``merge`` folds a LoRA ``adapter`` into the backbone's weights first (the bare backbone's speed).
+    ``task="auto"`` identifies each row's task with the library's routers (:mod:`.router`)."""
+    if sum(x is not None for x in (adapter, fusion, task_column, task)) != 1:
+        raise UserError(
+            "predict: give exactly one of --adapter NAME, --fusion NAME, --task-column COLUMN or --task auto"
+        )
     if merge and adapter is None:
         raise UserError("predict --merge: needs --adapter NAME (one LoRA adapter folds into the weights)")
     if batch_size < 1 or max_length < 2:
@@ -170,16 +205,17 @@ def run_predict(
     fixed = adapter or fusion
     if fixed:
         predictor.add_task(fixed)
+    router = Router(predictor) if task == "auto" else None
     if merge:
         predictor.opened.model.merge_adapter(adapter)
     count = 0
     with staged_file(out_path, "w", encoding="utf-8") as out, tqdm(unit=" rows", desc="predict", disable=None) as bar:
         for batch in _batches(read_rows(input_path, text_column, task_column), batch_size):
-            tasks = [fixed or task for _, task in batch]
+            tasks = router([t for t, _ in batch]) if router else [fixed or task for _, task in batch]
             for offset, task in enumerate(tasks):
                 predictor.add_task(task, f"{input_path} row {count + offset + 1}: ")
-            for (_, task), result in zip(batch, predictor([t for t, _ in batch], tasks), strict=True):
-                out.write(json.dumps({"task": task, **result} if task_column else result) + "\n")
+            for task, result in zip(tasks, predictor([t for t, _ in batch], tasks), strict=True):
+                out.write(json.dumps(result if fixed else {"task": task, **result}) + "\n")
             count += len(batch)
             bar.update(len(batch))
         if count == 0:

@@ -67,6 +67,19 @@ def run_markdown(metrics: dict) -> str:
     parts.append(
         _table(["after \\ on", *tasks], [[t, *row] for t, row in zip(tasks, metrics["accuracy_matrix"], strict=True)])
     )
+    if metrics.get("setting") == "class-incremental":
+        parts += [
+            "",
+            "Class-incremental: the task is not given; each input is classified among every class seen so far.",
+        ]
+        titles = {
+            "oracle_accuracy": "Accuracy given the task (oracle):",
+            "task_id_accuracy": "Task identification (share of task j's inputs routed to task j):",
+        }
+        for key, title in titles.items():
+            if f"{key}_matrix" in metrics:
+                rows = [[t, *row] for t, row in zip(tasks, metrics[f"{key}_matrix"], strict=True)]
+                parts += ["", title, "", _table(["after \\ on", *tasks], rows)]
     parts += ["", "## Metrics", ""]
     parts.append(
         _table(
@@ -216,6 +229,8 @@ def comparison_markdown(runs: list[tuple[Path, dict]]) -> str:
         if "tasks" in m:
             params = sum((t.get("trainable_params") or 0) for t in m["per_task"].values())
             method = f"{m['method']} ({m['adapter_kind']})" if m.get("adapter_kind") else m["method"]
+            if m.get("setting") == "class-incremental":
+                method += f", class-incremental (oracle ACC {_fmt(m.get('final_oracle_accuracy'))})"
             extra = (m.get("strategy") or {}).get("extra_memory", "–")
             scores = [m[k] for k in ("acc", "bwt", "fwt", "forgetting", "intransigence")]
             rows.append([str(folder), method, *scores, params, extra, _seconds(m)])

@@ -58,6 +58,19 @@ def prepare_environment(config, tasks=()) -> Environment:
     return Environment(AdaptedModel(backbone, config.backbone.dropout), tokenizer, fp, params)
 
 
+def check_disjoint_labels(tasks) -> None:
+    """Class-incremental: a label may belong to one task only (an input is classified among all of them)."""
+    owner: dict[str, str] = {}
+    for task in tasks:
+        for label in task.label_names:
+            if label in owner:
+                raise UserError(
+                    f"setting class-incremental: label '{label}' belongs to tasks '{owner[label]}' and '{task.name}'"
+                    " (expected disjoint label sets)"
+                )
+            owner[label] = task.name
+
+
 def trainable_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -67,6 +80,8 @@ def run_sequence(
 ) -> dict:
     started = time.perf_counter()
     tasks = resolve_sequence(config.sequence, config.tasks, base_dir, None, config.max_length)  # checked before writing
+    if config.setting == "class-incremental":
+        check_disjoint_labels(tasks)
     library_dir = Path(library_dir or Path(out) / "library")
     env = prepare_environment(config, tasks)
     AdapterLibrary(library_dir).check_backbone(env.fingerprint)  # before anything is written
@@ -160,6 +175,9 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
         reference = _reference_accuracies(config, env, tasks, modules, out, log)
     metrics = _metrics(config, tasks, monitor, per_task, env, time.perf_counter() - started, reference)
     metrics["strategy"] = method.strategy.summary()
+    for key, matrix in monitor.extra.items():  # class-incremental: e.g. oracle_accuracy, task_id_accuracy
+        metrics[f"{key}_matrix"] = matrix
+        metrics[f"final_{key}"] = sum(matrix[-1]) / len(matrix[-1])
     on_main(write_results, out, metrics, write_run_report)
     return metrics
 
@@ -167,7 +185,7 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
 def _reference_accuracies(config: RunConfig, env: Environment, tasks, modules, out: Path, log) -> list[float]:
     """a*_j: test accuracy of a fresh adapter + head trained on task j alone (for intransigence)."""
     reference = ReferenceAdapters(
-        replace(config, method="adapters"),
+        replace(config, method="adapters", setting="task-incremental"),
         env.model,
         AdapterLibrary(out / "reference"),
         env.fingerprint,
@@ -211,6 +229,7 @@ def _metrics(
         )
     return {
         "method": config.method,
+        "setting": config.setting,
         "adapter_kind": config.adapter.kind,
         "tasks": names,
         "accuracy_matrix": monitor.matrix,

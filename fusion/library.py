@@ -28,7 +28,8 @@ from .storage import FileLock, atomic_write, sha256_bytes
 
 FORMAT = "adafuse-library"
 VERSION = 1
-KIND_FOLDERS = {"adapter": "adapters", "head": "heads", "fusion": "fusions"}
+# router: a task's class means on the bare backbone, for task identification (class-incremental runs)
+KIND_FOLDERS = {"adapter": "adapters", "head": "heads", "fusion": "fusions", "router": "routers"}
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # held while one artefact is written
 RUN_LOCK = ".run.lock"  # held by a whole run/fuse job that writes into the library

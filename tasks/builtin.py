@@ -7,13 +7,20 @@ from adafuse.fusion.errors import UserError
 from .bbc import CATEGORIES, SPLITS, fewshot_train, load_articles
 from .spec import SplitData, TaskData
 
-SEQUENCES = {"bbc-topics": [f"bbc-{c}" for c in CATEGORIES]}
+# class-incremental: the categories arrive in disjoint groups, each task a classifier over its group's articles
+# alone; two groups (2 + 3), since five categories cannot make three groups of at least two (a group of one
+# would give an isolated adapter a one-class head)
+CLASS_GROUPS = (("business", "entertainment"), ("politics", "sports", "tech"))
+SEQUENCES = {
+    "bbc-topics": [f"bbc-{c}" for c in CATEGORIES],
+    "bbc-class-incremental": ["bbc-classes-" + "-".join(group) for group in CLASS_GROUPS],
+}
 TOPIC_TASKS = ("bbc-topic5", "bbc-topic5-fewshot")
 DEFAULT_SHOTS = 16
 
 
 def task_names() -> list[str]:
-    return [*SEQUENCES["bbc-topics"], *TOPIC_TASKS]
+    return [*SEQUENCES["bbc-topics"], *TOPIC_TASKS, *SEQUENCES["bbc-class-incremental"]]
 
 
 def is_builtin(name: str) -> bool:
@@ -41,6 +48,10 @@ def load_builtin(name: str, shots: int | None = None, max_length: int = 128) -> 
                 raise UserError(f"task '{name}': shots must be >= 1, got {count}")
             by_split["train"] = fewshot_train(articles, count)
         label_of = CATEGORIES.index
+    elif name in SEQUENCES["bbc-class-incremental"]:
+        label_names = list(CLASS_GROUPS[SEQUENCES["bbc-class-incremental"].index(name)])
+        by_split = {split: [a for a in articles if a.split == split and a.category in label_names] for split in SPLITS}
+        label_of = label_names.index
     else:
         category = name.removeprefix("bbc-")
         label_names = [f"not-{category}", category]

@@ -134,3 +134,22 @@ def test_inference_table_from_records():
     table = markdown(records, Args)
     assert "| per-task | 10 | 3.00 | 1.50 x | 1.0e-07 |" in table
     assert "| adapter a | a | 2 | 0.8000 | 2.00 | 2.00 x |" in table
+
+
+@pytest.mark.slow
+def test_speed_script_times_each_strategy_step_against_its_naive_counterpart(tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_backbone("bert").save_pretrained(folder)
+    out = tmp_path / "speed.jsonl"
+    methods = "single_train,ewc_train,lwf_train,replay_train"
+    args = ["--backbone", str(folder), "--methods", methods, "-B", "2", "-L", "8", "--warmup", "1", "--steps", "2"]
+    script = str(ROOT / "benchmarks" / "speed.py")
+    result = subprocess.run(
+        [sys.executable, script, *args, "--rss-steps", "0", "--out", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in records] == methods.split(",")
+    assert all(r["loss_first"] is not None and r["step_ms_median"] > 0 for r in records)
+    table = Path(str(out) + ".md").read_text()
+    assert all(f"{name}_train / single_train" in table for name in ("ewc", "lwf", "replay"))

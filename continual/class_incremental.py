@@ -1,0 +1,75 @@
+"""Class-incremental evaluation (van de Ven et al. 2022, "Three types of incremental learning"): the task is
+not given at test time; an input is classified among every class seen so far.
+
+Task j evaluated after task i uses the artefacts of tasks 0..max(i, j) (task j's untrained ones when j > i,
+for FWT and the baseline) and predicts a class of their union:
+
+* isolated adapters: the router (:mod:`adafuse.continual.router`) names a task per input; its adapter and head
+  classify it (one routed forward pass per batch). ``task_id_accuracy`` is the share of task j's inputs the
+  router sends to task j.
+* a shared trainable set (shared adapter, full fine-tuning, EWC, LwF, replay): every seen task's head reads the
+  same hidden states and the largest logit over all their classes wins (the heads, concatenated, are one
+  growing head).
+
+``oracle_accuracy`` is the same model given the task (task j's own head: the task-incremental number).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .evaluate import scores
+from .router import identify, pooled
+
+
+def evaluate_class_incremental(method, j: int, i: int, live: bool) -> dict[str, float]:
+    seen = list(range(max(i, j) + 1))
+    offsets = [sum(method.tasks[t].num_labels for t in seen[:k]) for k in seen]
+    for t in seen:  # every seen task's artefacts in the model, in their state after task i
+        method.select(t, i, live)
+    model = method.model
+    names = [method.name(t) for t in seen]
+    prototypes = [method.router_prototypes(t) for t in seen] if method.isolated else None
+    logits, oracle, labels, routed = [], [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in method.loaders[j]:
+                batch = {k: v.to(model.device) for k, v in batch.items()}
+                labels.append(batch.pop("labels").cpu() + offsets[j])
+                mask = batch["attention_mask"]
+                if prototypes is None:  # the shared set is active as select() left it
+                    hidden = model.encode(**batch)
+                    per_task = [model.heads[n](hidden, mask).float().cpu() for n in names]
+                    logits.append(torch.cat(per_task, dim=-1))
+                    oracle.append(per_task[j].argmax(-1) + offsets[j])
+                    continue
+                with model.bare_backbone():
+                    tasks = identify(pooled(model.encode(**batch), mask).cpu(), prototypes)
+                routed.append(tasks)
+                total = offsets[-1] + method.tasks[seen[-1]].num_labels
+                logits.append(_routed_logits(model, batch, names, tasks, offsets, total))
+                model.activate([names[j]], head=names[j])
+                oracle.append(model(**batch).float().argmax(-1).cpu() + offsets[j])
+    finally:
+        model.train(was_training)
+    logits_all, labels_all = torch.cat(logits), torch.cat(labels)
+    result = scores(logits_all, labels_all)
+    result["oracle_accuracy"] = float((torch.cat(oracle) == labels_all).float().mean())
+    if routed:
+        result["task_id_accuracy"] = float((torch.cat(routed) == j).float().mean())
+    return result
+
+
+def _routed_logits(model, batch, names, tasks, offsets, total: int) -> torch.Tensor:
+    """(B, total) logits: each row's routed head's logits at its task's offset, -inf elsewhere."""
+    rows = {names[t]: (tasks == t).nonzero().squeeze(1).to(model.device) for t in tasks.unique().tolist()}
+    model.route(rows)
+    hidden = model.encode(**batch)
+    out = torch.full((len(tasks), total), float("-inf"))
+    for t in tasks.unique().tolist():
+        index = rows[names[t]]
+        head = model.heads[names[t]](hidden[index], batch["attention_mask"][index]).float().cpu()
+        out[index.cpu(), offsets[t] : offsets[t] + head.shape[-1]] = head
+    return out

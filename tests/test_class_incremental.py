@@ -1,0 +1,104 @@
+"""The class-incremental setting: disjoint BBC category groups, task identification by nearest class mean, and
+evaluation without the task (the oracle numbers equal the task-incremental run's)."""
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT
+
+from adafuse.continual.cli import main
+from adafuse.continual.router import class_means, identify, pooled
+from adafuse.tasks.bbc import CATEGORIES
+from adafuse.tasks.builtin import CLASS_GROUPS, SEQUENCES, load_builtin
+
+SMOKE = [str(ROOT / "configs" / "sequence" / "smoke.yaml"), "--trainer.limit_train_batches", "3"]
+CLASS_INCREMENTAL = ["--tasks", "null", "--sequence", "bbc-class-incremental", "--trainer.max_epochs", "1"]
+
+
+def test_identify_picks_the_task_of_the_nearest_class_mean():
+    features = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [0.1, 1.0], [-1.0, 0.2]]), dim=-1)
+    first = class_means(torch.tensor([[1.0, 0.0], [0.9, 0.1]]), torch.tensor([0, 0]), 1)  # task 0: one class
+    second = class_means(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), torch.tensor([0, 1]), 2)  # task 1: two
+    assert identify(features, [first, second]).tolist() == [0, 1, 1]
+
+
+def test_pooled_features_ignore_padding_and_are_unit_length():
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]])
+    out = pooled(hidden, torch.tensor([[1, 1, 0]]))
+    torch.testing.assert_close(out, torch.tensor([[0.5, 0.5]]) / 0.5**0.5)
+
+
+def test_the_class_groups_cover_each_category_once():
+    assert sorted(c for group in CLASS_GROUPS for c in group) == sorted(CATEGORIES)
+    topic5 = load_builtin("bbc-topic5")
+    tasks = [load_builtin(name) for name in SEQUENCES["bbc-class-incremental"]]
+    for split in ("train", "validation", "test"):
+        assert sum(len(t.splits[split].texts) for t in tasks) == len(topic5.splits[split].texts)
+    assert [t.label_names for t in tasks] == [list(g) for g in CLASS_GROUPS]
+
+
+@pytest.mark.parametrize("method", ["adapters", "shared-adapter"])
+def test_class_incremental_oracle_equals_the_task_incremental_run(method, tmp_path):
+    runs = {}
+    for setting in ("task-incremental", "class-incremental"):
+        out = tmp_path / setting
+        args = [*SMOKE, *CLASS_INCREMENTAL, "--method", method, "--setting", setting, "--out", str(out)]
+        assert main(["run", *args]) == 0
+        runs[setting] = json.loads((out / "metrics.json").read_text())
+    given, hidden = runs["task-incremental"], runs["class-incremental"]
+    assert hidden["oracle_accuracy_matrix"] == given["accuracy_matrix"]  # the same models, given the task
+    assert "oracle_accuracy_matrix" not in given
+    assert ("task_id_accuracy_matrix" in hidden) == (method == "adapters")  # only isolated adapters route
+    if method == "adapters":
+        assert hidden["task_id_accuracy_matrix"][0][0] == 1.0  # one task seen: nothing to confuse
+        assert 0 <= hidden["final_task_id_accuracy"] <= 1
+
+
+def test_class_incremental_refuses_a_label_in_two_tasks(tmp_path, capsys):
+    args = [*SMOKE, "--tasks", "[bbc-topic5, bbc-topic5-fewshot]", "--setting", "class-incremental"]
+    assert main(["run", *args, "--out", str(tmp_path / "x")]) == 2
+    assert "label 'business' belongs to tasks 'bbc-topic5' and 'bbc-topic5-fewshot'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_predict_task_auto_routes_like_the_class_incremental_evaluation(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*SMOKE, *CLASS_INCREMENTAL, "--setting", "class-incremental", "--out", str(out)]
+    assert main(["run", *args]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    tasks = [load_builtin(name, max_length=32) for name in SEQUENCES["bbc-class-incremental"]]
+    tests = [t.splits["test"] for t in tasks]
+    rows = [
+        (text, t.label_names[y])
+        for t, s in zip(tasks, tests, strict=True)
+        for text, y in zip(s.texts, s.labels, strict=True)
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text, _ in rows))
+    predict = ["predict", "--library", str(out / "library"), "--task", "auto", "--max-length", "32"]
+    assert main([*predict, "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl")]) == 0
+    results = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in results} <= set(SEQUENCES["bbc-class-incremental"])
+    correct = sum(r["label_name"] == truth for r, (_, truth) in zip(results, rows, strict=True))
+    sizes = [len(t.splits["test"].texts) for t in tasks]
+    expected = sum(a * n for a, n in zip(metrics["accuracy_matrix"][-1], sizes, strict=True))
+    assert abs(correct - expected) <= 2  # the same routing and heads (batch padding may move a rounding)
+
+    capsys.readouterr()
+    plain = tmp_path / "plain"
+    assert (
+        main(["run", *SMOKE, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--out", str(plain)])
+        == 0
+    )
+    no_router = [
+        "predict",
+        "--library",
+        str(plain / "library"),
+        "--task",
+        "auto",
+        "--input",
+        str(tmp_path / "in.jsonl"),
+    ]
+    assert main([*no_router, "--out", str(tmp_path / "y.jsonl")]) == 2
+    assert "has no routers (a run with setting: class-incremental" in capsys.readouterr().err
+    assert not (tmp_path / "y.jsonl").exists()
