@@ -57,6 +57,9 @@ def sequence_record(metrics: dict, seed: int) -> dict:
         "fwt": metrics["fwt"],
         "wall_time_s": metrics["wall_time_s"],
         "trainable_params": max(t["trainable_params"] for t in per_task.values()),
+        # class-incremental runs: the same models given the task, and how often the router named it
+        "oracle_acc": metrics.get("final_oracle_accuracy"),
+        "task_id_acc": metrics.get("final_task_id_accuracy"),
     }
 
 
@@ -89,13 +92,14 @@ def render_table(records: list[dict]) -> str:
     sequences = [r for r in records if r["kind"] == "sequence"]
     if sequences:
         tasks = list(sequences[0]["tasks"])
-        header = ["method", "seeds", *tasks, "ACC", "BWT", "forgetting", "FWT", "wall s", "trainable"]
+        extra = [k for k in ("oracle_acc", "task_id_acc") if any(r.get(k) is not None for r in sequences)]
+        header = ["method", "seeds", *tasks, "ACC", "BWT", "forgetting", "FWT", *extra, "wall s", "trainable"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method in dict.fromkeys(r["method"] for r in sequences):
             rows = [r for r in sequences if r["method"] == method]
             cells = [method, str(len(rows))]
             cells += [mean_std([r["tasks"].get(t) for r in rows]) for t in tasks]
-            cells += [mean_std([r[k] for r in rows]) for k in ("acc", "bwt", "forgetting", "fwt")]
+            cells += [mean_std([r.get(k) for r in rows]) for k in ("acc", "bwt", "forgetting", "fwt", *extra)]
             cells += [mean_std([r["wall_time_s"] for r in rows], 0), f"{rows[0]['trainable_params']:,}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -23,10 +23,17 @@ SPEED_FIELDS = {
 }  # fmt: skip
 
 
-@pytest.mark.slow
-def test_speed_script_on_a_tiny_backbone(tmp_path):
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """A tiny random BERT saved as a model folder (speed.py's --backbone)."""
     folder = tmp_path / "tiny"
     tiny_backbone("bert").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_speed_script_on_a_tiny_backbone(tmp_path, tiny_folder):
+    folder = tiny_folder
     out = tmp_path / "speed.jsonl"
     methods = "floor_fwd,floor_train,single_train,single_infer,fusion_train,fusion_infer"
     args = ["--backbone", str(folder), "--methods", methods, "--fusion-k", "2", "-B", "2", "-L", "8"]
@@ -137,12 +144,10 @@ def test_inference_table_from_records():
 
 
 @pytest.mark.slow
-def test_speed_script_times_each_strategy_step_against_its_naive_counterpart(tmp_path):
-    folder = tmp_path / "tiny"
-    tiny_backbone("bert").save_pretrained(folder)
+def test_speed_script_times_each_strategy_step_against_its_naive_counterpart(tmp_path, tiny_folder):
     out = tmp_path / "speed.jsonl"
     methods = "single_train,ewc_train,lwf_train,replay_train"
-    args = ["--backbone", str(folder), "--methods", methods, "-B", "2", "-L", "8", "--warmup", "1", "--steps", "2"]
+    args = ["--backbone", str(tiny_folder), "--methods", methods, "-B", "2", "-L", "8", "--warmup", "1", "--steps", "2"]
     script = str(ROOT / "benchmarks" / "speed.py")
     result = subprocess.run(
         [sys.executable, script, *args, "--rss-steps", "0", "--out", str(out)], capture_output=True, text=True
