@@ -242,12 +242,14 @@ def test_smoke_sequence_in_bf16_mixed_on_the_cpu(tmp_path):
 def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
     """One gloo rank: the same fusion model, its share of the batch, bf16 autocast, DDP's gradient averaging."""
     import os
+    from datetime import timedelta
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # loopback only: gloo otherwise connects the ranks through the address the host name resolves to
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))  # fail, not hang
     torch.manual_seed(0)
     model = fused_model(2, "pfeiffer", FusionConfig())
     model.eval()
