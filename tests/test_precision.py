@@ -260,7 +260,11 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
     logits.float().pow(2).sum().backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without destructors: tearing down DDP's reducer joins gloo's worker thread while holding the GIL,
+    # and the worker may need the GIL to free a finished work's thread-local state (a deadlock seen on a
+    # clean-clone run: rank 1 hung in ~ProcessGroupGloo after its work was done).
+    os._exit(0)
 
 
 @pytest.mark.slow
