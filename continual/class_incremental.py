@@ -23,6 +23,7 @@ from .router import identify, pooled
 
 
 def evaluate_class_incremental(method, j: int, i: int, live: bool) -> dict[str, float]:
+    """Task j after task i, the task not given: accuracy, macro-F1, oracle and (routed) task-id accuracy."""
     seen = list(range(max(i, j) + 1))
     offsets = [sum(method.tasks[t].num_labels for t in seen[:k]) for k in seen]
     for t in seen:  # every seen task's artefacts in the model, in their state after task i
@@ -38,20 +39,18 @@ def evaluate_class_incremental(method, j: int, i: int, live: bool) -> dict[str, 
             for batch in method.loaders[j]:
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 labels.append(batch.pop("labels").cpu() + offsets[j])
-                mask = batch["attention_mask"]
                 if prototypes is None:  # the shared set is active as select() left it
-                    hidden = model.encode(**batch)
-                    per_task = [model.heads[n](hidden, mask).float().cpu() for n in names]
-                    logits.append(torch.cat(per_task, dim=-1))
-                    oracle.append(per_task[j].argmax(-1) + offsets[j])
-                    continue
-                with model.bare_backbone():
-                    tasks = identify(pooled(model.encode(**batch), mask).cpu(), prototypes)
-                routed.append(tasks)
-                total = offsets[-1] + method.tasks[seen[-1]].num_labels
-                logits.append(_routed_logits(model, batch, names, tasks, offsets, total))
-                model.activate([names[j]], head=names[j])
-                oracle.append(model(**batch).float().argmax(-1).cpu() + offsets[j])
+                    batch_logits, given = _all_heads(model, batch, names, j)
+                else:
+                    with model.bare_backbone():
+                        tasks = identify(pooled(model.encode(**batch), batch["attention_mask"]).cpu(), prototypes)
+                    routed.append(tasks)
+                    total = offsets[-1] + method.tasks[seen[-1]].num_labels
+                    batch_logits = _routed_logits(model, batch, names, tasks, offsets, total)
+                    model.activate([names[j]], head=names[j])
+                    given = model(**batch).float().argmax(-1).cpu()
+                logits.append(batch_logits)
+                oracle.append(given + offsets[j])
     finally:
         model.train(was_training)
     logits_all, labels_all = torch.cat(logits), torch.cat(labels)
@@ -60,6 +59,13 @@ def evaluate_class_incremental(method, j: int, i: int, live: bool) -> dict[str, 
     if routed:
         result["task_id_accuracy"] = float((torch.cat(routed) == j).float().mean())
     return result
+
+
+def _all_heads(model, batch, names: list[str], j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, sum C_t) logits of every seen task's head on the same hidden states, and task j's own prediction."""
+    hidden = model.encode(**batch)
+    per_task = [model.heads[n](hidden, batch["attention_mask"]).float().cpu() for n in names]
+    return torch.cat(per_task, dim=-1), per_task[j].argmax(-1)
 
 
 def _routed_logits(model, batch, names, tasks, offsets, total: int) -> torch.Tensor:

@@ -171,11 +171,10 @@ class SequenceMethod:
         task, so memory stays flat however long the sequence (one adapter trains, one is evaluated).
         Class-incremental: without the task, among every class seen (:mod:`.class_incremental`)."""
         class_incremental = self.config.setting == "class-incremental"
-        if not class_incremental:
-            self.select(j, i, live)
         try:
             if class_incremental:
                 return evaluate_class_incremental(self, j, i, live)
+            self.select(j, i, live)
             return evaluate(self.model, self.loaders[j])
         finally:
             for t in range(max(i, j) + 1) if class_incremental else [j]:
