@@ -202,7 +202,7 @@ def synthetic_strategy(args, model, method: str, head: str):
     def example() -> dict:
         return {"input_ids": torch.randint(0, vocab, (args.length,), generator=g).tolist(), "labels": 0}
 
-    strategy.memory = {j: [example() for _ in range(50)] for j in old}
+    strategy.pool = [(j, example()) for j in old for _ in range(50)]
     strategy.replayed = max(1, round(strategy.config.replay_ratio * args.batch_size))
     strategy.seed = 0
 

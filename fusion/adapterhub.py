@@ -114,21 +114,29 @@ def adapter_config(adapter_json: dict, where: str) -> AdapterConfig:
     leave_out = sorted(config.get("leave_out") or [])
     if leave_out != list(range(len(leave_out))):
         raise UserError(f"{where}: AdapterHub leave_out={leave_out} is not supported (expected layers 0..N-1)")
-    skip = {"skip_layers": len(leave_out)}
-    if kind == "lora":
-        targets = list(config.get("attn_matrices", ["q", "v"]))
-        targets += [target for key, target in _LORA_TARGETS.items() if config.get(key)]
-        return AdapterConfig(
-            kind="lora", r=int(config.get("r", 8)), alpha=float(config.get("alpha", 8)), target_modules=targets,
-            dropout=float(config.get("dropout", 0.0)), **skip,
-        )  # fmt: skip
-    if kind == "prefix":
-        return AdapterConfig(
-            kind="prefix", prefix_length=int(config.get("prefix_length", 30)),
-            bottleneck=int(config.get("bottleneck_size", 512)),
-            non_linearity=config.get("non_linearity", "tanh").lower(),
-            dropout=float(config.get("dropout", 0.0)), **skip,
-        )  # fmt: skip
+    return _READERS[kind](kind, config, where, {"skip_layers": len(leave_out)})
+
+
+def _lora_config(kind: str, config: dict, where: str, skip: dict) -> AdapterConfig:
+    targets = list(config.get("attn_matrices", ["q", "v"]))
+    targets += [target for key, target in _LORA_TARGETS.items() if config.get(key)]
+    return AdapterConfig(
+        kind="lora", r=int(config.get("r", 8)), alpha=float(config.get("alpha", 8)), target_modules=targets,
+        dropout=float(config.get("dropout", 0.0)), **skip,
+    )  # fmt: skip
+
+
+def _prefix_config(kind: str, config: dict, where: str, skip: dict) -> AdapterConfig:
+    return AdapterConfig(
+        kind="prefix", prefix_length=int(config.get("prefix_length", 30)),
+        bottleneck=int(config.get("bottleneck_size", 512)),
+        non_linearity=config.get("non_linearity", "tanh").lower(),
+        dropout=float(config.get("dropout", 0.0)), **skip,
+    )  # fmt: skip
+
+
+def _bottleneck_config(kind: str, config: dict, where: str, skip: dict) -> AdapterConfig:
+    """Bottleneck, parallel and Compacter: one AdapterHub architecture with presets."""
     locations = (config.get("mh_adapter", False), config.get("output_adapter", True))
     placement = {(False, True): "pfeiffer", (True, True): "houlsby"}.get(locations)
     if placement is None:
@@ -143,6 +151,16 @@ def adapter_config(adapter_json: dict, where: str) -> AdapterConfig:
         phm_dim=int(config.get("phm_dim", 4)),
         **skip,
     )
+
+
+# adafuse kind -> the reader of its AdapterHub options (the writer's table: adapterhub_write._WRITERS)
+_READERS = {
+    "bottleneck": _bottleneck_config,
+    "parallel": _bottleneck_config,
+    "compacter": _bottleneck_config,
+    "lora": _lora_config,
+    "prefix": _prefix_config,
+}
 
 
 def fusion_config(fusion_json: dict) -> FusionConfig:

@@ -102,6 +102,11 @@ class Strategy(nn.Module):
         """What the run records about the strategy (memory sizes and contents, ...)."""
         return {}
 
+    @staticmethod
+    def task_seed(method, i: int) -> int:
+        """The seed of what a strategy draws for task i (memory samples, Fisher examples, replay draws)."""
+        return method.config.seed * 1_000_003 + i
+
     def keep_heads(self, method, tasks: range) -> None:
         """Frozen copies of the finished ``tasks``' heads, as the library holds them."""
         self.old_heads = nn.ModuleDict({str(j): method.frozen_head(j) for j in tasks}).to(method.model.device)

@@ -66,7 +66,6 @@ class EWC(Strategy):
 
     def before_task(self, i: int, method, data) -> None:
         self._params = shared_parameters(method.model, method.name(i))
-        self._move(method.model.device)
 
     def loss(self, model, batch, hidden, task_loss, step):
         if not self.fisher:
@@ -79,7 +78,7 @@ class EWC(Strategy):
     def after_task(self, i: int, method, data) -> None:
         data.setup()
         train = data.datasets["train"]
-        generator = torch.Generator().manual_seed(method.config.seed * 1_000_003 + i)
+        generator = torch.Generator().manual_seed(self.task_seed(method, i))
         chosen = torch.randperm(len(train), generator=generator)[: self.config.fisher_samples].tolist()
         new = diagonal_fisher(method.model, method.name(i), [train[k] for k in chosen], data.collator)
         self.fisher = online_fisher(self.fisher, new, self.config.ewc_gamma)

@@ -47,23 +47,22 @@ class Replay(Strategy):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.memory: dict[int, list[dict]] = {}  # task index -> its kept examples, read from its training split
+        self.pool: list[tuple[int, dict]] = []  # (task index, kept example) read from its training split, by task
         self.indices: dict[int, list[int]] = {}  # task index -> the kept examples' indices in its training split
         self.collate = None
 
     def before_task(self, i: int, method, data) -> None:
         self.keep_heads(method, range(i))
         self.collate = data.collator
-        self.memory = {j: [self._example(method, j, k) for k in chosen] for j, chosen in self.indices.items()}
+        self.pool = [(j, self._example(method, j, k)) for j, chosen in sorted(self.indices.items()) for k in chosen]
         self.replayed = max(1, round(self.config.replay_ratio * method.config.trainer.batch_size))
-        self.seed = method.config.seed * 1_000_003 + i
+        self.seed = self.task_seed(method, i)
 
     def loss(self, model, batch, hidden, task_loss, step):
-        if not self.memory:
+        if not self.pool:
             return task_loss
-        pool = [(j, example) for j, examples in sorted(self.memory.items()) for example in examples]
         generator = torch.Generator().manual_seed(self.seed * 100_003 + step)
-        drawn = [pool[k] for k in torch.randint(len(pool), (self.replayed,), generator=generator).tolist()]
+        drawn = [self.pool[k] for k in torch.randint(len(self.pool), (self.replayed,), generator=generator).tolist()]
         replay = {k: v.to(hidden.device) for k, v in self.collate([example for _, example in drawn]).items()}
         labels = replay.pop("labels")
         replay_hidden = model.encode(**replay)
@@ -80,7 +79,7 @@ class Replay(Strategy):
         train = data.datasets["train"]
         keep = slots_per_task(i + 1, self.config.replay_per_task, self.config.replay_budget)
         self.indices = {j: chosen[:keep] for j, chosen in self.indices.items()}  # a budget shrinks older tasks
-        self.indices[i] = class_balanced_sample(train["labels"], keep, method.config.seed * 1_000_003 + i)
+        self.indices[i] = class_balanced_sample(train["labels"], keep, self.task_seed(method, i))
 
     @staticmethod
     def _example(method, j: int, k: int) -> dict:
