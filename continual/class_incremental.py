@@ -30,7 +30,7 @@ def evaluate_class_incremental(method, j: int, i: int, live: bool) -> dict[str, 
         method.select(t, i, live)
     model = method.model
     names = [method.name(t) for t in seen]
-    prototypes = [method.router_prototypes(t) for t in seen] if method.isolated else None
+    routers = [method.router(t) for t in seen] if method.isolated else None
     logits, oracle, labels, routed = [], [], [], []
     was_training = model.training
     model.eval()
@@ -39,11 +39,11 @@ def evaluate_class_incremental(method, j: int, i: int, live: bool) -> dict[str, 
             for batch in method.loaders[j]:
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 labels.append(batch.pop("labels").cpu() + offsets[j])
-                if prototypes is None:  # the shared set is active as select() left it
+                if routers is None:  # the shared set is active as select() left it
                     batch_logits, given = _all_heads(model, batch, names, j)
                 else:
                     with model.bare_backbone():
-                        tasks = identify(pooled(model.encode(**batch), batch["attention_mask"]).cpu(), prototypes)
+                        tasks = identify(pooled(model.encode(**batch), batch["attention_mask"]).cpu(), routers)
                     routed.append(tasks)
                     total = offsets[-1] + method.tasks[seen[-1]].num_labels
                     batch_logits = _routed_logits(model, batch, names, tasks, offsets, total)

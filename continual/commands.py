@@ -63,10 +63,8 @@ def cmd_fuse(args, overrides: list[str]) -> int:
     metrics = run_fusion(config, Path(args.library), out, baseline=args.baseline, base_dir=base, log=_log())
     if not is_main():
         return 0
-    print(
-        f"\n{metrics['method']} on {metrics['target']}: test accuracy {metrics['test']['accuracy']:.4f}, "
-        f"macro-F1 {metrics['test']['macro_f1']:.4f}"
-    )
+    scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics["test"].items())
+    print(f"\n{metrics['method']} on {metrics['target']}: test {scores}")
     print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
     return 0
 

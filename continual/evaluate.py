@@ -9,48 +9,58 @@ from __future__ import annotations
 import sys
 
 import torch
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 from tqdm.auto import tqdm
 
 from adafuse.fusion.model import AdaptedModel
+from adafuse.tasks.types import TASK_TYPES
 
 from .distributed import gather_tensors, shard
 
 
 @torch.inference_mode()
 def predict_logits(
-    model: AdaptedModel, loader, device: torch.device | str | None = None
+    model: AdaptedModel, loader, device: torch.device | str | None = None, gather=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated (N, C) logits and (N,) labels over ``loader``, in eval mode.
 
+    ``gather(logits, labels)`` reduces each batch first (a task type's: tagging keeps the scored words).
     The batches move to ``device`` (default: where the model is); the model does not move."""
     device = device or model.device
     was_training = model.training
     model.eval()
-    logits, labels = [], []
+    outputs, targets = [], []
     shards, mine = shard()
     try:
         for index, batch in enumerate(tqdm(loader, desc="evaluating", leave=False, disable=not sys.stderr.isatty())):
             if index % shards != mine:
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
-            target = batch.pop("labels")
-            logits.append(model(**batch).float().cpu())
-            labels.append(target.cpu())
+            labels = batch.pop("labels")
+            output, target = (gather or _classification)(model(**batch), labels)
+            outputs.append(output.cpu())
+            targets.append(target.cpu())
     finally:
         model.train(was_training)
     empty = torch.empty(0)
-    return gather_tensors(torch.cat(logits) if logits else empty, torch.cat(labels) if labels else empty)
+    return gather_tensors(torch.cat(outputs) if outputs else empty, torch.cat(targets) if targets else empty)
+
+
+def _classification(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits.float(), labels
 
 
 def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    num_classes = logits.shape[-1]
-    predictions = logits.argmax(-1)
-    return {
-        "accuracy": float(multiclass_accuracy(predictions, labels, num_classes=num_classes, average="micro")),
-        "macro_f1": float(multiclass_f1_score(predictions, labels, num_classes=num_classes, average="macro")),
-    }
+    """Classification scores of (N, C) logits: ``score`` (= accuracy), accuracy and macro-F1."""
+    return TASK_TYPES["classification"].scores(logits, labels, [])
 
 
-def evaluate(model: AdaptedModel, loader, device: torch.device | str | None = None) -> dict[str, float]:
-    return scores(*predict_logits(model, loader, device))
+def evaluate(
+    model: AdaptedModel,
+    loader,
+    device: torch.device | str | None = None,
+    task_type: str = "classification",
+    label_names: list[str] | None = None,
+) -> dict[str, float]:
+    """The task type's scores over ``loader``: ``{"score": primary metric, <metric>: value, ...}``."""
+    kind = TASK_TYPES[task_type]
+    return kind.scores(*predict_logits(model, loader, device, kind.gather), label_names or [])

@@ -25,6 +25,7 @@ from adafuse.tasks.builtin import is_builtin, load_builtin
 from adafuse.tasks.datamodule import TaskDataModule
 from adafuse.tasks.resolve import resolve_task
 from adafuse.tasks.spec import TaskSpec
+from adafuse.tasks.types import task_type
 
 from .config import FuseConfig, dump_yaml
 from .distributed import is_main, on_main
@@ -97,8 +98,9 @@ def run_fusion(
             out / "cache",
         )
         head = fusion_name if baseline is None else f"{target.name}-single"
-        model.add_head(head, target.num_labels, config.head.pooling, config.head.dropout)
-        model.load_head_state(head, seeded_head_state(model, target.num_labels, config.head, config.seed * 31 + 1))
+        head_type = task_type(target.type).head_type
+        model.add_head(head, target.num_labels, config.head.pooling, config.head.dropout, head_type)
+        model.load_head_state(head, seeded_head_state(model, target, config.head, config.seed * 31 + 1))
         if baseline is None:
             model.add_fusion(fusion_name, sources, config.fusion)
             searched = config.fusion.composition == "weighted" and config.fusion.search == "es"
@@ -112,6 +114,7 @@ def run_fusion(
                 trainer_config=config.trainer,
                 fusion=fusion_name,
                 train_fusion=not searched,
+                task_type=target.type,
             )
         else:
             model.add_adapter(head, config.adapter)
@@ -123,6 +126,7 @@ def run_fusion(
                 trainer_config=config.trainer,
                 adapters=(head,),
                 train_adapters=(head,),
+                task_type=target.type,
             )
         trainable = trainable_count(model)
 
@@ -136,12 +140,14 @@ def run_fusion(
                     out / "baseline_adapter.safetensors", save({k: v.contiguous() for k, v in tensors.items()})
                 )
 
-        writer = LibraryWriter(write, lambda: evaluate(model, data.eval_dataloader("test")))
+        scored = (None, target.type, target.label_names)  # evaluate(): device, task type, label names
+        writer = LibraryWriter(write, lambda: evaluate(model, data.eval_dataloader("test"), *scored))
         trainer = make_trainer(config.trainer, out, head, [writer], config.seed)
         log(f"training {'fusion' if baseline is None else 'a single adapter'} on {target.sizes()['train']} examples")
         fit(trainer, module, data, out, head, config)
         module.prepare()
-        validation = evaluate(model, data.eval_dataloader("validation"))
+        validation = evaluate(model, data.eval_dataloader("validation"), *scored)
+        validation.pop("score")
         attention = fusion_attention(model, data.eval_dataloader("test")) if baseline is None else None
         after = source_eval.run()
         hashes_after = {e["name"]: sha256_file(library.resolve(e["file"])) for e in entries}
@@ -150,7 +156,8 @@ def run_fusion(
             "target": target.name,
             "sources": sources,
             "fusion": fusion_name if baseline is None else None,
-            "test": {"accuracy": writer.result["test_accuracy"], "macro_f1": writer.result["test_macro_f1"]},
+            "metric": task_type(target.type).primary,
+            "test": writer.result["test"],
             "validation": validation,
             "source_accuracy_before": before,
             "source_accuracy_after": after,
@@ -186,7 +193,8 @@ def _write_fusion(
         "fusion": asdict(config.fusion),
         "label_names": target.label_names,
         "num_labels": target.num_labels,
-        "head": asdict(config.head),
+        "head": {**asdict(config.head), "type": task_type(target.type).head_type},
+        "task_type": target.type,
         "method": "fusion",
     }
     for kind, artefact, tensors, extra in (

@@ -37,6 +37,7 @@ class LibraryModel:
     fingerprint: str
     backbone: BackboneConfig
     label_names: dict[str, list[str]] = field(default_factory=dict)  # head name -> label names
+    task_types: dict[str, str] = field(default_factory=dict)  # head name -> its task type
     _tokenizer: object = None
 
     @property
@@ -89,6 +90,7 @@ class LibraryModel:
             )
             self.model.load_head_state(name, self.library.load("head", name, self.fingerprint).tensors)
             self.label_names[name] = config.get("label_names") or [f"label_{i}" for i in range(num_labels)]
+            self.task_types[name] = config.get("task_type", "classification")
         return self.label_names[name]
 
     def load_fusion(self, name: str) -> list[str]:

@@ -17,26 +17,30 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from adafuse.fusion.heads import ClassificationHead
+from adafuse.fusion.heads import build_head
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.storage import atomic_write
 from adafuse.tasks.spec import TaskData
+from adafuse.tasks.types import task_type
 
 from .class_incremental import evaluate_class_incremental
 from .config import HeadConfig, RunConfig, to_dict
 from .evaluate import evaluate
-from .router import bare_features, class_means
+from .router import bare_features, task_statistics
 from .strategies import STRATEGY_METHODS, strategy_for
 
 SHARED = "shared"
 
 
-def seeded_head_state(model: AdaptedModel, num_labels: int, head: HeadConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Initial tensors of a classification head drawn from ``seed`` (the global RNG is left untouched)."""
+def seeded_head_state(model: AdaptedModel, task: TaskData, head: HeadConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Initial tensors of ``task``'s head (its type's) drawn from ``seed`` (the global RNG is left untouched)."""
+    head_type = task_type(task.type).head_type
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        module = ClassificationHead(model.hidden_size, num_labels, model.resolve_pooling(head.pooling), head.dropout)
+        module = build_head(
+            model.hidden_size, head_type, **model.head_options(head_type, task.num_labels, head.pooling, head.dropout)
+        )
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
@@ -64,7 +68,7 @@ class SequenceMethod:
         self.checkpoint_dir = checkpoint_dir
         self.train_data = train_data  # task index -> TaskDataModule (what a strategy reads)
         self.strategy = strategy_for(config.method, config.strategy)
-        self._prototypes: dict[int, torch.Tensor] = {}
+        self._routers: dict[int, dict[str, torch.Tensor]] = {}
         if config.method in STRATEGY_METHODS:
             self.prefix = f"{config.method}@"
 
@@ -78,10 +82,11 @@ class SequenceMethod:
     def ensure_head(self, i: int, fresh: bool = False) -> str:
         name = self.name(i)
         if name not in self.model.heads:
-            self.model.add_head(name, self.tasks[i].num_labels, self.config.head.pooling, self.config.head.dropout)
+            task, head = self.tasks[i], self.config.head
+            self.model.add_head(name, task.num_labels, head.pooling, head.dropout, task_type(task.type).head_type)
             fresh = True
         if fresh:
-            state = seeded_head_state(self.model, self.tasks[i].num_labels, self.config.head, self._seed(i, 1))
+            state = seeded_head_state(self.model, self.tasks[i], self.config.head, self._seed(i, 1))
             self.model.load_head_state(name, state)
         return name
 
@@ -98,7 +103,8 @@ class SequenceMethod:
         return {
             "method": self.config.method,
             "adapter": to_dict(self.config.adapter),
-            "head": to_dict(self.config.head),
+            "head": {**to_dict(self.config.head), "type": task_type(self.tasks[i].type).head_type},
+            "task_type": self.tasks[i].type,
             "label_names": self.tasks[i].label_names,
             "num_labels": self.tasks[i].num_labels,
         }
@@ -133,12 +139,10 @@ class SequenceMethod:
 
     def frozen_head(self, j: int) -> torch.nn.Module:
         """A frozen copy of task j's head as the library holds it (outside the model's heads)."""
-        module = ClassificationHead(
-            self.model.hidden_size,
-            self.tasks[j].num_labels,
-            self.model.resolve_pooling(self.config.head.pooling),
-            self.config.head.dropout,
-        )
+        head_type = task_type(self.tasks[j].type).head_type
+        head = self.config.head
+        options = self.model.head_options(head_type, self.tasks[j].num_labels, head.pooling, head.dropout)
+        module = build_head(self.model.hidden_size, head_type, **options)
         module.load_state_dict(self.library.load("head", self.name(j), self.fingerprint).tensors)
         return module.requires_grad_(False).eval()
 
@@ -175,18 +179,18 @@ class SequenceMethod:
             if class_incremental:
                 return evaluate_class_incremental(self, j, i, live)
             self.select(j, i, live)
-            return evaluate(self.model, self.loaders[j])
+            return evaluate(self.model, self.loaders[j], None, self.tasks[j].type, self.tasks[j].label_names)
         finally:
             for t in range(max(i, j) + 1) if class_incremental else [j]:
                 if t != i:
                     self.release(t)
 
-    def router_prototypes(self, t: int) -> torch.Tensor:
-        """Task t's class means on the bare backbone (:mod:`.router`): the same before and after training."""
-        if t not in self._prototypes:
+    def router(self, t: int) -> dict[str, torch.Tensor]:
+        """Task t's router statistics on the bare backbone (:mod:`.router`): the same before and after training."""
+        if t not in self._routers:
             features, labels = bare_features(self.model, self.train_data[t].eval_dataloader("train"))
-            self._prototypes[t] = class_means(features, labels, self.tasks[t].num_labels)
-        return self._prototypes[t]
+            self._routers[t] = task_statistics(features, labels, self.tasks[t].num_labels)
+        return self._routers[t]
 
     def release(self, j: int) -> None:
         """Remove task j's head from the model (it is reloaded from the library when needed)."""
@@ -230,7 +234,7 @@ class IsolatedAdapters(SequenceMethod):
     def write(self, i: int, metrics: dict) -> None:
         self.write_artefact("adapter", i, self.model.adapter_state(self.name(i)), metrics)
         if self.routed:  # class-incremental: predict --task auto reads the routers
-            self.write_artefact("router", i, {"prototypes": self.router_prototypes(i)}, metrics)
+            self.write_artefact("router", i, self.router(i), metrics)
         self.write_head(i, metrics)
 
     @property

@@ -11,13 +11,13 @@ import math
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.faults import fault_point
 from adafuse.fusion.model import AdaptedModel
+from adafuse.tasks.types import task_type as lookup_task_type
 
 from .config import TrainerConfig
 from .strategies import Strategy
@@ -26,6 +26,7 @@ NOT_MODEL_INPUTS = ("labels", "example_index")  # batch columns the model does n
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Accuracy and macro-F1 of the task type's ``metric_inputs`` (tagging: of the scored words)."""
     return MetricCollection(
         {
             "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro"),
@@ -52,8 +53,10 @@ class AdapterTaskModule(L.LightningModule):
         train_backbone: bool = False,
         train_fusion: bool = True,
         strategy: Strategy | None = None,
+        task_type: str = "classification",
     ) -> None:
         super().__init__()
+        self.task_type = lookup_task_type(task_type)  # the loss and what the logged metrics read
         self.model = model
         self.strategy = strategy or Strategy()  # a continual-learning strategy's objective (none by default)
         self.head = head
@@ -88,7 +91,7 @@ class AdapterTaskModule(L.LightningModule):
         inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
         hidden = self.model.encode(**inputs)  # (B, L, d), for the head and the strategy
         logits = self.model.heads[self.head](hidden, inputs.get("attention_mask"))
-        loss = F.cross_entropy(logits, batch["labels"])
+        loss = self.task_type.loss(logits, batch["labels"])
         total = self.strategy.loss(self.model, batch, hidden, loss, self.global_step)
         extra = self.extra_loss()
         total = total if extra is None else total + extra
@@ -97,7 +100,7 @@ class AdapterTaskModule(L.LightningModule):
                 f"task '{self.head}': the training loss became {total.item()} at step {self.global_step}; "
                 "lower trainer.lr or check the data"
             )
-        self.train_metrics.update(logits.detach(), batch["labels"])
+        self.train_metrics.update(*self.task_type.metric_inputs(logits.detach(), batch["labels"]))
         self.log("train_loss", loss, prog_bar=True, batch_size=len(logits))
         return total
 
@@ -107,8 +110,8 @@ class AdapterTaskModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch)
-        self.val_metrics.update(logits, batch["labels"])
-        self.log("val_loss", F.cross_entropy(logits, batch["labels"]), batch_size=len(logits))
+        self.val_metrics.update(*self.task_type.metric_inputs(logits, batch["labels"]))
+        self.log("val_loss", self.task_type.loss(logits, batch["labels"]), batch_size=len(logits))
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)

@@ -1,9 +1,11 @@
 """``adafuse predict``: label a file with a library adapter or fusion, or with one per row (mixed tasks).
 
 Input: CSV/TSV (a ``text`` column), JSONL (objects with ``text``, or strings) or plain text (one text a
-line). Output: one JSON line per input row, in order, with ``label``, ``label_name`` and
-``probabilities`` (label-id order). With ``task_column`` each row names its adapter or fusion; rows of
-different tasks share one forward pass (:meth:`AdaptedModel.route`) and each task's head reads its rows.
+line). Output: one JSON line per input row, in order, as the task's type writes it: classification
+``label``, ``label_name`` and ``probabilities`` (label-id order); tagging ``words`` (the text split at
+whitespace, or a JSON list of words) and one of ``tags`` per word. With ``task_column`` each row names
+its adapter or fusion; rows of different tasks (of one type) share one forward pass
+(:meth:`AdaptedModel.route`) and each task's head reads its rows.
 The output is written to a temporary file and renamed at the end: an error leaves nothing behind.
 """
 
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.storage import staged_file
+from adafuse.tasks.types import TASK_TYPES
 
 from .library_model import LibraryModel
 from .router import identify, pooled
@@ -67,10 +70,14 @@ def _json_row(line: str, path: Path, number: int, text_column: str, task_column:
     if not isinstance(row, dict):
         found = type(row).__name__
         raise UserError(f"{path} line {number}: expected a JSON object with '{text_column}', found {found}")
+    words = row.get(text_column)
+    if isinstance(words, list) and all(isinstance(w, str) for w in words):  # tagging: a list of words
+        text_column = None
     for column in (text_column, task_column):
         if column is not None and not isinstance(row.get(column), str):
-            raise UserError(f"{path} line {number}: expected a string field '{column}'")
-    return row[text_column], row[task_column] if task_column else None
+            what = "a string (or, for tagging, a list of words)" if column == text_column else "a string"
+            raise UserError(f"{path} line {number}: expected {what} in field '{column}'")
+    return words, row[task_column] if task_column else None
 
 
 def _batches(rows: Iterator, size: int) -> Iterator[list]:
@@ -114,11 +121,21 @@ class Predictor:
         self.kinds[name] = kind
 
     @torch.no_grad()
-    def __call__(self, texts: list[str], tasks: list[str]) -> list[dict]:
+    def __call__(self, texts: list, tasks: list[str]) -> list[dict]:
+        """One output per row; rows of one task type share a forward pass, each task's head reads its rows."""
+        results: list[dict | None] = [None] * len(texts)
+        by_type: dict[str, list[int]] = {}
+        for row, task in enumerate(tasks):
+            by_type.setdefault(self.opened.task_types[task], []).append(row)
+        for name, members in by_type.items():
+            outputs = self._predict(TASK_TYPES[name], [texts[r] for r in members], [tasks[r] for r in members])
+            for row, output in zip(members, outputs, strict=True):
+                results[row] = output
+        return results
+
+    def _predict(self, kind, texts: list, tasks: list[str]) -> list[dict]:
         model = self.opened.model
-        encoded = self.opened.tokenizer(
-            texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
-        )
+        encoded, contexts = kind.predict_inputs(texts, self.opened.tokenizer, self.max_length)
         ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
         groups: dict[str, list[int]] = {}
         for row, task in enumerate(tasks):
@@ -128,16 +145,17 @@ class Predictor:
         hidden = model.encode(ids, mask)  # (B, L, d)
         results: list[dict | None] = [None] * len(texts)
         for task, index in rows.items():
-            probabilities = torch.softmax(model.heads[task](hidden[index], mask[index]).float(), dim=-1).cpu()
+            logits = model.heads[task](hidden[index], mask[index])
             names = self.opened.label_names[task]
-            labels = probabilities.argmax(-1).tolist()
-            for row, label, p in zip(groups[task], labels, probabilities.tolist(), strict=True):
-                results[row] = {"label": label, "label_name": names[label], "probabilities": p}
+            for row, output in zip(
+                groups[task], kind.predictions(logits, [contexts[r] for r in groups[task]], names), strict=True
+            ):
+                results[row] = output
         return results
 
 
 class Router:
-    """Names each row's task: the nearest class mean of the library's routers on the bare backbone."""
+    """Names each row's task with the library's routers (:mod:`.router`: LDA on the bare backbone's features)."""
 
     def __init__(self, predictor: Predictor) -> None:
         library = predictor.opened.library
@@ -150,7 +168,7 @@ class Router:
         self.predictor = predictor
         self.names = [e["name"] for e in entries]
         fingerprint = predictor.opened.fingerprint
-        self.prototypes = [library.load("router", n, fingerprint).tensors["prototypes"] for n in self.names]
+        self.routers = [library.load("router", n, fingerprint).tensors for n in self.names]
         for name in self.names:
             predictor.add_task(name)
 
@@ -163,7 +181,7 @@ class Router:
         mask = encoded["attention_mask"].to(device)
         with opened.model.bare_backbone():
             features = pooled(opened.model.encode(encoded["input_ids"].to(device), mask), mask).cpu()
-        return [self.names[t] for t in identify(features, self.prototypes).tolist()]
+        return [self.names[t] for t in identify(features, self.routers).tolist()]
 
 
 def run_predict(

@@ -63,7 +63,9 @@ def run_markdown(metrics: dict) -> str:
     tasks = metrics["tasks"]
     kind = f", adapter kind `{metrics['adapter_kind']}`" if metrics.get("adapter_kind") else ""
     parts = [f"# adafuse run — method `{metrics['method']}`{kind}", ""]
-    parts += ["## Accuracy matrix", "", "R[i][j]: test accuracy on task j (column) after training task i (row).", ""]
+    names = sorted({metrics["per_task"][t].get("metric", "accuracy") for t in tasks})
+    parts += ["## Accuracy matrix", "", f"R[i][j]: test {' / '.join(names)} on task j (column) after training task i"]
+    parts += ["(row): each task's primary metric (see the per-task table).", ""]
     parts.append(
         _table(["after \\ on", *tasks], [[t, *row] for t, row in zip(tasks, metrics["accuracy_matrix"], strict=True)])
     )
@@ -94,6 +96,7 @@ def run_markdown(metrics: dict) -> str:
         rows.append(
             [
                 name,
+                t.get("metric", "accuracy"),
                 t.get("final_accuracy"),
                 t.get("final_macro_f1"),
                 t.get("baseline_accuracy"),
@@ -107,7 +110,8 @@ def run_markdown(metrics: dict) -> str:
         _table(
             [
                 "task",
-                "test acc",
+                "metric",
+                "test score",
                 "test macro-F1",
                 "untrained acc",
                 "train time (s)",
@@ -133,12 +137,8 @@ def run_markdown(metrics: dict) -> str:
 
 def fusion_markdown(metrics: dict) -> str:
     parts = [f"# adafuse fuse — `{metrics['method']}` for `{metrics['target']}`", ""]
-    parts.append(
-        _table(
-            ["split", "accuracy", "macro-F1"],
-            [[s, metrics[s]["accuracy"], metrics[s]["macro_f1"]] for s in ("validation", "test")],
-        )
-    )
+    names = list(metrics["test"])  # the target type's metrics, primary first
+    parts.append(_table(["split", *names], [[s, *(metrics[s].get(n) for n in names)] for s in ("validation", "test")]))
     if metrics.get("sources"):
         parts += ["", "## Source tasks (test accuracy before / after fusion training)", ""]
         parts.append(
@@ -240,8 +240,8 @@ def comparison_markdown(runs: list[tuple[Path, dict]]) -> str:
                     str(folder),
                     m["method"],
                     m["target"],
-                    m["test"]["accuracy"],
-                    m["test"]["macro_f1"],
+                    m["test"].get(m.get("metric", "accuracy")),
+                    m["test"].get("macro_f1"),
                     m.get("trainable_params"),
                     _seconds(m),
                 ]

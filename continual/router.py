@@ -1,15 +1,21 @@
 """Task identification for an adapter library: which task's adapter and head should read an input.
 
-A nearest-class-mean router on the bare backbone's features (Rebuffi et al. 2017, iCaRL §2.1's classifier,
-here choosing a task instead of a class): after task t trains, the mean of the L2-normalised, mean-pooled
-last hidden states of its training examples, per class, is stored in the library beside the task's adapter
-(kind ``router``, C_t × d floats: no examples are kept). An input goes to the task owning the class mean with
-the highest cosine similarity:
+Streaming linear discriminant analysis on the bare backbone's features (Hayes & Kanan 2020, "Lifelong
+machine learning with deep streaming LDA"), here choosing a task instead of a class. After task t trains, its
+sufficient statistics are stored in the library beside its adapter (kind ``router``; no examples are kept):
+the mean feature of each of its classes (C_t × d) and the within-class scatter of its training features
+(d × d, with its example count). Over the tasks seen so far these give exactly the LDA that one joint pass
+over all their data would fit:
 
-    task(x) = owner(argmax_c  <f(x), mu_c>)        f(x) = normalise(mean_l h_l(x)),  mu_c = normalise(mean f)
+    S     = sum_t scatter_t / sum_t n_t                    shared within-class covariance
+    Sigma = (1 - eps) S + eps (tr S / d) I                 shrinkage eps = SHRINKAGE
+    g_c(x) = mu_c' Sigma^-1 x - mu_c' Sigma^-1 mu_c / 2    task(x) = owner(argmax_c g_c(x))
 
-The features come from the backbone without any adapter, so they never change as tasks are added: the
-router of task t is fixed when task t finishes, like its adapter.
+f(x) is the L2-normalised mean-pooled last hidden state. It comes from the backbone without any adapter, so it
+never changes as tasks are added: task t's statistics are fixed when task t finishes, like its adapter. With
+Sigma = I this is the nearest class mean (iCaRL's classifier). On BBC's class-incremental split the shared
+covariance lifts task identification from 0.960 (cosine nearest class mean) to 0.973 on validation, 0.958 to
+0.969 on test.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from adafuse.fusion.model import AdaptedModel
+
+# BBC class-incremental validation, eps 0 / 1e-3 / 1e-2 / 0.1 / 0.3 / 1: 0.978 / 0.969 / 0.969 / 0.973 / 0.969 /
+# 0.973. eps = 0 is singular when the tasks have fewer examples than d; 0.1 is the best that never is.
+SHRINKAGE = 0.1
 
 
 @torch.inference_mode()
@@ -43,13 +53,25 @@ def pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp_min(1), dim=-1).float()
 
 
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """(C, d) normalised mean feature of each class (a class without examples: zeros, never chosen first)."""
-    sums = torch.zeros(num_labels, features.shape[1]).index_add_(0, labels, features)
-    return F.normalize(sums, dim=-1)
+def task_statistics(features: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, torch.Tensor]:
+    """One task's router: class ``means`` (C, d), within-class ``scatter`` (d, d) and example ``count`` (1,).
+
+    A class without examples gets a zero mean and scores like the origin: legal, rarely chosen."""
+    features = features.double()
+    counts = torch.bincount(labels, minlength=num_labels).clamp_min(1).unsqueeze(1)
+    means = torch.zeros(num_labels, features.shape[1], dtype=torch.float64).index_add_(0, labels, features) / counts
+    centred = features - means[labels]
+    return {"means": means, "scatter": centred.t() @ centred, "count": torch.tensor([len(features)])}
 
 
-def identify(features: torch.Tensor, prototypes: list[torch.Tensor]) -> torch.Tensor:
-    """(N,) index into ``prototypes`` (one (C_t, d) tensor per task) of the task whose class mean is nearest."""
-    owners = torch.cat([torch.full((len(p),), t) for t, p in enumerate(prototypes)])
-    return owners[(features @ torch.cat(prototypes).t()).argmax(-1)]
+def identify(features: torch.Tensor, routers: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(N,) index into ``routers`` (one :func:`task_statistics` per task) of the task of the best LDA class."""
+    means = torch.cat([r["means"] for r in routers])
+    owners = torch.cat([torch.full((len(r["means"]),), t) for t, r in enumerate(routers)])
+    scatter = sum(r["scatter"] for r in routers) / sum(int(r["count"]) for r in routers)
+    dim = scatter.shape[0]
+    spread = scatter.trace() / dim if scatter.trace() > 0 else torch.tensor(1.0, dtype=torch.float64)
+    sigma = (1 - SHRINKAGE) * scatter + SHRINKAGE * spread * torch.eye(dim, dtype=torch.float64)
+    weights = torch.linalg.solve(sigma, means.t()).t()  # (C, d) rows mu_c' Sigma^-1
+    scores = features.double() @ weights.t() - 0.5 * (weights * means).sum(1)
+    return owners[scores.argmax(-1)]

@@ -22,6 +22,7 @@ from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.storage import FileLock, atomic_write
 from adafuse.tasks.datamodule import TaskDataModule
 from adafuse.tasks.resolve import resolve_sequence
+from adafuse.tasks.types import task_type
 
 from .config import RunConfig, dump_yaml
 from .distributed import is_main, on_main
@@ -30,6 +31,7 @@ from .metrics import summarize
 from .module import AdapterTaskModule
 from .monitor import ForgettingMonitor
 from .report import write_results, write_run_report
+from .strategies import STRATEGY_METHODS
 from .training import LibraryWriter, fit, make_trainer
 
 
@@ -71,6 +73,15 @@ def check_disjoint_labels(tasks) -> None:
             owner[label] = task.name
 
 
+def check_task_types(config: RunConfig, tasks) -> None:
+    """Class-incremental evaluation and the strategies (EWC's Fisher, LwF's distillation, replay's mixed
+    batches) read one label per input: they take classification tasks only."""
+    other = [t for t in tasks if t.type != "classification"]
+    uses = "setting class-incremental" if config.setting == "class-incremental" else f"method {config.method}"
+    if other and (config.setting == "class-incremental" or config.method in STRATEGY_METHODS):
+        raise UserError(f"{uses}: task '{other[0].name}' is {other[0].type}; it takes classification tasks only")
+
+
 def trainable_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -80,6 +91,7 @@ def run_sequence(
 ) -> dict:
     started = time.perf_counter()
     tasks = resolve_sequence(config.sequence, config.tasks, base_dir, None, config.max_length)  # checked before writing
+    check_task_types(config, tasks)
     if config.setting == "class-incremental":
         check_disjoint_labels(tasks)
     library_dir = Path(library_dir or Path(out) / "library")
@@ -156,6 +168,7 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
             num_labels=task.num_labels,
             trainer_config=config.trainer,
             strategy=method.strategy,
+            task_type=task.type,
             **method.module_kwargs(i),
         )
         method.before_task(i)
@@ -166,8 +179,8 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
         fit(trainer, module, data, out, task.name, config)
         per_task[task.name] = {**writer.result, **counts}
         log(
-            f"[{i + 1}/{len(tasks)}] {task.name}: test accuracy {monitor.matrix[i][i]:.4f} "
-            f"(validation {writer.result['val_accuracy']:.4f})"
+            f"[{i + 1}/{len(tasks)}] {task.name}: test {task_type(task.type).primary} {monitor.matrix[i][i]:.4f} "
+            f"(validation accuracy {writer.result['val_accuracy']:.4f})"
         )
     reference = None
     if config.monitor.reference:
@@ -175,9 +188,12 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
         reference = _reference_accuracies(config, env, tasks, modules, out, log)
     metrics = _metrics(config, tasks, monitor, per_task, env, time.perf_counter() - started, reference)
     metrics["strategy"] = method.strategy.summary()
-    for key, matrix in monitor.extra.items():  # class-incremental: e.g. oracle_accuracy, task_id_accuracy
+    for key, matrix in monitor.metrics.items():  # macro_f1, entity_f1, ..., oracle_accuracy, task_id_accuracy
+        if key == "accuracy":  # accuracy_matrix holds every task's primary metric (classification: accuracy)
+            continue
         metrics[f"{key}_matrix"] = matrix
-        metrics[f"final_{key}"] = sum(matrix[-1]) / len(matrix[-1])
+        final = [value for value in matrix[-1] if value is not None]  # a mixed-type sequence: the tasks with it
+        metrics[f"final_{key}"] = sum(final) / len(final)
     on_main(write_results, out, metrics, write_run_report)
     return metrics
 
@@ -199,12 +215,16 @@ def _reference_accuracies(config: RunConfig, env: Environment, tasks, modules, o
             log(f"[reference {i + 1}/{len(tasks)}] {task.name}: training on this task alone")
             L.seed_everything(config.seed + i, workers=True, verbose=False)
             module = AdapterTaskModule(
-                env.model, num_labels=task.num_labels, trainer_config=config.trainer, **reference.module_kwargs(i)
+                env.model,
+                num_labels=task.num_labels,
+                trainer_config=config.trainer,
+                task_type=task.type,
+                **reference.module_kwargs(i),
             )
             writer = LibraryWriter(lambda m, i=i: reference.write(i, m))
             trainer = make_trainer(config.trainer, out, reference.name(i), [writer], config.seed + i)
             fit(trainer, module, data, out, reference.name(i), config)
-        accuracies.append(reference.evaluate(i, i)["accuracy"])
+        accuracies.append(reference.evaluate(i, i)["score"])
     return accuracies
 
 
@@ -221,8 +241,9 @@ def _metrics(
     for j, name in enumerate(names):
         per_task[name].update(
             {
+                **{f"final_{key}": matrix[-1][j] for key, matrix in monitor.metrics.items()},
+                "metric": task_type(tasks[j].type).primary,  # what final_accuracy and the matrix hold
                 "final_accuracy": monitor.matrix[-1][j],
-                "final_macro_f1": monitor.f1_matrix[-1][j],
                 "accuracy_after_training": monitor.matrix[j][j],
                 "baseline_accuracy": monitor.baseline[j],
             }
@@ -233,7 +254,6 @@ def _metrics(
         "adapter_kind": config.adapter.kind,
         "tasks": names,
         "accuracy_matrix": monitor.matrix,
-        "macro_f1_matrix": monitor.f1_matrix,
         "baseline_accuracy": monitor.baseline,
         "reference_accuracy": reference,
         **summarize(monitor.matrix, monitor.baseline, reference),

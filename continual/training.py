@@ -72,8 +72,7 @@ class LibraryWriter(L.Callback):
             "train_wall_time_s": round(time.perf_counter() - self.started, 3),
         }
         if self.evaluate_test is not None:
-            test = self.evaluate_test()
-            self.result |= {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]}
+            self.result["test"] = {k: v for k, v in self.evaluate_test().items() if k != "score"}
         on_main(self.write, self.result)  # the other ranks wait until the artefacts are there to read
 
 

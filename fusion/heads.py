@@ -5,6 +5,8 @@ without the ``heads.<name>.`` prefix).
   -> linear d->labels`` over one pooled vector: the first token (``cls``, BERT and ViT, as AdapterHub with
   ``use_pooler=False``), the last non-padding token (``last``, decoders, as AdapterHub's GPT-2/Llama
   models) or the mask-weighted mean (``mean``).
+* ``tagging``: ``[dropout -> dense d->d -> tanh] x (layers-1) -> dropout -> linear d->labels`` on every
+  position (AdapterHub's ``TaggingHead``), (B, L, labels) logits.
 * ``causal_lm`` / ``seq2seq_lm``: ``[dense d->d -> activation -> layer norm] x (layers-1) -> linear
   d->vocab`` on every position; ``scale`` multiplies the hidden states first (T5 with tied embeddings
   rescales by d_model^-1/2, as transformers and AdapterHub do).
@@ -35,25 +37,31 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+def _label_layers(hidden_size: int, num_labels: int, dropout: float, layers: int) -> list[nn.Module]:
+    """``[dropout -> dense -> tanh] x (layers-1) -> dropout -> linear``, initialised as AdapterHub's heads."""
+    if num_labels < 2:
+        raise UserError(f"a classification head needs at least 2 labels, got {num_labels}")
+    if layers < 1:
+        raise UserError(f"head.layers: {layers} must be >= 1")
+    modules: list[nn.Module] = []
+    for _ in range(layers - 1):
+        modules += [nn.Dropout(dropout), nn.Linear(hidden_size, hidden_size), nn.Tanh()]
+    modules += [nn.Dropout(dropout), nn.Linear(hidden_size, num_labels)]
+    for module in modules:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+    return modules
+
+
 class ClassificationHead(nn.Sequential):
     def __init__(
         self, hidden_size: int, num_labels: int, pooling: str = "cls", dropout: float = 0.1, layers: int = 2
     ) -> None:
         if pooling not in POOLINGS[1:]:
             raise UserError(f"head.pooling: '{pooling}' is not one of {', '.join(POOLINGS)}")
-        if num_labels < 2:
-            raise UserError(f"a classification head needs at least 2 labels, got {num_labels}")
-        if layers < 1:
-            raise UserError(f"head.layers: {layers} must be >= 1")
-        modules: list[nn.Module] = []
-        for _ in range(layers - 1):
-            modules += [nn.Dropout(dropout), nn.Linear(hidden_size, hidden_size), nn.Tanh()]
-        super().__init__(*modules, nn.Dropout(dropout), nn.Linear(hidden_size, num_labels))
+        super().__init__(*_label_layers(hidden_size, num_labels, dropout, layers))
         self.pooling = pooling
-        for module in self:
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
 
     @property
     def num_labels(self) -> int:
@@ -62,6 +70,19 @@ class ClassificationHead(nn.Sequential):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, L, d) hidden states and (B, L) mask -> (B, num_labels) logits."""
         return super().forward(pool(hidden, attention_mask, self.pooling))
+
+
+class TaggingHead(nn.Sequential):
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1, layers: int = 1) -> None:
+        super().__init__(*_label_layers(hidden_size, num_labels, dropout, layers))
+
+    @property
+    def num_labels(self) -> int:
+        return self[-1].out_features
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d) hidden states -> (B, L, num_labels) logits (padding positions too; their labels are -100)."""
+        return super().forward(hidden)
 
 
 class LanguageModelHead(nn.Sequential):
@@ -107,6 +128,7 @@ class _Activation(nn.Module):
 HEAD_TYPES = {
     "classification": ClassificationHead,
     "image_classification": ClassificationHead,
+    "tagging": TaggingHead,
     "causal_lm": LanguageModelHead,
     "seq2seq_lm": LanguageModelHead,
 }

@@ -126,19 +126,19 @@ class AdaptedModel(nn.Module):
     ) -> None:
         """Add head ``name``: a classification head by default (``pooling`` ``auto`` is the architecture's own),
         or any type of :data:`adafuse.fusion.heads.HEAD_TYPES` with its ``options``."""
-        if head_type.endswith("classification"):
-            options = {
-                "num_labels": num_labels,
-                "pooling": self.resolve_pooling(pooling),
-                "dropout": dropout,
-                **options,
-            }
-        else:  # language modelling: the norm's eps and the output scale come from the backbone, as in AdapterHub
-            config = self.backbone.config
-            tied = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", False))
-            scale = self.hidden_size**-0.5 if self.sites.lm_scale and tied else 1.0
-            options = {"eps": getattr(config, "layer_norm_eps", 1e-12), "scale": scale, **options}
+        options = {**self.head_options(head_type, num_labels, pooling, dropout), **options}
         self.heads[name] = build_head(self.hidden_size, head_type, **options).train(self.training)
+
+    def head_options(self, head_type: str, num_labels: int = 2, pooling: str = "auto", dropout: float = 0.1) -> dict:
+        """The options a head of ``head_type`` takes from the task and the backbone."""
+        if head_type in ("classification", "image_classification", "tagging"):  # labels; pooled unless tagging
+            pooled = {"pooling": self.resolve_pooling(pooling)} if head_type != "tagging" else {}
+            return {"num_labels": num_labels, "dropout": dropout, **pooled}
+        # language modelling: the norm's eps and the output scale come from the backbone, as in AdapterHub
+        config = self.backbone.config
+        tied = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", False))
+        scale = self.hidden_size**-0.5 if self.sites.lm_scale and tied else 1.0
+        return {"eps": getattr(config, "layer_norm_eps", 1e-12), "scale": scale}
 
     def resolve_pooling(self, pooling: str) -> str:
         """``auto`` -> the architecture's pooling (cls for encoders, last token for decoders, mean for T5)."""

@@ -1,4 +1,5 @@
-"""``TaskDataModule``: one task's tokenised splits as Lightning dataloaders with dynamic padding."""
+"""``TaskDataModule``: one task's tokenised splits as Lightning dataloaders with dynamic padding (the task type
+encodes and collates)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
-from transformers import DataCollatorWithPadding
 
 from .spec import SPLITS, TaskData
-from .tokenize import tokenize_split
+from .types import task_type
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -51,13 +51,14 @@ class TaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir
-        self.collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+        self.type = task_type(task.type)
+        self.collator = self.type.collator(tokenizer)
         self.datasets: dict = {}
 
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:
             self.datasets = {
-                split: tokenize_split(self.task.splits[split], self.tokenizer, self.task.max_length, self.cache_dir)
+                split: self.type.encode(self.task.splits[split], self.tokenizer, self.task.max_length, self.cache_dir)
                 for split in SPLITS
             }
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from adafuse.fusion.errors import UserError, first_line
 from adafuse.fusion.storage import atomic_write, sha256_bytes
 
-from .spec import SPLITS, SplitData, TaskData, TaskSpec
+from .spec import SPLITS, TaskData, TaskSpec
+from .types import task_type
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
@@ -147,8 +148,9 @@ def load_user_task(spec: TaskSpec, base_dir: Path = Path("."), cache_dir: Path |
         raise UserError(f"task '{spec.name}': needs a 'source' (file, folder or Hub dataset name)")
     for key in ("validation_ratio", "test_ratio"):
         _check_ratio(spec, key, getattr(spec, key))
+    kind = task_type(spec.type)
     datasets = _raw_splits(spec, base_dir, cache_dir)
-    columns = [spec.text_column, spec.label_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
+    columns = kind.columns(spec)
     rows = {}
     for split, dataset in datasets.items():
         absent = [c for c in columns if c not in dataset.column_names]
@@ -162,29 +164,22 @@ def load_user_task(spec: TaskSpec, base_dir: Path = Path("."), cache_dir: Path |
     for split in SPLITS:
         if not rows[split]:
             raise UserError(f"task '{spec.name}': the {split} split is empty")
-    label_names = _label_names(spec, rows)
-    index = {name: i for i, name in enumerate(label_names)}
-    splits = {}
-    for split in SPLITS:
-        labels = []
-        for number, row in enumerate(rows[split]):
-            value = _label_key(row[spec.label_column])
-            if value not in index:
-                raise UserError(
-                    f"task '{spec.name}', {split} split, row {number}: label {value!r} not seen in train "
-                    f"(train labels: {label_names})"
-                )
-            labels.append(index[value])
-        splits[split] = SplitData(
-            texts=[_text(r[spec.text_column]) for r in rows[split]],
-            labels=labels,
-            pairs=[_text(r[spec.text_pair_column]) for r in rows[split]] if spec.text_pair_column else None,
-        )
-    if len(set(splits["train"].labels)) < 2:
-        raise UserError(
-            f"task '{spec.name}': the train split has a single class ({label_names[splits['train'].labels[0]]!r})"
-        )
-    return TaskData(name=spec.name, label_names=label_names, splits=splits, max_length=spec.max_length)
+    seen = {_label_key(v) for r in rows["train"] for v in kind.row_labels(r, spec)}
+    label_names, ids = _label_ids(spec, seen)
+
+    def index(value, where: str) -> int:
+        if _label_key(value) not in ids:
+            raise UserError(
+                f"task '{spec.name}', {where}: label {_label_key(value)!r} not seen in train (train labels: "
+                f"{label_names})"
+            )
+        return ids[_label_key(value)]
+
+    splits = {split: kind.split_data(rows[split], spec, index, split) for split in SPLITS}
+    if len(seen) < 2:
+        only = label_names[ids[next(iter(seen))]] if seen else "none"
+        raise UserError(f"task '{spec.name}': the train split has a single class ({only!r})")
+    return TaskData(spec.name, label_names, splits, spec.max_length, spec.type)
 
 
 def _label_key(value) -> str:
@@ -195,24 +190,17 @@ def _label_key(value) -> str:
     return str(value)
 
 
-def _text(value) -> str:
-    return "" if value is None else str(value)
-
-
-def _label_names(spec: TaskSpec, rows: dict[str, list[dict]]) -> list[str]:
-    seen = {_label_key(r[spec.label_column]) for r in rows["train"]}
-    if spec.label_names:
-        names = [str(n) for n in spec.label_names]
-        if len(set(names)) != len(names):
-            raise UserError(f"task '{spec.name}': label_names has duplicates: {names}")
-        # integer labels may be ids into label_names
-        if seen <= {str(i) for i in range(len(names))} and not seen <= set(names):
-            for split_rows in rows.values():
-                for r in split_rows:
-                    r[spec.label_column] = names[int(_label_key(r[spec.label_column]))]
-            seen = {_label_key(r[spec.label_column]) for r in rows["train"]}
-        unknown = seen - set(names)
-        if unknown:
-            raise UserError(f"task '{spec.name}': train labels {sorted(unknown)} are not in label_names {names}")
-        return names
-    return sorted(seen, key=lambda s: (0, int(s)) if s.lstrip("-").isdigit() else (1, s))
+def _label_ids(spec: TaskSpec, seen: set[str]) -> tuple[list[str], dict[str, int]]:
+    """Label names in id order and the id of every label value (a name, or an integer id into label_names)."""
+    if not spec.label_names:
+        names = sorted(seen, key=lambda s: (0, int(s)) if s.lstrip("-").isdigit() else (1, s))
+        return names, {name: i for i, name in enumerate(names)}
+    names = [str(n) for n in spec.label_names]
+    if len(set(names)) != len(names):
+        raise UserError(f"task '{spec.name}': label_names has duplicates: {names}")
+    if seen <= {str(i) for i in range(len(names))} and not seen <= set(names):  # integer ids into label_names
+        return names, {str(i): i for i in range(len(names))}
+    unknown = seen - set(names)
+    if unknown:
+        raise UserError(f"task '{spec.name}': train labels {sorted(unknown)} are not in label_names {names}")
+    return names, {name: i for i, name in enumerate(names)}

@@ -9,14 +9,16 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass
 class TaskSpec:
-    """A classification task from user data, or a built-in task when only ``name`` is given.
+    """A task from user data, or a built-in task when only ``name`` is given.
 
     Attributes:
         name: unique task name (also the adapter's and head's name in the library).
+        type: the task type (:data:`adafuse.tasks.types.TASK_TYPES`): ``classification`` or ``tagging``.
         source: a CSV/TSV/JSON/JSONL/parquet file or folder, or a Hub dataset name (online).
         text_column: column holding the text.
         text_pair_column: second text column for sentence-pair tasks.
         label_column: column holding the label (names or integer ids).
+        tokens_column, tags_column: tagging: the list of words and the list of their tags (names or ids).
         splits: split name -> file (relative to ``source`` when it is a folder) or Hub split name.
         validation_ratio, test_ratio: carve missing splits out of train with ``split_seed``.
         max_length: tokenizer truncation length.
@@ -25,10 +27,13 @@ class TaskSpec:
     """
 
     name: str
+    type: str = "classification"
     source: str | None = None
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    tokens_column: str = "tokens"
+    tags_column: str = "tags"
     splits: dict[str, str] | None = None
     validation_ratio: float | None = None
     test_ratio: float | None = None
@@ -40,8 +45,10 @@ class TaskSpec:
 
 @dataclass
 class SplitData:
-    texts: list[str]
-    labels: list[int]
+    """One split's examples. Tagging: each text is a list of words and each label a list of tag ids."""
+
+    texts: list
+    labels: list
     pairs: list[str] | None = None
     ids: list[str] | None = None  # stable example ids (file names for built-ins)
 
@@ -55,6 +62,7 @@ class TaskData:
     label_names: list[str]
     splits: dict[str, SplitData] = field(default_factory=dict)
     max_length: int = 128
+    type: str = "classification"
 
     @property
     def num_labels(self) -> int:

@@ -1,4 +1,4 @@
-"""The class-incremental setting: disjoint BBC category groups, task identification by nearest class mean, and
+"""The class-incremental setting: disjoint BBC category groups, task identification by streaming LDA, and
 evaluation without the task (the oracle numbers equal the task-incremental run's)."""
 
 import json
@@ -8,7 +8,7 @@ import torch
 from conftest import ROOT
 
 from adafuse.continual.cli import main
-from adafuse.continual.router import class_means, identify, pooled
+from adafuse.continual.router import identify, pooled, task_statistics
 from adafuse.tasks.bbc import CATEGORIES
 from adafuse.tasks.builtin import CLASS_GROUPS, SEQUENCES, load_builtin
 
@@ -16,11 +16,33 @@ SMOKE = [str(ROOT / "configs" / "sequence" / "smoke.yaml"), "--trainer.limit_tra
 CLASS_INCREMENTAL = ["--tasks", "null", "--sequence", "bbc-class-incremental", "--trainer.max_epochs", "1"]
 
 
-def test_identify_picks_the_task_of_the_nearest_class_mean():
-    features = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [0.1, 1.0], [-1.0, 0.2]]), dim=-1)
-    first = class_means(torch.tensor([[1.0, 0.0], [0.9, 0.1]]), torch.tensor([0, 0]), 1)  # task 0: one class
-    second = class_means(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), torch.tensor([0, 1]), 2)  # task 1: two
+def test_identify_picks_the_task_of_the_best_discriminant_class():
+    features = torch.tensor([[1.0, 0.1], [0.1, 1.0], [-1.0, 0.2]])
+    first = task_statistics(torch.tensor([[1.0, 0.0], [0.9, 0.1]]), torch.tensor([0, 0]), 1)  # task 0: one class
+    second = task_statistics(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), torch.tensor([0, 1]), 2)  # task 1: two
     assert identify(features, [first, second]).tolist() == [0, 1, 1]
+
+
+def test_the_shared_covariance_separates_what_the_nearest_mean_confuses():
+    # every class spreads along x: a point near task 1's mean in x but low in y is task 0's
+    spread = torch.tensor([[-4.0, 0.0], [4.0, 0.0]])
+    first = task_statistics(spread, torch.tensor([0, 0]), 1)  # mean (0, 0)
+    second = task_statistics(spread + torch.tensor([2.0, 1.0]), torch.tensor([0, 0]), 1)  # mean (2, 1)
+    point = torch.tensor([[2.0, 0.2]])
+    nearest = (point - torch.cat([first["means"], second["means"]]).float()).norm(dim=-1).argmin()
+    assert nearest.item() == 1 and identify(point, [first, second]).tolist() == [0]
+    assert identify(torch.tensor([[2.0, 0.8]]), [first, second]).tolist() == [1]
+
+
+def test_task_statistics_stream_to_the_joint_fit():
+    torch.manual_seed(0)
+    features, labels = torch.randn(40, 3), torch.randint(0, 4, (40,))
+    joint = task_statistics(features, labels, 4)
+    parts = [task_statistics(features[labels < 2], labels[labels < 2], 2)]
+    parts.append(task_statistics(features[labels >= 2], labels[labels >= 2] - 2, 2))
+    torch.testing.assert_close(sum(p["scatter"] for p in parts), joint["scatter"])
+    torch.testing.assert_close(torch.cat([p["means"] for p in parts]), joint["means"])
+    assert sum(int(p["count"]) for p in parts) == 40
 
 
 def test_pooled_features_ignore_padding_and_are_unit_length():

@@ -124,7 +124,7 @@ def test_plain_text_and_csv_inputs(library, tmp_path):
     "rows,flags,match",
     [
         ([{"text": "x", "task": "nope"}], ["--task-column", "task"], "row 1: task 'nope' is not an adapter"),
-        ([{"body": "x"}], ["--adapter", "a"], "expected a string field 'text'"),
+        ([{"body": "x"}], ["--adapter", "a"], "expected a string (or, for tagging, a list of words) in field 'text'"),
         ([{"text": "x"}], ["--adapter", "zzz"], "task 'zzz' is not an adapter"),
         ([{"text": "x"}], ["--adapter", "a", "--drop-layers", "9"], "--drop-layers 9: expected 0..2"),
         ([], ["--adapter", "a"], "no rows to predict"),

@@ -1,0 +1,195 @@
+"""Tagging (token classification): sub-word alignment, CoNLL entity F1, user data checks, and a mixed
+classification -> tagging sequence, a tagging fusion and predict through the CLI on tiny backbones."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import ROOT
+
+from adafuse.continual.cli import main
+from adafuse.fusion.heads import build_head
+from adafuse.tasks.types.tagging import align, entities, entity_f1
+
+PEOPLE = ["Anna", "Boris", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana"]
+PLACES = ["Paris", "Lagos", "Oslo", "Lima", "Hanoi", "Quito", "Accra", "Riga"]
+TEMPLATES = [
+    "{p} flew to {l} on monday",
+    "yesterday {p} and {q} met in {l}",
+    "the mayor of {l} thanked {p}",
+    "{p} {q} lives near {l}",
+]
+
+
+def tagged_rows(count: int, seed: int) -> list[dict]:
+    """Sentences with BIO tags: people (PER, one or two words) and places (LOC)."""
+    rng, rows = random.Random(seed), []
+    for _ in range(count):
+        words, tags = [], []
+        for word in rng.choice(TEMPLATES).split():
+            if word in ("{p}", "{q}"):
+                name = rng.choice(PEOPLE)
+                words.append(name)
+                tags.append("I-PER" if word == "{q}" and tags and tags[-1] != "O" else "B-PER")
+            elif word == "{l}":
+                words.append(rng.choice(PLACES))
+                tags.append("B-LOC")
+            else:
+                words.append(word)
+                tags.append("O")
+        rows.append({"tokens": words, "tags": tags})
+    return rows
+
+
+def write_jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def tagging_folder(folder, count: int = 48):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, size, seed in (("train", count, 0), ("validation", 16, 1), ("test", 16, 2)):
+        write_jsonl(folder / f"{split}.jsonl", tagged_rows(size, seed))
+    return folder
+
+
+# ---- pure functions ---------------------------------------------------------------------------------------------
+def test_align_labels_the_first_sub_word_of_each_word():
+    assert align([None, 0, 0, 1, 2, 2, 2, None], [5, 6, 7]) == [-100, 5, -100, 6, 7, -100, -100, -100]
+
+
+def test_entities_follow_the_conll_chunk_rules():
+    assert entities(["B-PER", "I-PER", "O", "B-LOC"]) == {(0, 1, "PER"), (3, 3, "LOC")}
+    assert entities(["I-PER", "I-PER", "I-LOC"]) == {(0, 1, "PER"), (2, 2, "LOC")}  # IOB1: I after O starts
+    assert entities(["B-PER", "B-PER"]) == {(0, 0, "PER"), (1, 1, "PER")}
+    assert entities(["PER", "PER", "O", "LOC"]) == {(0, 1, "PER"), (3, 3, "LOC")}  # plain tags: IO scheme
+    assert entities(["S-PER", "B-LOC", "E-LOC", "E-LOC"]) == {(0, 0, "PER"), (1, 2, "LOC"), (3, 3, "LOC")}
+
+
+def test_entity_f1_by_hand():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-LOC", "O"]]
+    predicted = [["B-PER", "O", "O", "B-LOC"], ["B-LOC", "B-PER"]]
+    # gold 3 entities; predicted 4 (PER 0-0 wrong span, LOC right, LOC right, PER wrong): P 2/4, R 2/3
+    assert entity_f1(predicted, gold) == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert entity_f1(gold, gold) == 1.0 and entity_f1([["O", "O"]], [["O", "B-PER"]]) == 0.0
+
+
+def test_tagging_head_gives_logits_per_position():
+    head = build_head(8, "tagging", num_labels=5, dropout=0.0)
+    assert head(torch.randn(2, 7, 8), None).shape == (2, 7, 5)
+
+
+# ---- through the CLI -----------------------------------------------------------------------------------------------
+def mixed_config(tmp_path, backbone: str = "bert") -> str:
+    """A classification task (CSV), then a tagging task (JSONL folder), on a tiny random backbone."""
+    rows = [("the market rallied on profits", "money"), ("the striker scored a goal", "sport")] * 24
+    (tmp_path / "news.csv").write_text("headline,topic\n" + "\n".join(f"{t} {i},{y}" for i, (t, y) in enumerate(rows)))
+    tagging_folder(tmp_path / "names")
+    backbone_yaml = (ROOT / "configs" / "backbone" / f"tiny-{backbone}.yaml").read_text()
+    config = tmp_path / f"mixed-{backbone}.yaml"
+    config.write_text(
+        "tasks:\n"
+        "  - {name: news, source: news.csv, text_column: headline, label_column: topic, max_length: 16}\n"
+        "  - {name: names, type: tagging, source: names, max_length: 24}\n"
+        "method: adapters\nseed: 0\nmax_length: 32\n"
+        "backbone:\n"
+        + "".join(f"  {line}\n" for line in backbone_yaml.splitlines() if not line.startswith("#"))
+        + "adapter: {placement: pfeiffer, reduction_factor: 4}\n"
+        "trainer: {max_epochs: 2, batch_size: 8, eval_batch_size: 32, lr: 0.003, progress_bar: false}\n"
+    )
+    return str(config)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mixed")
+    out = tmp_path / "out"
+    assert main(["run", mixed_config(tmp_path), "--out", str(out)]) == 0
+    return tmp_path, out, json.loads((out / "metrics.json").read_text())
+
+
+def test_mixed_sequence_measures_each_task_with_its_own_metric(mixed_run):
+    _, out, metrics = mixed_run
+    assert [metrics["per_task"][t]["metric"] for t in ("news", "names")] == ["accuracy", "entity_f1"]
+    matrix, f1 = metrics["accuracy_matrix"], metrics["entity_f1_matrix"]
+    assert matrix[1][1] == f1[1][1] and f1[1][0] is None  # the tagging task's cell is its entity F1
+    assert matrix[1][0] == matrix[0][0] and metrics["bwt"] == 0.0  # the classifier is untouched by task 2
+    assert 0.0 <= metrics["token_accuracy_matrix"][1][1] <= 1.0
+    report = (out / "report.md").read_text()
+    assert "accuracy / entity_f1" in report and "| names | entity_f1 |" in report
+
+
+@pytest.mark.parametrize("backbone", ["gpt2"])
+def test_tagging_trains_on_a_decoder(backbone, tmp_path):
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "run",
+                mixed_config(tmp_path, backbone),
+                "--out",
+                str(out),
+                "--tasks",
+                "[{name: names, type: tagging, source: names}]",
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["per_task"]["names"]["metric"] == "entity_f1"
+
+
+def test_fusion_for_a_tagging_target(mixed_run):
+    tmp_path, out, _ = mixed_run
+    config = tmp_path / "fuse.yaml"
+    config.write_text(
+        (tmp_path / "mixed-bert.yaml").read_text().split("tasks:")[0]
+        + "target: {name: names-fused, type: tagging, source: names, max_length: 24}\nsources: all\nseed: 0\n"
+        + "max_length: 32\n"
+        + (tmp_path / "mixed-bert.yaml").read_text().split("max_length: 32\n", 1)[1]
+    )
+    fused = tmp_path / "fused"
+    assert main(["fuse", str(config), "--library", str(out / "library"), "--out", str(fused)]) == 0
+    metrics = json.loads((fused / "metrics.json").read_text())
+    assert metrics["metric"] == "entity_f1" and list(metrics["test"]) == ["entity_f1", "token_accuracy"]
+    assert metrics["source_files_unchanged"]
+    assert "entity_f1" in (fused / "report.md").read_text()
+
+
+BAD_ROWS = [
+    ({"tokens": ["Anna", "flew"], "tags": ["B-PER"]}, "2 words in 'tokens' but 1 tags in 'tags'"),
+    ({"tokens": [], "tags": []}, "'tokens' is empty"),
+    ({"tokens": ["Anna", "flew"], "tags": ["B-PER", "B-ORG"]}, "label 'B-ORG' not seen in train"),
+    ({"tokens": "Anna flew", "tags": ["B-PER", "O"]}, "must be lists"),
+]
+
+
+@pytest.mark.parametrize(("row", "message"), BAD_ROWS)
+def test_bad_tagging_rows_are_refused_in_one_line(row, message, tmp_path, capsys):
+    folder = tagging_folder(tmp_path / "names", count=8)
+    write_jsonl(folder / "test.jsonl", [*tagged_rows(3, 5), row])
+    smoke = [
+        str(ROOT / "configs" / "sequence" / "smoke.yaml"),
+        "--tasks",
+        f"[{{name: names, type: tagging, source: {folder}}}]",
+    ]
+    assert main(["run", *smoke, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err and "test split, row 3" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_routes_mixed_type_rows_in_one_file(mixed_run, tmp_path):
+    _, out, _ = mixed_run
+    rows = [
+        {"text": "the striker scored a goal", "task": "news"},
+        {"text": "Anna flew to Paris on monday", "task": "names"},
+        {"text": ["yesterday", "Chen", "met", "Boris"], "task": "names"},
+    ]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["predict", "--library", str(out / "library"), "--input", str(tmp_path / "in.jsonl")]
+    assert main([*args, "--task-column", "task", "--out", str(tmp_path / "out.jsonl")]) == 0
+    results = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert results[0]["task"] == "news" and results[0]["label_name"] in ("money", "sport")
+    assert results[1]["words"] == rows[1]["text"].split() and len(results[1]["tags"]) == 6
+    assert results[2]["words"] == rows[2]["text"] and set(results[2]["tags"]) <= {"O", "B-PER", "I-PER", "B-LOC"}
