@@ -23,7 +23,8 @@ def predict_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated (N, C) logits and (N,) labels over ``loader``, in eval mode.
 
-    ``gather(logits, labels)`` reduces each batch first (a task type's: tagging keeps the scored words).
+    ``gather(model, inputs, labels)`` turns each batch into outputs and targets (a task type's: tagging keeps the
+    scored words, generation decodes).
     The batches move to ``device`` (default: where the model is); the model does not move."""
     device = device or model.device
     was_training = model.training
@@ -36,7 +37,7 @@ def predict_logits(
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            output, target = (gather or _classification)(model(**batch), labels)
+            output, target = (gather or _classification)(model, batch, labels)
             outputs.append(output.cpu())
             targets.append(target.cpu())
     finally:
@@ -45,8 +46,8 @@ def predict_logits(
     return gather_tensors(torch.cat(outputs) if outputs else empty, torch.cat(targets) if targets else empty)
 
 
-def _classification(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return logits.float(), labels
+def _classification(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return model(**inputs).float(), labels
 
 
 def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -74,6 +74,7 @@ def run_fusion(
     target = resolve_task(spec, base_dir, None, config.max_length)
     fusion_name = check_name(config.name or f"{target.name}-fusion")
     env = prepare_environment(config, [target])
+    task_type(target.type).check_backbone(env.model.sites, target.name)
     library.check_backbone(env.fingerprint)  # before anything is written
     with claimed_output(Path(out), Path(library_dir)) as out:
         if is_main():

@@ -36,16 +36,17 @@ def forward_transfer(r: Matrix, baseline: Sequence[float | None]) -> float | Non
 
 
 def forgetting(r: Matrix) -> float | None:
-    """F = 1/(T-1) sum_{j<T-1} max_{l<T-1} (R[l][j] - R[T-1][j]) (Chaudhry et al. 2018, RWalk, Eq. 8).
+    """F = 1/(T-1) sum_{j<T-1} max_{j<=l<T-1} (R[l][j] - R[T-1][j]) (Chaudhry et al. 2018, RWalk, Eq. 8).
 
-    The max runs over every row l < T-1 in which task j was evaluated (``None`` entries are skipped).
+    The max runs over the rows from the one that trained task j on (``None`` entries are skipped): the row
+    before it holds task j untrained (for FWT), which is no knowledge to forget.
     """
     t = len(r)
     terms = []
     for j in range(t - 1):
         if r[-1][j] is None:
             continue
-        earlier = [r[l][j] for l in range(t - 1) if r[l][j] is not None]  # noqa: E741 - the paper's index
+        earlier = [r[l][j] for l in range(j, t - 1) if r[l][j] is not None]  # noqa: E741 - the paper's index
         if earlier:
             terms.append(max(earlier) - r[-1][j])
     return _mean(terms)

@@ -11,8 +11,6 @@ import math
 
 import lightning as L
 import torch
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.faults import fault_point
@@ -23,17 +21,6 @@ from .config import TrainerConfig
 from .strategies import Strategy
 
 NOT_MODEL_INPUTS = ("labels", "example_index")  # batch columns the model does not read
-
-
-def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Accuracy and macro-F1 of the task type's ``metric_inputs`` (tagging: of the scored words)."""
-    return MetricCollection(
-        {
-            "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-            "macro_f1": MulticlassF1Score(num_classes=num_classes, average="macro"),
-        },
-        prefix=prefix,
-    )
 
 
 class NonFiniteLossError(UserError):
@@ -68,8 +55,8 @@ class AdapterTaskModule(L.LightningModule):
             "heads": (head,),
             "backbone": train_backbone,
         }
-        self.train_metrics = classification_metrics(num_labels, "train_")
-        self.val_metrics = classification_metrics(num_labels, "val_")
+        self.train_metrics = self.task_type.metrics(num_labels, "train_")
+        self.val_metrics = self.task_type.metrics(num_labels, "val_")
         self.prepare()
 
     def prepare(self) -> None:

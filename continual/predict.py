@@ -134,24 +134,10 @@ class Predictor:
         return results
 
     def _predict(self, kind, texts: list, tasks: list[str]) -> list[dict]:
-        model = self.opened.model
-        encoded, contexts = kind.predict_inputs(texts, self.opened.tokenizer, self.max_length)
-        ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
-        groups: dict[str, list[int]] = {}
-        for row, task in enumerate(tasks):
-            groups.setdefault(task, []).append(row)
-        rows = {task: torch.tensor(index, device=self.device) for task, index in groups.items()}
-        model.route(rows, skip_layers=self.drop_layers)
-        hidden = model.encode(ids, mask)  # (B, L, d)
-        results: list[dict | None] = [None] * len(texts)
-        for task, index in rows.items():
-            logits = model.heads[task](hidden[index], mask[index])
-            names = self.opened.label_names[task]
-            for row, output in zip(
-                groups[task], kind.predictions(logits, [contexts[r] for r in groups[task]], names), strict=True
-            ):
-                results[row] = output
-        return results
+        opened = self.opened
+        return kind.predict(
+            opened.model, opened.tokenizer, texts, tasks, self.max_length, self.drop_layers, opened.label_names
+        )
 
 
 class Router:

@@ -96,6 +96,8 @@ def run_sequence(
         check_disjoint_labels(tasks)
     library_dir = Path(library_dir or Path(out) / "library")
     env = prepare_environment(config, tasks)
+    for task in tasks:
+        task_type(task.type).check_backbone(env.model.sites, task.name)
     AdapterLibrary(library_dir).check_backbone(env.fingerprint)  # before anything is written
     with claimed_output(Path(out), library_dir) as out:
         return _run(config, env, tasks, out, library_dir, log, started)

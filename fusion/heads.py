@@ -9,7 +9,8 @@ without the ``heads.<name>.`` prefix).
   position (AdapterHub's ``TaggingHead``), (B, L, labels) logits.
 * ``causal_lm`` / ``seq2seq_lm``: ``[dense d->d -> activation -> layer norm] x (layers-1) -> linear
   d->vocab`` on every position; ``scale`` multiplies the hidden states first (T5 with tied embeddings
-  rescales by d_model^-1/2, as transformers and AdapterHub do).
+  rescales by d_model^-1/2, as transformers and AdapterHub do). The output layer starts as a copy of the
+  backbone's word embeddings when given them (tied, as AdapterHub's LM heads), then trains as a head.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class LanguageModelHead(nn.Sequential):
         bias: bool = False,
         eps: float = 1e-12,
         scale: float = 1.0,
+        embeddings: torch.Tensor | None = None,
     ) -> None:
         modules: list[nn.Module] = []
         for _ in range(layers - 1):
@@ -106,6 +108,9 @@ class LanguageModelHead(nn.Sequential):
                 modules.append(nn.LayerNorm(hidden_size, eps=eps))
         super().__init__(*modules, nn.Linear(hidden_size, vocab_size, bias=bias))
         self.scale = scale
+        if embeddings is not None and embeddings.shape == self[-1].weight.shape:  # start from the word embeddings
+            with torch.no_grad():
+                self[-1].weight.copy_(embeddings)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, d) -> (B, L, vocab) logits."""

@@ -138,7 +138,13 @@ class AdaptedModel(nn.Module):
         config = self.backbone.config
         tied = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", False))
         scale = self.hidden_size**-0.5 if self.sites.lm_scale and tied else 1.0
-        return {"eps": getattr(config, "layer_norm_eps", 1e-12), "scale": scale}
+        embeddings = self.backbone.get_input_embeddings().weight  # (vocab, d): the output layer starts tied
+        return {
+            "eps": getattr(config, "layer_norm_eps", 1e-12),
+            "scale": scale,
+            "vocab_size": len(embeddings),
+            "embeddings": embeddings,
+        }
 
     def resolve_pooling(self, pooling: str) -> str:
         """``auto`` -> the architecture's pooling (cls for encoders, last token for decoders, mean for T5)."""

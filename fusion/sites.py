@@ -67,6 +67,7 @@ class ArchitectureSites:
     pooling: str = "cls"  # default pooling of a classification head: cls, last or mean
     features: str | None = None  # encoder-decoder: the sub-module that encodes text for classification
     lm_scale: bool = False  # LM heads read hidden * d^-1/2 when the word embeddings are tied (T5)
+    lm: str | None = None  # the language-model head type generation uses (causal_lm, seq2seq_lm); None: no LM
 
 
 def _bert_like(
@@ -94,7 +95,7 @@ def _bert_like(
 _BERT_LIKE = _bert_like()
 
 
-def _pre_ln(layers, attention, attention_norm, ffn, ffn_norm, pooling, projections=None) -> ArchitectureSites:
+def _pre_ln(layers, attention, attention_norm, ffn, ffn_norm, pooling, projections=None, lm=None) -> ArchitectureSites:
     return ArchitectureSites(
         (
             Stack(
@@ -105,6 +106,7 @@ def _pre_ln(layers, attention, attention_norm, ffn, ffn_norm, pooling, projectio
             ),
         ),
         pooling=pooling,
+        lm=lm,
     )
 
 
@@ -116,7 +118,7 @@ _LLAMA_PROJECTIONS = {
     "ffn_out": "mlp.down_proj",
 }
 _LLAMA_LIKE = _pre_ln(
-    "layers", "self_attn", "input_layernorm", "mlp", "post_attention_layernorm", "last", _LLAMA_PROJECTIONS
+    "layers", "self_attn", "input_layernorm", "mlp", "post_attention_layernorm", "last", _LLAMA_PROJECTIONS, "causal_lm"
 )
 
 
@@ -158,7 +160,9 @@ SITES: dict[str, ArchitectureSites] = {
             ),
         )
     ),
-    "gpt2": _pre_ln("h", "attn", "ln_1", "mlp", "ln_2", "last"),  # no LoRA targets: c_attn fuses q, k, v (Conv1D)
+    "gpt2": _pre_ln(
+        "h", "attn", "ln_1", "mlp", "ln_2", "last", lm="causal_lm"
+    ),  # no LoRA targets: c_attn fuses q, k, v (Conv1D)
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -168,6 +172,7 @@ SITES: dict[str, ArchitectureSites] = {
         pooling="mean",
         features="encoder",
         lm_scale=True,
+        lm="seq2seq_lm",
     ),
     "vit": ArchitectureSites(
         (

@@ -176,7 +176,7 @@ def load_user_task(spec: TaskSpec, base_dir: Path = Path("."), cache_dir: Path |
         return ids[_label_key(value)]
 
     splits = {split: kind.split_data(rows[split], spec, index, split) for split in SPLITS}
-    if len(seen) < 2:
+    if kind.labelled and len(seen) < 2:
         only = label_names[ids[next(iter(seen))]] if seen else "none"
         raise UserError(f"task '{spec.name}': the train split has a single class ({only!r})")
     return TaskData(spec.name, label_names, splits, spec.max_length, spec.type)

@@ -55,3 +55,9 @@ def test_isolation_gives_exact_zeros():
     r = [[0.9, 0.5, None], [0.9, 0.8, 0.5], [0.9, 0.8, 0.7]]
     m = summarize(r, [0.5, 0.5, 0.5])
     assert m["bwt"] == 0.0 and m["forgetting"] == 0.0 and m["fwt"] == 0.0
+
+
+def test_forgetting_ignores_the_untrained_cell_before_a_task():
+    # task 1 scored 0.9 untrained (row 0, for FWT) and 0.7 once trained; final 0.7: nothing was forgotten
+    r = [[0.8, 0.9, None], [0.8, 0.7, 0.5], [0.6, 0.7, 0.9]]
+    assert forgetting(r) == pytest.approx(((0.8 - 0.6) + (0.7 - 0.7)) / 2)

@@ -80,23 +80,35 @@ def test_tagging_head_gives_logits_per_position():
 
 
 # ---- through the CLI -----------------------------------------------------------------------------------------------
+def shared_yaml(backbone: str) -> str:
+    """Seed, backbone, adapter and trainer settings shared by the runs and fusions here."""
+    backbone_yaml = (ROOT / "configs" / "backbone" / f"tiny-{backbone}.yaml").read_text()
+    return (
+        "seed: 0\nmax_length: 32\nbackbone:\n"
+        + "".join(f"  {line}\n" for line in backbone_yaml.splitlines() if not line.startswith("#"))
+        + "adapter: {placement: pfeiffer, reduction_factor: 4}\n"
+        "trainer: {max_epochs: 2, batch_size: 8, eval_batch_size: 32, lr: 0.003, progress_bar: false}\n"
+    )
+
+
 def mixed_config(tmp_path, backbone: str = "bert") -> str:
     """A classification task (CSV), then a tagging task (JSONL folder), on a tiny random backbone."""
     rows = [("the market rallied on profits", "money"), ("the striker scored a goal", "sport")] * 24
     (tmp_path / "news.csv").write_text("headline,topic\n" + "\n".join(f"{t} {i},{y}" for i, (t, y) in enumerate(rows)))
     tagging_folder(tmp_path / "names")
-    backbone_yaml = (ROOT / "configs" / "backbone" / f"tiny-{backbone}.yaml").read_text()
     config = tmp_path / f"mixed-{backbone}.yaml"
     config.write_text(
         "tasks:\n"
         "  - {name: news, source: news.csv, text_column: headline, label_column: topic, max_length: 16}\n"
         "  - {name: names, type: tagging, source: names, max_length: 24}\n"
-        "method: adapters\nseed: 0\nmax_length: 32\n"
-        "backbone:\n"
-        + "".join(f"  {line}\n" for line in backbone_yaml.splitlines() if not line.startswith("#"))
-        + "adapter: {placement: pfeiffer, reduction_factor: 4}\n"
-        "trainer: {max_epochs: 2, batch_size: 8, eval_batch_size: 32, lr: 0.003, progress_bar: false}\n"
+        "method: adapters\n" + shared_yaml(backbone)
     )
+    return str(config)
+
+
+def fuse_config(tmp_path, backbone: str, target: str) -> str:
+    config = tmp_path / f"fuse-{backbone}.yaml"
+    config.write_text(f"target: {target}\nsources: all\n" + shared_yaml(backbone))
     return str(config)
 
 
@@ -141,15 +153,9 @@ def test_tagging_trains_on_a_decoder(backbone, tmp_path):
 
 def test_fusion_for_a_tagging_target(mixed_run):
     tmp_path, out, _ = mixed_run
-    config = tmp_path / "fuse.yaml"
-    config.write_text(
-        (tmp_path / "mixed-bert.yaml").read_text().split("tasks:")[0]
-        + "target: {name: names-fused, type: tagging, source: names, max_length: 24}\nsources: all\nseed: 0\n"
-        + "max_length: 32\n"
-        + (tmp_path / "mixed-bert.yaml").read_text().split("max_length: 32\n", 1)[1]
-    )
+    config = fuse_config(tmp_path, "bert", "{name: names-fused, type: tagging, source: names, max_length: 24}")
     fused = tmp_path / "fused"
-    assert main(["fuse", str(config), "--library", str(out / "library"), "--out", str(fused)]) == 0
+    assert main(["fuse", config, "--library", str(out / "library"), "--out", str(fused)]) == 0
     metrics = json.loads((fused / "metrics.json").read_text())
     assert metrics["metric"] == "entity_f1" and list(metrics["test"]) == ["entity_f1", "token_accuracy"]
     assert metrics["source_files_unchanged"]
@@ -193,3 +199,102 @@ def test_predict_routes_mixed_type_rows_in_one_file(mixed_run, tmp_path):
     assert results[0]["task"] == "news" and results[0]["label_name"] in ("money", "sport")
     assert results[1]["words"] == rows[1]["text"].split() and len(results[1]["tags"]) == 6
     assert results[2]["words"] == rows[2]["text"] and set(results[2]["tags"]) <= {"O", "B-PER", "I-PER", "B-LOC"}
+
+
+# ---- generation ----------------------------------------------------------------------------------------------------
+def generation_folder(folder, count: int = 40):
+    """Prompt -> target pairs: a place's partner word (a memorised mapping, exact match measurable)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = dict(zip(PLACES, PEOPLE, strict=True))
+    rng = random.Random(0)
+    for split, size in (("train", count), ("validation", 8), ("test", 8)):
+        rows = [{"prompt": f"who lives in {p} ?", "target": pairs[p].lower()} for p in rng.choices(PLACES, k=size)]
+        write_jsonl(folder / f"{split}.jsonl", rows)
+    return folder
+
+
+def test_mixed_sequence_on_a_decoder_classifies_tags_and_generates(tmp_path):
+    config = mixed_config(tmp_path, "gpt2")
+    generation_folder(tmp_path / "pairs")
+    tasks = (
+        "[{name: news, source: news.csv, text_column: headline, label_column: topic, max_length: 16}, "
+        "{name: names, type: tagging, source: names}, {name: pairs, type: generation, source: pairs}]"
+    )
+    out = tmp_path / "out"
+    assert main(["run", config, "--tasks", tasks, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [metrics["per_task"][t]["metric"] for t in metrics["tasks"]] == ["accuracy", "entity_f1", "exact_match"]
+    matrix = metrics["accuracy_matrix"]
+    assert matrix[2][0] == matrix[0][0] and matrix[2][1] == matrix[1][1] and metrics["bwt"] == 0.0
+    assert metrics["forgetting"] == 0.0  # the untrained cells before each task are no knowledge to forget
+    assert metrics["exact_match_matrix"][2][2] == matrix[2][2] and metrics["loss_per_token_matrix"][2][2] > 0
+    write_jsonl(
+        tmp_path / "in.jsonl", [{"text": "who lives in Oslo ?", "task": "pairs"}, {"text": "a goal", "task": "news"}]
+    )
+    args = [
+        "predict",
+        "--library",
+        str(out / "library"),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--task-column",
+        "task",
+    ]
+    assert main([*args, "--out", str(tmp_path / "p.jsonl")]) == 0
+    first, second = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert isinstance(first["generated"], str) and second["label_name"] in ("money", "sport")
+    fuse = fuse_config(tmp_path, "gpt2", "{name: pairs-fused, type: generation, source: pairs}")
+    fused = tmp_path / "fused"  # fusion for a generation target over the three type-mixed adapters
+    assert main(["fuse", fuse, "--library", str(out / "library"), "--out", str(fused)]) == 0
+    result = json.loads((fused / "metrics.json").read_text())
+    assert result["metric"] == "exact_match" and sorted(result["sources"]) == ["names", "news", "pairs"]
+    assert result["source_files_unchanged"] and 0.0 <= result["test"]["exact_match"] <= 1.0
+
+
+def test_generation_is_refused_on_an_encoder(tmp_path, capsys):
+    generation_folder(tmp_path / "pairs")
+    smoke = [
+        str(ROOT / "configs" / "sequence" / "smoke.yaml"),
+        "--tasks",
+        f"[{{name: pairs, type: generation, source: {tmp_path / 'pairs'}}}]",
+    ]
+    assert main(["run", *smoke, "--out", str(tmp_path / "out")]) == 2
+    assert "generation needs a decoder backbone" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_target_is_refused(tmp_path, capsys):
+    folder = generation_folder(tmp_path / "pairs")
+    write_jsonl(folder / "test.jsonl", [{"prompt": "who lives in Oslo ?", "target": " "}])
+    config = mixed_config(tmp_path, "gpt2")
+    assert (
+        main(
+            [
+                "run",
+                config,
+                "--tasks",
+                f"[{{name: pairs, type: generation, source: {folder}}}]",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "test split, row 0: column 'target' must be a non-empty text, found empty" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_batched_greedy_decoding_equals_one_prompt_at_a_time(model_type):
+    from conftest import tiny_backbone
+
+    from adafuse.fusion.model import AdaptedModel
+    from adafuse.tasks.types.generation import greedy
+
+    model = AdaptedModel(tiny_backbone(model_type)).eval()
+    model.add_head("lm", head_type="causal_lm", **model.head_options("causal_lm"))
+    model.activate(head="lm")
+    prompts = [[5, 9, 13, 2], [7], [3, 3, 8]]
+    batched = greedy(model, prompts, 6, end=-1)  # no end token: every row runs the full budget
+    assert batched == [greedy(model, [p], 6, end=-1)[0] for p in prompts]
+    assert all(len(row) == 6 for row in batched)

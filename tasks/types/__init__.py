@@ -3,6 +3,8 @@
 A type is one object behind a small protocol, so that loading, training, the monitor, fusion and reports
 never branch on the type (see DESIGN.md, "Breadth without branches"):
 
+* ``labelled`` (a label set read from train) and ``check_backbone(sites, task)`` (refuses a backbone that
+  cannot serve the type, e.g. generation on an encoder);
 * ``columns(spec)`` / ``row_labels(row, spec)`` / ``split_data(rows, spec, index, split)``: reading user rows
   (every bad row is a :class:`UserError` naming the task, split, row and column);
 * ``encode(split, tokenizer, max_length, cache_dir)`` and ``collator(tokenizer)``: tokenised datasets and
@@ -11,8 +13,8 @@ never branch on the type (see DESIGN.md, "Breadth without branches"):
 * ``metric_inputs(logits, labels)``: (preds, target) for the torchmetrics logged during training;
 * ``gather(logits, labels)`` per evaluation batch and ``scores(gathered..., label_names)`` over a split:
   ``{"score": primary metric, <metric name>: value, ...}``; ``primary`` names the metric behind ``score``;
-* ``predict_inputs(texts, tokenizer, max_length)`` and ``predictions(logits, contexts, label_names)``: the rows
-  ``adafuse predict`` writes (a label and probabilities; a tag per word).
+* ``predict(model, tokenizer, texts, tasks, max_length, skip_layers, label_names)``: the rows ``adafuse
+  predict`` writes (a label and probabilities; a tag per word; generated text).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from __future__ import annotations
 from adafuse.fusion.errors import UserError
 
 from .classification import Classification
+from .generation import Generation
 from .tagging import Tagging
 
-TASK_TYPES = {t.name: t for t in (Classification(), Tagging())}
+TASK_TYPES = {t.name: t for t in (Classification(), Tagging(), Generation())}
 
 
 def task_type(name: str):

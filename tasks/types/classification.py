@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from ..spec import SplitData, TaskSpec
@@ -14,6 +16,10 @@ class Classification:
     name = "classification"
     head_type = "classification"
     primary = "accuracy"
+    labelled = True  # a label set, read from the train split
+
+    def check_backbone(self, sites, task: str) -> None:
+        """Every backbone can serve this type (its encoder's hidden states)."""
 
     def columns(self, spec: TaskSpec) -> list[str]:
         return [spec.text_column, spec.label_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
@@ -40,17 +46,25 @@ class Classification:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels)  # (B, C), (B,)
 
+    def metrics(self, num_labels: int, prefix: str) -> MetricCollection:
+        """What training logs (``accuracy`` picks the best epoch): accuracy and macro-F1 of ``metric_inputs``."""
+        return label_metrics(num_labels, prefix)
+
     def metric_inputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return logits, labels
 
-    def gather(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return logits.float(), labels
+    def gather(self, model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One evaluation batch: (B, C) logits and (B,) labels."""
+        return model(**inputs).float(), labels
 
     def scores(self, logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]) -> dict[str, float]:
         predictions, classes = logits.argmax(-1), logits.shape[-1]
         accuracy = float(multiclass_accuracy(predictions, labels, num_classes=classes, average="micro"))
         macro_f1 = float(multiclass_f1_score(predictions, labels, num_classes=classes, average="macro"))
         return {"score": accuracy, "accuracy": accuracy, "macro_f1": macro_f1}
+
+    def predict(self, model, tokenizer, texts: list, tasks: list[str], max_length: int, skip_layers: int, names):
+        return one_pass(self, model, tokenizer, texts, tasks, max_length, skip_layers, names)
 
     def predict_inputs(self, texts: list, tokenizer, max_length: int) -> tuple[dict, list]:
         """A padded batch of ``texts`` for ``adafuse predict``, and what :meth:`predictions` needs per row."""
@@ -65,6 +79,37 @@ class Classification:
             {"label": label, "label_name": label_names[label], "probabilities": p}
             for label, p in zip(probabilities.argmax(-1).tolist(), probabilities.tolist(), strict=True)
         ]
+
+
+@torch.no_grad()
+def one_pass(kind, model, tokenizer, texts: list, tasks: list[str], max_length: int, skip_layers: int, names):
+    """``adafuse predict`` for types read off one forward pass: rows of every task share it (routed), then
+    each task's head reads its rows and ``kind.predictions`` writes them. ``names``: task -> label names."""
+    encoded, contexts = kind.predict_inputs(texts, tokenizer, max_length)
+    ids, mask = encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device)
+    groups: dict[str, list[int]] = {}
+    for row, task in enumerate(tasks):
+        groups.setdefault(task, []).append(row)
+    rows = {task: torch.tensor(index, device=model.device) for task, index in groups.items()}
+    model.route(rows, skip_layers=skip_layers)
+    hidden = model.encode(ids, mask)  # (B, L, d)
+    results: list[dict | None] = [None] * len(texts)
+    for task, index in rows.items():
+        logits = model.heads[task](hidden[index], mask[index])
+        outputs = kind.predictions(logits, [contexts[r] for r in groups[task]], names[task])
+        for row, output in zip(groups[task], outputs, strict=True):
+            results[row] = output
+    return results
+
+
+def label_metrics(num_labels: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(num_classes=num_labels, average="micro"),
+            "macro_f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
+        },
+        prefix=prefix,
+    )
 
 
 def _text(value) -> str:

@@ -16,6 +16,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from adafuse.fusion.errors import UserError
 
 from ..spec import SplitData, TaskSpec
+from .classification import label_metrics, one_pass
 
 IGNORE = -100  # the label of sub-words and special tokens: no loss, no metric
 PREFIXES = ("B", "I", "E", "S")  # BIO / BIOES prefixes ("B-PER"); other tags are plain (IO: "PER")
@@ -25,6 +26,10 @@ class Tagging:
     name = "tagging"
     head_type = "tagging"
     primary = "entity_f1"
+    labelled = True
+
+    def check_backbone(self, sites, task: str) -> None:
+        """Every backbone can serve this type (its encoder's hidden states)."""
 
     def columns(self, spec: TaskSpec) -> list[str]:
         return [spec.tokens_column, spec.tags_column]
@@ -74,8 +79,13 @@ class Tagging:
         keep = labels != IGNORE
         return logits[keep], labels[keep]  # (N, C), (N,): the scored words
 
-    def gather(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def metrics(self, num_labels: int, prefix: str):
+        """Training logs token accuracy and macro-F1 over the scored words."""
+        return label_metrics(num_labels, prefix)
+
+    def gather(self, model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) predicted tags of the scored words and (N, 2) their gold tags and sentence-start flags."""
+        logits = model(**inputs)  # (B, L, C)
         keep = labels != IGNORE  # (B, L)
         first = keep & (keep.long().cumsum(1) == 1)  # each sentence's first scored word
         return logits.argmax(-1)[keep].cpu(), torch.stack([labels[keep], first[keep].long()], 1).cpu()
@@ -88,6 +98,9 @@ class Tagging:
         f1 = entity_f1(pred_sentences, gold_sentences)
         accuracy = float(multiclass_accuracy(predicted, gold[:, 0], num_classes=len(label_names), average="micro"))
         return {"score": f1, "entity_f1": f1, "token_accuracy": accuracy}
+
+    def predict(self, model, tokenizer, texts: list, tasks: list[str], max_length: int, skip_layers: int, names):
+        return one_pass(self, model, tokenizer, texts, tasks, max_length, skip_layers, names)
 
     def predict_inputs(self, texts: list, tokenizer, max_length: int) -> tuple[dict, list]:
         """Words of each row (a list, or a text split at whitespace), encoded; per row (words, word ids)."""
