@@ -266,13 +266,16 @@ def fusion_attention(model: AdaptedModel, loader) -> list[list[float]]:
         inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}  # batches move, not the model
         with torch.inference_mode():
             model(**inputs)
-        mask = inputs["attention_mask"].unsqueeze(-1).float()  # (B, L, 1)
-        tokens += float(mask.sum())
+        mask = inputs.get("attention_mask")  # images: every patch is real
+        counted = False
         for index, slot in enumerate(slots):
             if not slot.attention_recorder:  # a site the task does not run (T5's decoder when classifying)
                 continue
             weights = slot.attention_recorder[0]  # (B, L, K)
-            summed = (weights * mask).sum((0, 1))
+            real = torch.ones(weights.shape[:2]) if mask is None else mask.float()  # (B, L)
+            if not counted:
+                tokens, counted = tokens + float(real.sum()), True
+            summed = (weights * real.unsqueeze(-1).to(weights.device)).sum((0, 1))
             totals[index] = summed if totals[index] is None else totals[index] + summed
     for slot in slots:
         slot.attention_recorder = None

@@ -83,8 +83,12 @@ def _from_pretrained(loader, name: str, what: str, **options):
 
 
 def load_tokenizer(config: BackboneConfig):
+    """The backbone's tokenizer; for an image backbone (the sites table's ``inputs``: pixels) its image processor,
+    which resizes and normalises images (a random-init ViT gets the default one at its ``image_size``)."""
     from transformers import AutoTokenizer
 
+    if _reads_pixels(config):
+        return _image_processor(config)
     name = config.tokenizer or (EMBEDDED if config.random_init is not None else config.name)
     tokenizer = _from_pretrained(AutoTokenizer, name, "tokenizer")
     if tokenizer.pad_token is None:  # GPT-2, Llama: pad with the end-of-text token (the mask hides it)
@@ -93,6 +97,27 @@ def load_tokenizer(config: BackboneConfig):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # decoders pool the last real token, found through the attention mask
     return tokenizer
+
+
+def _reads_pixels(config: BackboneConfig) -> bool:
+    from transformers import AutoConfig
+
+    from .sites import SITES
+
+    if config.random_init is not None:
+        model_type = config.random_init.get("model_type")
+    else:
+        model_type = _from_pretrained(AutoConfig, config.name, "backbone config").model_type
+    return model_type in SITES and SITES[model_type].inputs == "pixels"
+
+
+def _image_processor(config: BackboneConfig):
+    from transformers import AutoImageProcessor, ViTImageProcessorPil  # PIL backend: no torchvision needed
+
+    if config.random_init is not None and config.tokenizer is None:
+        size = int(config.random_init.get("image_size", 224))
+        return ViTImageProcessorPil(size={"height": size, "width": size})
+    return _from_pretrained(AutoImageProcessor, config.tokenizer or config.name, "image processor")
 
 
 POSITION_KEYS = ("n_positions", "max_position_embeddings")  # absolute or RoPE positions; T5 and ViT have none

@@ -68,6 +68,7 @@ class ArchitectureSites:
     features: str | None = None  # encoder-decoder: the sub-module that encodes text for classification
     lm_scale: bool = False  # LM heads read hidden * d^-1/2 when the word embeddings are tied (T5)
     lm: str | None = None  # the language-model head type generation uses (causal_lm, seq2seq_lm); None: no LM
+    inputs: str = "text"  # what the backbone reads: text (token ids) or pixels (images)
 
 
 def _bert_like(
@@ -191,7 +192,8 @@ SITES: dict[str, ArchitectureSites] = {
                     "ffn_out": "mlp.fc2",
                 },
             ),
-        )
+        ),
+        inputs="pixels",
     ),
 }
 

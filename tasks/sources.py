@@ -8,8 +8,10 @@ warning with the count of replaced characters.
 from __future__ import annotations
 
 import random
+import sys
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from adafuse.fusion.errors import UserError, first_line
@@ -81,6 +83,10 @@ def _find_split_files(folder: Path) -> dict[str, Path]:
 
 
 def _raw_splits(spec: TaskSpec, base_dir: Path, cache_dir: Path | None) -> dict:
+    import datasets
+
+    if not sys.stderr.isatty():  # progress bars only on a terminal, not in logs and captured output
+        datasets.disable_progress_bars()
     source = Path(spec.source).expanduser()
     if not source.is_absolute():
         source = base_dir / source
@@ -96,11 +102,31 @@ def _raw_splits(spec: TaskSpec, base_dir: Path, cache_dir: Path | None) -> dict:
             folder = source if source.is_dir() else source.parent
             return {split: _load_file(folder / name, cache_dir) for split, name in spec.splits.items()}
         return _load_hub(spec, spec.splits)
+    if source.is_dir() and (source / "train").is_dir():
+        return _load_image_folder(spec, source, cache_dir)
     if source.is_dir():
         return {split: _load_file(path, cache_dir) for split, path in _find_split_files(source).items()}
     if source.is_file() or source.suffix or str(spec.source).startswith((".", "/", "~")):
         return {"train": _load_file(source, cache_dir)}
     return _load_hub(spec, {s: s for s in SPLITS})
+
+
+def _load_image_folder(spec: TaskSpec, source: Path, cache_dir: Path | None) -> dict:
+    """``datasets``' imagefolder: ``train/<class>/<image>`` (validation/, test/ alike); labels become names."""
+    from datasets import Image, load_dataset
+
+    try:
+        loaded = load_dataset("imagefolder", data_dir=str(source), cache_dir=str(cache_dir) if cache_dir else None)
+    except Exception as err:  # noqa: BLE001 - any failure here is the user's folder
+        raise UserError(
+            f"task '{spec.name}': {source} could not be read as an image folder ({first_line(err, 200)})"
+        ) from None
+    splits = {}
+    for name, dataset in loaded.items():
+        names = dataset.features["label"].names  # the class folders, in label-id order
+        dataset = dataset.cast_column("image", Image(decode=False))  # decoded (and checked) by the task type
+        splits[name] = dataset.remove_columns("label").add_column("label", [names[i] for i in dataset["label"]])
+    return splits
 
 
 def _load_hub(spec: TaskSpec, splits: dict[str, str]) -> dict:
@@ -149,6 +175,10 @@ def load_user_task(spec: TaskSpec, base_dir: Path = Path("."), cache_dir: Path |
     for key in ("validation_ratio", "test_ratio"):
         _check_ratio(spec, key, getattr(spec, key))
     kind = task_type(spec.type)
+    source = Path(spec.source).expanduser()
+    source = source if source.is_absolute() else base_dir / source
+    if source.exists():  # a file or folder (not a Hub name): absolute, so that image paths resolve against it
+        spec = replace(spec, source=str(source))
     datasets = _raw_splits(spec, base_dir, cache_dir)
     columns = kind.columns(spec)
     rows = {}

@@ -13,14 +13,15 @@ class TaskSpec:
 
     Attributes:
         name: unique task name (also the adapter's and head's name in the library).
-        type: the task type (:data:`adafuse.tasks.types.TASK_TYPES`): ``classification``, ``tagging`` or
-            ``generation``.
+        type: the task type (:data:`adafuse.tasks.types.TASK_TYPES`): ``classification``, ``tagging``,
+            ``generation`` or ``image``.
         source: a CSV/TSV/JSON/JSONL/parquet file or folder, or a Hub dataset name (online).
         text_column: column holding the text.
         text_pair_column: second text column for sentence-pair tasks.
         label_column: column holding the label (names or integer ids).
         tokens_column, tags_column: tagging: the list of words and the list of their tags (names or ids).
         prompt_column, target_column: generation: the prompt and the text to generate after it.
+        image_column: image: the image (a path relative to the data file's folder, or bytes).
         splits: split name -> file (relative to ``source`` when it is a folder) or Hub split name.
         validation_ratio, test_ratio: carve missing splits out of train with ``split_seed``.
         max_length: tokenizer truncation length.
@@ -38,6 +39,7 @@ class TaskSpec:
     tags_column: str = "tags"
     prompt_column: str = "prompt"
     target_column: str = "target"
+    image_column: str = "image"
     splits: dict[str, str] | None = None
     validation_ratio: float | None = None
     test_ratio: float | None = None

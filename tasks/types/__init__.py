@@ -23,9 +23,10 @@ from adafuse.fusion.errors import UserError
 
 from .classification import Classification
 from .generation import Generation
+from .image import ImageClassification
 from .tagging import Tagging
 
-TASK_TYPES = {t.name: t for t in (Classification(), Tagging(), Generation())}
+TASK_TYPES = {t.name: t for t in (Classification(), Tagging(), Generation(), ImageClassification())}
 
 
 def task_type(name: str):

@@ -8,6 +8,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
+from adafuse.fusion.errors import UserError
+
 from ..spec import SplitData, TaskSpec
 from ..tokenize import tokenize_split
 
@@ -19,7 +21,9 @@ class Classification:
     labelled = True  # a label set, read from the train split
 
     def check_backbone(self, sites, task: str) -> None:
-        """Every backbone can serve this type (its encoder's hidden states)."""
+        """Every text backbone can serve this type (its encoder's hidden states)."""
+        if sites.inputs != "text":
+            raise UserError(f"task '{task}': a {self.name} task needs a text backbone; this one reads {sites.inputs}")
 
     def columns(self, spec: TaskSpec) -> list[str]:
         return [spec.text_column, spec.label_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
@@ -86,16 +90,17 @@ def one_pass(kind, model, tokenizer, texts: list, tasks: list[str], max_length: 
     """``adafuse predict`` for types read off one forward pass: rows of every task share it (routed), then
     each task's head reads its rows and ``kind.predictions`` writes them. ``names``: task -> label names."""
     encoded, contexts = kind.predict_inputs(texts, tokenizer, max_length)
-    ids, mask = encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device)
+    inputs = {key: value.to(model.device) for key, value in encoded.items()}  # token ids and mask, or pixels
+    mask = inputs.get("attention_mask")
     groups: dict[str, list[int]] = {}
     for row, task in enumerate(tasks):
         groups.setdefault(task, []).append(row)
     rows = {task: torch.tensor(index, device=model.device) for task, index in groups.items()}
     model.route(rows, skip_layers=skip_layers)
-    hidden = model.encode(ids, mask)  # (B, L, d)
+    hidden = model.encode(**inputs)  # (B, L, d)
     results: list[dict | None] = [None] * len(texts)
     for task, index in rows.items():
-        logits = model.heads[task](hidden[index], mask[index])
+        logits = model.heads[task](hidden[index], None if mask is None else mask[index])
         outputs = kind.predictions(logits, [contexts[r] for r in groups[task]], names[task])
         for row, output in zip(groups[task], outputs, strict=True):
             results[row] = output

@@ -29,7 +29,9 @@ class Tagging:
     labelled = True
 
     def check_backbone(self, sites, task: str) -> None:
-        """Every backbone can serve this type (its encoder's hidden states)."""
+        """Every text backbone can serve this type (its encoder's hidden states)."""
+        if sites.inputs != "text":
+            raise UserError(f"task '{task}': a tagging task needs a text backbone; this one reads {sites.inputs}")
 
     def columns(self, spec: TaskSpec) -> list[str]:
         return [spec.tokens_column, spec.tags_column]
