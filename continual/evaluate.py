@@ -37,17 +37,13 @@ def predict_logits(
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            output, target = (gather or _classification)(model, batch, labels)
+            output, target = (gather or TASK_TYPES["classification"].gather)(model, batch, labels)
             outputs.append(output.cpu())
             targets.append(target.cpu())
     finally:
         model.train(was_training)
     empty = torch.empty(0)
     return gather_tensors(torch.cat(outputs) if outputs else empty, torch.cat(targets) if targets else empty)
-
-
-def _classification(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return model(**inputs).float(), labels
 
 
 def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -99,7 +99,7 @@ def run_fusion(
             out / "cache",
         )
         head = fusion_name if baseline is None else f"{target.name}-single"
-        head_type = task_type(target.type).head_type
+        head_type = task_type(target.type).head_for(model.sites)
         model.add_head(head, target.num_labels, config.head.pooling, config.head.dropout, head_type)
         model.load_head_state(head, seeded_head_state(model, target, config.head, config.seed * 31 + 1))
         if baseline is None:
@@ -194,7 +194,7 @@ def _write_fusion(
         "fusion": asdict(config.fusion),
         "label_names": target.label_names,
         "num_labels": target.num_labels,
-        "head": {**asdict(config.head), "type": task_type(target.type).head_type},
+        "head": {**asdict(config.head), "type": task_type(target.type).head_for(model.sites)},
         "task_type": target.type,
         "method": "fusion",
     }

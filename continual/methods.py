@@ -35,7 +35,7 @@ SHARED = "shared"
 
 def seeded_head_state(model: AdaptedModel, task: TaskData, head: HeadConfig, seed: int) -> dict[str, torch.Tensor]:
     """Initial tensors of ``task``'s head (its type's) drawn from ``seed`` (the global RNG is left untouched)."""
-    head_type = task_type(task.type).head_type
+    head_type = task_type(task.type).head_for(model.sites)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         module = build_head(
@@ -83,7 +83,9 @@ class SequenceMethod:
         name = self.name(i)
         if name not in self.model.heads:
             task, head = self.tasks[i], self.config.head
-            self.model.add_head(name, task.num_labels, head.pooling, head.dropout, task_type(task.type).head_type)
+            self.model.add_head(
+                name, task.num_labels, head.pooling, head.dropout, task_type(task.type).head_for(self.model.sites)
+            )
             fresh = True
         if fresh:
             state = seeded_head_state(self.model, self.tasks[i], self.config.head, self._seed(i, 1))
@@ -103,7 +105,7 @@ class SequenceMethod:
         return {
             "method": self.config.method,
             "adapter": to_dict(self.config.adapter),
-            "head": {**to_dict(self.config.head), "type": task_type(self.tasks[i].type).head_type},
+            "head": {**to_dict(self.config.head), "type": task_type(self.tasks[i].type).head_for(self.model.sites)},
             "task_type": self.tasks[i].type,
             "label_names": self.tasks[i].label_names,
             "num_labels": self.tasks[i].num_labels,
@@ -139,7 +141,7 @@ class SequenceMethod:
 
     def frozen_head(self, j: int) -> torch.nn.Module:
         """A frozen copy of task j's head as the library holds it (outside the model's heads)."""
-        head_type = task_type(self.tasks[j].type).head_type
+        head_type = task_type(self.tasks[j].type).head_for(self.model.sites)
         head = self.config.head
         options = self.model.head_options(head_type, self.tasks[j].num_labels, head.pooling, head.dropout)
         module = build_head(self.model.hidden_size, head_type, **options)

@@ -20,8 +20,6 @@ from adafuse.tasks.types import task_type as lookup_task_type
 from .config import TrainerConfig
 from .strategies import Strategy
 
-NOT_MODEL_INPUTS = ("labels", "example_index")  # batch columns the model does not read
-
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite."""
@@ -68,17 +66,17 @@ class AdapterTaskModule(L.LightningModule):
         self.prepare()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**{k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS})
+        return self.model(**self.task_type.model_batch(self.model, batch)[0])
 
     def extra_loss(self) -> torch.Tensor | None:
         return None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         fault_point("train-step")
-        inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+        inputs, labels = self.task_type.model_batch(self.model, batch)  # the backbone's layout (generation)
         hidden = self.model.encode(**inputs)  # (B, L, d), for the head and the strategy
         logits = self.model.heads[self.head](hidden, inputs.get("attention_mask"))
-        loss = self.task_type.loss(logits, batch["labels"])
+        loss = self.task_type.loss(logits, labels)
         total = self.strategy.loss(self.model, batch, hidden, loss, self.global_step)
         extra = self.extra_loss()
         total = total if extra is None else total + extra
@@ -87,7 +85,7 @@ class AdapterTaskModule(L.LightningModule):
                 f"task '{self.head}': the training loss became {total.item()} at step {self.global_step}; "
                 "lower trainer.lr or check the data"
             )
-        self.train_metrics.update(*self.task_type.metric_inputs(logits.detach(), batch["labels"]))
+        self.train_metrics.update(*self.task_type.metric_inputs(logits.detach(), labels))
         self.log("train_loss", loss, prog_bar=True, batch_size=len(logits))
         return total
 
@@ -96,9 +94,10 @@ class AdapterTaskModule(L.LightningModule):
         self.train_metrics.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch)
-        self.val_metrics.update(*self.task_type.metric_inputs(logits, batch["labels"]))
-        self.log("val_loss", self.task_type.loss(logits, batch["labels"]), batch_size=len(logits))
+        inputs, labels = self.task_type.model_batch(self.model, batch)
+        logits = self.model(**inputs)
+        self.val_metrics.update(*self.task_type.metric_inputs(logits, labels))
+        self.log("val_loss", self.task_type.loss(logits, labels), batch_size=len(logits))
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)

@@ -213,8 +213,9 @@ def generation_folder(folder, count: int = 40):
     return folder
 
 
-def test_mixed_sequence_on_a_decoder_classifies_tags_and_generates(tmp_path):
-    config = mixed_config(tmp_path, "gpt2")
+@pytest.mark.parametrize("backbone", ["gpt2", "t5"])
+def test_mixed_sequence_classifies_tags_and_generates(backbone, tmp_path):
+    config = mixed_config(tmp_path, backbone)
     generation_folder(tmp_path / "pairs")
     tasks = (
         "[{name: news, source: news.csv, text_column: headline, label_column: topic, max_length: 16}, "
@@ -243,7 +244,7 @@ def test_mixed_sequence_on_a_decoder_classifies_tags_and_generates(tmp_path):
     assert main([*args, "--out", str(tmp_path / "p.jsonl")]) == 0
     first, second = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert isinstance(first["generated"], str) and second["label_name"] in ("money", "sport")
-    fuse = fuse_config(tmp_path, "gpt2", "{name: pairs-fused, type: generation, source: pairs}")
+    fuse = fuse_config(tmp_path, backbone, "{name: pairs-fused, type: generation, source: pairs}")
     fused = tmp_path / "fused"  # fusion for a generation target over the three type-mixed adapters
     assert main(["fuse", fuse, "--library", str(out / "library"), "--out", str(fused)]) == 0
     result = json.loads((fused / "metrics.json").read_text())
@@ -259,7 +260,7 @@ def test_generation_is_refused_on_an_encoder(tmp_path, capsys):
         f"[{{name: pairs, type: generation, source: {tmp_path / 'pairs'}}}]",
     ]
     assert main(["run", *smoke, "--out", str(tmp_path / "out")]) == 2
-    assert "generation needs a decoder backbone" in capsys.readouterr().err
+    assert "generation needs a decoder or encoder-decoder backbone" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -284,17 +285,17 @@ def test_an_empty_target_is_refused(tmp_path, capsys):
     assert "test split, row 0: column 'target' must be a non-empty text, found empty" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "t5"])
 def test_batched_greedy_decoding_equals_one_prompt_at_a_time(model_type):
     from conftest import tiny_backbone
 
     from adafuse.fusion.model import AdaptedModel
-    from adafuse.tasks.types.generation import greedy
+    from adafuse.tasks.types.generation import decode
 
     model = AdaptedModel(tiny_backbone(model_type)).eval()
-    model.add_head("lm", head_type="causal_lm", **model.head_options("causal_lm"))
+    model.add_head("lm", head_type=model.sites.lm, **model.head_options(model.sites.lm))
     model.activate(head="lm")
     prompts = [[5, 9, 13, 2], [7], [3, 3, 8]]
-    batched = greedy(model, prompts, 6, end=-1)  # no end token: every row runs the full budget
-    assert batched == [greedy(model, [p], 6, end=-1)[0] for p in prompts]
+    batched = decode(model, prompts, 6, end=-1)  # no end token: every row runs the full budget
+    assert batched == [decode(model, [p], 6, end=-1)[0] for p in prompts]
     assert all(len(row) == 6 for row in batched)

@@ -8,22 +8,15 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from adafuse.fusion.errors import UserError
-
 from ..spec import SplitData, TaskSpec
 from ..tokenize import tokenize_split
+from .base import TaskType
 
 
-class Classification:
+class Classification(TaskType):
     name = "classification"
     head_type = "classification"
     primary = "accuracy"
-    labelled = True  # a label set, read from the train split
-
-    def check_backbone(self, sites, task: str) -> None:
-        """Every text backbone can serve this type (its encoder's hidden states)."""
-        if sites.inputs != "text":
-            raise UserError(f"task '{task}': a {self.name} task needs a text backbone; this one reads {sites.inputs}")
 
     def columns(self, spec: TaskSpec) -> list[str]:
         return [spec.text_column, spec.label_column] + ([spec.text_pair_column] if spec.text_pair_column else [])

@@ -1,11 +1,17 @@
-"""Generation on a decoder (causal language modelling): a prompt and a target text.
+"""Generation: a prompt and a target text, on a decoder (causal LM) or an encoder-decoder (T5, seq2seq LM).
 
-Training sees ``prompt + target + end`` as one sequence and learns the target's tokens only (the prompt's
-labels are -100): the loss is the cross-entropy of each target token given everything before it. Evaluation
-decodes greedily from the prompt alone (at most ``MAX_NEW_TOKENS`` beyond the longest target in the batch,
-stopping at the end token) and scores **exact match** (the generated tokens equal the target's), with the
-teacher-forced token accuracy and per-token loss beside it. Only decoders generate (the sites table's ``lm``
-is ``causal_lm``): a bidirectional encoder would see the tokens it has to predict.
+The data are stored neutrally: the prompt's token ids and the target's (end token appended) as ``labels``.
+:meth:`Generation.model_batch` lays a batch out for the backbone (the sites table's ``lm``):
+
+* ``causal_lm`` (GPT-2, Llama, ...): one sequence ``prompt + target`` per row; position t is scored against
+  token t + 1, and only the target's tokens count (the prompt's labels are -100);
+* ``seq2seq_lm`` (T5): the encoder reads the prompt, the decoder reads the target shifted right behind the
+  decoder start token, and every target token counts.
+
+So the loss is one token-level cross-entropy on either layout. Evaluation decodes greedily from the prompt
+alone (at most ``MAX_NEW_TOKENS`` beyond the longest target in the batch, stopping at the end token) and
+scores **exact match** (the generated tokens equal the target's), with the teacher-forced token accuracy and
+per-token loss beside it. Encoders do not generate: they would see the tokens they have to predict.
 """
 
 from __future__ import annotations
@@ -17,24 +23,27 @@ from torchmetrics import Metric, MetricCollection
 from adafuse.fusion.errors import UserError
 
 from ..spec import SplitData, TaskSpec
+from .base import TaskType
 
 IGNORE = -100  # prompt and padding positions: no loss
-MAX_NEW_TOKENS = 8  # decoding budget beyond the longest target in a batch (predict: --max-new-tokens)
+MAX_NEW_TOKENS = 8  # decoding budget beyond the longest target in a batch
 
 
-class Generation:
+class Generation(TaskType):
     name = "generation"
-    head_type = "causal_lm"
+    head_type = "causal_lm"  # on a decoder; T5 takes seq2seq_lm (see head_for)
     primary = "exact_match"
     labelled = False  # no label set: targets are free text
 
     def check_backbone(self, sites, task: str) -> None:
-        """Only a causal decoder generates here (T5's seq2seq generation is not built yet)."""
-        if sites.lm != "causal_lm":
-            found = "an encoder-decoder (seq2seq generation is not built yet)" if sites.lm else "an encoder"
+        if sites.lm is None:
             raise UserError(
-                f"task '{task}': generation needs a decoder backbone (gpt2, llama, mistral, qwen2); this one is {found}"
+                f"task '{task}': generation needs a decoder or encoder-decoder backbone (gpt2, llama, mistral, "
+                f"qwen2, t5); this one is an {'image model' if sites.inputs == 'pixels' else 'encoder'}"
             )
+
+    def head_for(self, sites) -> str:
+        return sites.lm
 
     def columns(self, spec: TaskSpec) -> list[str]:
         return [spec.prompt_column, spec.target_column]
@@ -54,6 +63,7 @@ class Generation:
         return SplitData(texts=[r[spec.prompt_column] for r in rows], labels=[r[spec.target_column] for r in rows])
 
     def encode(self, split: SplitData, tokenizer, max_length: int, cache_dir=None):
+        """Prompt ids (``input_ids``) and target ids + end (``labels``); together at most ``max_length``."""
         from datasets import Dataset
 
         end = end_token(tokenizer)
@@ -63,36 +73,41 @@ class Generation:
         for prompt, target in zip(prompts, targets, strict=True):
             target = target[: max(1, max_length // 2) - 1] + [end]  # half the budget at most; always ends
             prompt = prompt[: max_length - len(target)]
-            rows["input_ids"].append(prompt + target)
-            rows["attention_mask"].append([1] * (len(prompt) + len(target)))
-            rows["labels"].append([IGNORE] * len(prompt) + target)
+            rows["input_ids"].append(prompt)
+            rows["attention_mask"].append([1] * len(prompt))
+            rows["labels"].append(target)
         return Dataset.from_dict(rows)
 
     def collator(self, tokenizer):
-        from transformers import DataCollatorForTokenClassification
+        return PairCollator(tokenizer.pad_token_id)
 
-        return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")
+    def model_batch(self, model, batch: dict) -> tuple[dict, torch.Tensor]:
+        """The backbone's layout of a batch and the (B, L) labels each position is scored against."""
+        return LAYOUTS[model.sites.lm](model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy on the target tokens: position t predicts token t + 1."""
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
     def metrics(self, num_labels: int, prefix: str) -> MetricCollection:
         """Training logs teacher-forced token accuracy (``accuracy``: it picks the best epoch)."""
         return MetricCollection({"accuracy": TokenAccuracy()}, prefix=prefix)
 
     def metric_inputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = labels[:, 1:] != IGNORE  # (B, L-1)
-        return logits[:, :-1][keep], labels[:, 1:][keep]  # (N, V), (N,)
+        keep = labels != IGNORE
+        return logits[keep], labels[keep]  # (N, V), (N,)
 
     def gather(self, model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: exact match of the greedy continuation, correct target tokens, target tokens, loss sum."""
-        logits = model(**inputs).float()  # (B, L, V) teacher-forced
-        keep = labels[:, 1:] != IGNORE
-        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].clamp_min(0), reduction="none")
-        correct = ((logits[:, :-1].argmax(-1) == labels[:, 1:]) & keep).sum(1)
-        prompts, targets = split_rows(inputs["input_ids"], labels)
-        generated = greedy(model, prompts, max(map(len, targets)) + MAX_NEW_TOKENS, targets[0][-1])  # end token
+        laid_out, aligned = self.model_batch(model, {**inputs, "labels": labels})
+        logits = model(**laid_out).float()  # (B, L, V) teacher-forced
+        keep = aligned != IGNORE
+        losses = F.cross_entropy(logits.transpose(1, 2), aligned.clamp_min(0), reduction="none")  # (B, L)
+        correct = ((logits.argmax(-1) == aligned) & keep).sum(1)
+        prompts = [
+            ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)
+        ]
+        targets = [row[row != IGNORE].tolist() for row in labels]
+        generated = decode(model, prompts, max(map(len, targets)) + MAX_NEW_TOKENS, targets[0][-1])  # end token
         exact = [g == t[:-1] for g, t in zip(generated, targets, strict=True)]  # without the end token
         stats = torch.stack([torch.tensor(exact, device=labels.device), correct, keep.sum(1), (losses * keep).sum(1)])
         return stats.t().float().cpu(), torch.zeros(len(labels))
@@ -117,10 +132,55 @@ class Generation:
         for task, members in groups.items():
             prompts = tokenizer([str(texts[r]) for r in members], truncation=True, max_length=max_length)["input_ids"]
             model.route({task: torch.arange(len(members), device=model.device)}, skip_layers=skip_layers)
-            generated = greedy(model, prompts, MAX_NEW_TOKENS, end_token(tokenizer), head=task)
+            generated = decode(model, prompts, MAX_NEW_TOKENS, end_token(tokenizer), head=task)
             for row, ids in zip(members, generated, strict=True):
                 results[row] = {"generated": tokenizer.decode(ids, skip_special_tokens=True), "tokens": len(ids)}
         return results
+
+
+class PairCollator:
+    """Pads prompts (``pad_id``, mask 0) and targets (-100) of a batch, each to its own longest."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": _padded([e["input_ids"] for e in examples], self.pad_id),
+            "attention_mask": _padded([e["attention_mask"] for e in examples], 0),
+            "labels": _padded([e["labels"] for e in examples], IGNORE),
+        }
+
+
+def _padded(rows: list[list[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = torch.as_tensor(row)
+    return out
+
+
+def causal_layout(model, input_ids, attention_mask, labels) -> tuple[dict, torch.Tensor]:
+    """``prompt + target`` per row (right-padded); position t is scored against token t + 1 of the target."""
+    sequences, aligned = [], []
+    for ids, mask, target in zip(input_ids, attention_mask, labels, strict=True):
+        prompt, target = ids[mask.bool()], target[target != IGNORE]
+        sequences.append(torch.cat([prompt, target]).tolist())
+        aligned.append([IGNORE] * (len(prompt) - 1) + target.tolist() + [IGNORE])
+    ids = _padded(sequences, 0).to(input_ids.device)
+    mask = _padded([[1] * len(s) for s in sequences], 0).to(input_ids.device)
+    return {"input_ids": ids, "attention_mask": mask}, _padded(aligned, IGNORE).to(input_ids.device)
+
+
+def seq2seq_layout(model, input_ids, attention_mask, labels) -> tuple[dict, torch.Tensor]:
+    """The encoder reads the prompt; the decoder reads the target shifted right behind the start token."""
+    start = model.backbone.config.decoder_start_token_id
+    pad = model.backbone.config.pad_token_id or 0
+    shifted = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], 1)  # (B, L)
+    shifted = shifted.masked_fill(shifted == IGNORE, pad)  # positions past a row's target: scored -100 anyway
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": shifted}, labels
+
+
+LAYOUTS = {"causal_lm": causal_layout, "seq2seq_lm": seq2seq_layout}
 
 
 class TokenAccuracy(Metric):
@@ -157,32 +217,67 @@ def split_rows(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[list[list
     return prompts, targets
 
 
+def decode(model, prompts: list[list[int]], max_new_tokens: int, end: int, head: str | None = None) -> list[list[int]]:
+    """Greedy continuation of each prompt on the backbone's layout, stopping at ``end`` (which it leaves out);
+    ``head``: the LM head that reads the hidden states (default: the model's active head)."""
+    return DECODERS[model.sites.lm](model, prompts, max_new_tokens, end, head or model.active_head)
+
+
 @torch.no_grad()
-def greedy(model, prompts: list[list[int]], max_new_tokens: int, end: int, head: str | None = None) -> list[list[int]]:
-    """Greedy continuation of each prompt, batched (left-padded, explicit positions), stopping at ``end``;
-    ``head``: the LM head that reads the hidden states (default: the model's active head).
+def greedy_causal(model, prompts: list[list[int]], max_new_tokens: int, end: int, head: str) -> list[list[int]]:
+    """Batched greedy decoding on a decoder: prompts left-padded, positions counted from each row's first token.
 
     Every step runs the whole sequence again (no key/value cache): simple, exact, and cheap at the lengths
-    tasks here use. Returns the generated ids without the end token."""
-    device = model.device
+    tasks here use."""
     width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)  # (B, L)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
-        mask[row, width - len(prompt) :] = 1
-    out: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    ids = _padded([[0] * (width - len(p)) + p for p in prompts], 0).to(model.device)  # (B, L)
+    mask = _padded([[0] * (width - len(p)) + [1] * len(p) for p in prompts], 0).to(model.device)
+
+    def following(state):  # (B,) the most likely next token of every row
+        ids, mask = state
+        hidden = model.encode(ids, mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0))  # (B, L, d)
+        return model.heads[head](hidden[:, -1:])[:, -1].argmax(-1)
+
+    def extend(state, tokens):
+        ids, mask = state
+        return torch.cat([ids, tokens.unsqueeze(1)], 1), torch.cat([mask, torch.ones_like(tokens).unsqueeze(1)], 1)
+
+    return _greedy(following, extend, (ids, mask), len(prompts), max_new_tokens, end)
+
+
+@torch.no_grad()
+def greedy_seq2seq(model, prompts: list[list[int]], max_new_tokens: int, end: int, head: str) -> list[list[int]]:
+    """Batched greedy decoding on an encoder-decoder: the encoder reads the (right-padded) prompts, the decoder
+    grows from the start token (encoder and decoder rerun each step, as in :func:`greedy_causal`)."""
+    ids = _padded(prompts, model.backbone.config.pad_token_id or 0).to(model.device)  # (B, L)
+    mask = _padded([[1] * len(p) for p in prompts], 0).to(model.device)
+    start = torch.full((len(prompts), 1), model.backbone.config.decoder_start_token_id, device=model.device)
+
+    def following(decoded):
+        hidden = model.encode(ids, mask, decoder_input_ids=decoded)  # (B, T, d) decoder states
+        return model.heads[head](hidden[:, -1:])[:, -1].argmax(-1)
+
+    def extend(decoded, tokens):
+        return torch.cat([decoded, tokens.unsqueeze(1)], 1)
+
+    return _greedy(following, extend, start, len(prompts), max_new_tokens, end)
+
+
+def _greedy(following, extend, state, rows: int, max_new_tokens: int, end: int) -> list[list[int]]:
+    """The decoding loop both layouts share: append each unfinished row's next token until ``end`` or budget."""
+    out: list[list[int]] = [[] for _ in range(rows)]
+    done = None
     for _ in range(max_new_tokens):
-        positions = (mask.cumsum(1) - 1).clamp_min(0)
-        hidden = model.encode(ids, mask, position_ids=positions)  # (B, L, d)
-        following = model.heads[head or model.active_head](hidden[:, -1:])[:, -1].argmax(-1)  # (B,)
+        tokens = following(state)  # (B,)
+        done = torch.zeros_like(tokens, dtype=torch.bool) if done is None else done
         for row in (~done).nonzero().squeeze(1).tolist():
-            if following[row].item() != end:
-                out[row].append(following[row].item())
-        done |= following == end
+            if tokens[row].item() != end:
+                out[row].append(tokens[row].item())
+        done |= tokens == end
         if done.all():
             break
-        ids = torch.cat([ids, following.unsqueeze(1)], 1)
-        mask = torch.cat([mask, torch.ones_like(following).unsqueeze(1)], 1)
+        state = extend(state, tokens)
     return out
+
+
+DECODERS = {"causal_lm": greedy_causal, "seq2seq_lm": greedy_seq2seq}

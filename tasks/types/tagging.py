@@ -16,22 +16,17 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from adafuse.fusion.errors import UserError
 
 from ..spec import SplitData, TaskSpec
+from .base import TaskType
 from .classification import label_metrics, one_pass
 
 IGNORE = -100  # the label of sub-words and special tokens: no loss, no metric
 PREFIXES = ("B", "I", "E", "S")  # BIO / BIOES prefixes ("B-PER"); other tags are plain (IO: "PER")
 
 
-class Tagging:
+class Tagging(TaskType):
     name = "tagging"
     head_type = "tagging"
     primary = "entity_f1"
-    labelled = True
-
-    def check_backbone(self, sites, task: str) -> None:
-        """Every text backbone can serve this type (its encoder's hidden states)."""
-        if sites.inputs != "text":
-            raise UserError(f"task '{task}': a tagging task needs a text backbone; this one reads {sites.inputs}")
 
     def columns(self, spec: TaskSpec) -> list[str]:
         return [spec.tokens_column, spec.tags_column]

@@ -1,0 +1,29 @@
+"""What every task type shares unless it says otherwise (see :mod:`adafuse.tasks.types`)."""
+
+from __future__ import annotations
+
+import torch
+
+from adafuse.fusion.errors import UserError
+
+NOT_MODEL_INPUTS = ("labels", "example_index")  # batch columns the model does not read
+
+
+class TaskType:
+    name = ""
+    head_type = ""
+    primary = ""
+    labelled = True  # a label set, read from the train split
+
+    def check_backbone(self, sites, task: str) -> None:
+        """Refuse a backbone this type cannot serve (one line naming the task); text types need text."""
+        if sites.inputs != "text":
+            raise UserError(f"task '{task}': a {self.name} task needs a text backbone; this one reads {sites.inputs}")
+
+    def head_for(self, sites) -> str:
+        """The head type on a backbone (the same on every one, unless a type says otherwise)."""
+        return self.head_type
+
+    def model_batch(self, model, batch: dict) -> tuple[dict, torch.Tensor]:
+        """What the model reads of a batch, and the labels its head's logits are scored against."""
+        return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}, batch["labels"]
