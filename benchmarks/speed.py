@@ -55,6 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"])
+    p.add_argument(
+        "--head",
+        default="classification",
+        choices=["classification", "lm"],
+        help="lm: the backbone's language-model head, next-token loss on every position (a generation target)",
+    )
     p.add_argument("--kind", default="bottleneck", choices=["bottleneck", "parallel", "compacter", "lora", "prefix"])
     p.add_argument("--skip-layers", type=int, default=0, help="AdapterDrop in training: no adapter/fusion below")
     p.add_argument("--lora-r", type=int, default=12, help="LoRA rank (12 on q, v: the rf-16 bottleneck's budget)")
@@ -104,7 +110,10 @@ def build(args, configs: list[tuple[str, int]]):
             model.add_adapter(f"{method}{k}", adapter)
         elif method.startswith("fusion"):
             model.add_fusion(f"{method}{k}", sources[:k], FusionConfig(skip_layers=skip))
-        model.add_head(f"{method}{k}", 2)
+        if args.head == "lm":  # the LM head a generation task trains (vocabulary-wide, from the embeddings)
+            model.add_head(f"{method}{k}", head_type=model.sites.lm, **model.head_options(model.sites.lm))
+        else:
+            model.add_head(f"{method}{k}", 2)
     with torch.no_grad():  # trained-looking adapters: non-zero up-projections (zero at init)
         for name, param in model.named_parameters():
             if ".adapters." in name and (".up." in name or "lora_B" in name or "W_right" in name):
@@ -152,7 +161,8 @@ def make_step(args, model, method: str, k: int, batch):
                 hidden = model.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             else:
                 hidden = model.encode(ids, mask)
-            task_loss = torch.nn.functional.cross_entropy(model.heads[head](hidden, mask).float(), labels)
+            logits = model.heads[head](hidden, mask).float()  # (B, C), or (B, L, vocab) with --head lm
+            task_loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten())
             if strategy is not None:  # as AdapterTaskModule.training_step
                 loss = strategy.loss(model, rows, hidden, task_loss, next(counter))
             else:
@@ -219,7 +229,7 @@ def fixed_batch(args, model):
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.backbone.config.vocab_size, (args.batch_size, args.length), generator=g)
-    labels = torch.randint(0, 2, (args.batch_size,), generator=g)
+    labels = torch.randint(0, 2, (args.batch_size,), generator=g) if args.head != "lm" else ids.roll(-1, 1)
     return ids.to(args.device), torch.ones_like(ids).to(args.device), labels.to(args.device)
 
 

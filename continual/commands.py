@@ -166,12 +166,13 @@ def cmd_predict(args, _overrides=()) -> int:
 def cmd_tasks_list(args, _overrides=()) -> int:
     from adafuse.tasks.builtin import SEQUENCES, load_builtin, task_names
 
-    print(f"{'task':<22} {'train':>6} {'valid':>6} {'test':>6}  labels")
+    print(f"{'task':<26} {'train':>6} {'valid':>6} {'test':>6}  type: labels")
     for name in task_names():
         data = load_builtin(name)
         sizes = data.sizes()
         print(
-            f"{name:<22} {sizes['train']:>6} {sizes['validation']:>6} {sizes['test']:>6}  {', '.join(data.label_names)}"
+            f"{name:<26} {sizes['train']:>6} {sizes['validation']:>6} {sizes['test']:>6}  "
+            f"{data.type}: {', '.join(data.label_names) or 'free text'}"
         )
     for name, members in SEQUENCES.items():
         print(f"sequence {name}: {' -> '.join(members)}")
@@ -180,6 +181,7 @@ def cmd_tasks_list(args, _overrides=()) -> int:
 
 def cmd_tasks_export(args, _overrides=()) -> int:
     from adafuse.tasks.builtin import SEQUENCES, load_builtin
+    from adafuse.tasks.types import task_type
 
     names = SEQUENCES.get(args.name, [args.name])
     tasks = [load_builtin(n) for n in names]  # raises for unknown names before anything is written
@@ -187,8 +189,9 @@ def cmd_tasks_export(args, _overrides=()) -> int:
     for task in tasks:
         folder = out / task.name if args.name in SEQUENCES else out
         for split, data in task.splits.items():
+            row = task_type(task.type).example  # the columns a task spec of the type reads by default
             lines = [
-                json.dumps({"text": t, "label": y, "label_name": task.label_names[y]}, ensure_ascii=False)
+                json.dumps(row(t, y, task.label_names), ensure_ascii=False)
                 for t, y in zip(data.texts, data.labels, strict=True)
             ]
             atomic_write(folder / f"{split}.jsonl", ("\n".join(lines) + "\n").encode())

@@ -299,3 +299,29 @@ def test_batched_greedy_decoding_equals_one_prompt_at_a_time(model_type):
     batched = decode(model, prompts, 6, end=-1)  # no end token: every row runs the full budget
     assert batched == [decode(model, [p], 6, end=-1)[0] for p in prompts]
     assert all(len(row) == 6 for row in batched)
+
+
+def test_the_mixed_types_config_runs_the_built_in_sequence(tmp_path):
+    tiny = [
+        "--backbone.random_init.n_embd",
+        "32",
+        "--backbone.random_init.n_layer",
+        "2",
+        "--backbone.random_init.n_head",
+        "2",
+    ]
+    short = ["--backbone.random_init.n_inner", "64", "--trainer.limit_train_batches", "3", "--trainer.max_epochs", "1"]
+    out = tmp_path / "out"
+    config = str(ROOT / "configs" / "sequence" / "mixed-types.yaml")
+    assert main(["run", config, *tiny, *short, "--max_length", "48", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == ["bbc-sports", "synthetic-people-places", "synthetic-who-lives-where"]
+    assert [metrics["per_task"][t]["metric"] for t in metrics["tasks"]] == ["accuracy", "entity_f1", "exact_match"]
+    assert metrics["bwt"] == 0.0
+
+
+def test_synthetic_built_ins_export_as_files_their_types_read(tmp_path):
+    assert main(["tasks", "export", "mixed-types", "--out", str(tmp_path)]) == 0
+    tagging = json.loads((tmp_path / "synthetic-people-places" / "train.jsonl").read_text().splitlines()[0])
+    generation = json.loads((tmp_path / "synthetic-who-lives-where" / "test.jsonl").read_text().splitlines()[0])
+    assert len(tagging["tokens"]) == len(tagging["tags"]) and set(generation) == {"prompt", "target"}

@@ -32,6 +32,10 @@ class Classification(TaskType):
             pairs=[_text(r[spec.text_pair_column]) for r in rows] if spec.text_pair_column else None,
         )
 
+    def example(self, text, label: int, label_names: list[str]) -> dict:
+        """One example as a row of a data file this type reads (``tasks export``)."""
+        return {"text": text, "label": label, "label_name": label_names[label]}
+
     def encode(self, split: SplitData, tokenizer, max_length: int, cache_dir=None):
         return tokenize_split(split, tokenizer, max_length, cache_dir)
 

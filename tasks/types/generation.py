@@ -62,6 +62,9 @@ class Generation(TaskType):
                     )
         return SplitData(texts=[r[spec.prompt_column] for r in rows], labels=[r[spec.target_column] for r in rows])
 
+    def example(self, prompt: str, target: str, label_names: list[str]) -> dict:
+        return {"prompt": prompt, "target": target}
+
     def encode(self, split: SplitData, tokenizer, max_length: int, cache_dir=None):
         """Prompt ids (``input_ids``) and target ids + end (``labels``); together at most ``max_length``."""
         from datasets import Dataset

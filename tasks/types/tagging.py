@@ -55,6 +55,9 @@ class Tagging(TaskType):
             tags.append([index(t, f"{where}, column '{spec.tags_column}'") for t in labels])
         return SplitData(texts=words, labels=tags)
 
+    def example(self, words: list[str], tags: list[int], label_names: list[str]) -> dict:
+        return {"tokens": words, "tags": [label_names[t] for t in tags]}
+
     def encode(self, split: SplitData, tokenizer, max_length: int, cache_dir=None):
         from datasets import Dataset
 
