@@ -10,36 +10,19 @@ from conftest import ROOT
 
 from adafuse.continual.cli import main
 from adafuse.fusion.heads import build_head
-from adafuse.tasks.types.tagging import align, entities, entity_f1
+from adafuse.tasks.synthetic import PEOPLE as SYNTHETIC_PEOPLE
+from adafuse.tasks.synthetic import PLACES as SYNTHETIC_PLACES
+from adafuse.tasks.synthetic import people_places
+from adafuse.tasks.types.tagging import Tagging, align, entities, entity_f1
 
-PEOPLE = ["Anna", "Boris", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana"]
-PLACES = ["Paris", "Lagos", "Oslo", "Lima", "Hanoi", "Quito", "Accra", "Riga"]
-TEMPLATES = [
-    "{p} flew to {l} on monday",
-    "yesterday {p} and {q} met in {l}",
-    "the mayor of {l} thanked {p}",
-    "{p} {q} lives near {l}",
-]
+PEOPLE, PLACES = SYNTHETIC_PEOPLE[:8], SYNTHETIC_PLACES[:8]
 
 
-def tagged_rows(count: int, seed: int) -> list[dict]:
-    """Sentences with BIO tags: people (PER, one or two words) and places (LOC)."""
-    rng, rows = random.Random(seed), []
-    for _ in range(count):
-        words, tags = [], []
-        for word in rng.choice(TEMPLATES).split():
-            if word in ("{p}", "{q}"):
-                name = rng.choice(PEOPLE)
-                words.append(name)
-                tags.append("I-PER" if word == "{q}" and tags and tags[-1] != "O" else "B-PER")
-            elif word == "{l}":
-                words.append(rng.choice(PLACES))
-                tags.append("B-LOC")
-            else:
-                words.append(word)
-                tags.append("O")
-        rows.append({"tokens": words, "tags": tags})
-    return rows
+def tagged_rows(count: int, split: str) -> list[dict]:
+    """The first ``count`` sentences of a split of the built-in synthetic tagging task (BIO, PER and LOC)."""
+    task = people_places()
+    data = task.splits[split]
+    return [Tagging().example(w, t, task.label_names) for w, t in zip(data.texts[:count], data.labels, strict=False)]
 
 
 def write_jsonl(path, rows) -> None:
@@ -48,8 +31,8 @@ def write_jsonl(path, rows) -> None:
 
 def tagging_folder(folder, count: int = 48):
     folder.mkdir(parents=True, exist_ok=True)
-    for split, size, seed in (("train", count, 0), ("validation", 16, 1), ("test", 16, 2)):
-        write_jsonl(folder / f"{split}.jsonl", tagged_rows(size, seed))
+    for split, size in (("train", count), ("validation", 16), ("test", 16)):
+        write_jsonl(folder / f"{split}.jsonl", tagged_rows(size, split))
     return folder
 
 
@@ -173,7 +156,7 @@ BAD_ROWS = [
 @pytest.mark.parametrize(("row", "message"), BAD_ROWS)
 def test_bad_tagging_rows_are_refused_in_one_line(row, message, tmp_path, capsys):
     folder = tagging_folder(tmp_path / "names", count=8)
-    write_jsonl(folder / "test.jsonl", [*tagged_rows(3, 5), row])
+    write_jsonl(folder / "test.jsonl", [*tagged_rows(3, "test"), row])
     smoke = [
         str(ROOT / "configs" / "sequence" / "smoke.yaml"),
         "--tasks",
