@@ -168,7 +168,11 @@ def cmd_tasks_list(args, _overrides=()) -> int:
 
     print(f"{'task':<26} {'train':>6} {'valid':>6} {'test':>6}  type: labels")
     for name in task_names():
-        data = load_builtin(name)
+        try:
+            data = load_builtin(name)
+        except UserError as err:  # an optional package is missing (digits: scikit-learn)
+            print(f"{name:<26} {err}")
+            continue
         sizes = data.sizes()
         print(
             f"{name:<26} {sizes['train']:>6} {sizes['validation']:>6} {sizes['test']:>6}  "

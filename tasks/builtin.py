@@ -5,8 +5,11 @@ from __future__ import annotations
 from adafuse.fusion.errors import UserError
 
 from .bbc import CATEGORIES, SPLITS, fewshot_train, load_articles
+from .digits import digits
 from .spec import SplitData, TaskData
 from .synthetic import SYNTHETIC
+
+TYPED = {**SYNTHETIC, "digits": digits}  # built-ins beyond BBC classification: tagging, generation, images
 
 # class-incremental: the categories arrive in disjoint groups, each task a classifier over its group's articles
 # alone; two groups (2 + 3), since five categories cannot make three groups of at least two (a group of one
@@ -16,14 +19,14 @@ SEQUENCES = {
     "bbc-topics": [f"bbc-{c}" for c in CATEGORIES],
     "bbc-class-incremental": ["bbc-classes-" + "-".join(group) for group in CLASS_GROUPS],
     # one decoder, three task types: classification (BBC), tagging and generation (synthetic, see .synthetic)
-    "mixed-types": ["bbc-sports", *SYNTHETIC],
+    "mixed-types": ["bbc-sports", "synthetic-people-places", "synthetic-who-lives-where"],
 }
 TOPIC_TASKS = ("bbc-topic5", "bbc-topic5-fewshot")
 DEFAULT_SHOTS = 16
 
 
 def task_names() -> list[str]:
-    return [*SEQUENCES["bbc-topics"], *TOPIC_TASKS, *SEQUENCES["bbc-class-incremental"], *SYNTHETIC]
+    return [*SEQUENCES["bbc-topics"], *TOPIC_TASKS, *SEQUENCES["bbc-class-incremental"], *TYPED]
 
 
 def is_builtin(name: str) -> bool:
@@ -41,8 +44,8 @@ def load_builtin(name: str, shots: int | None = None, max_length: int = 128) -> 
     """One built-in task as TaskData (text + integer labels per split)."""
     if not is_builtin(name):
         raise unknown_task(name)
-    if name in SYNTHETIC:
-        return SYNTHETIC[name](max_length)
+    if name in TYPED:
+        return TYPED[name](max_length)
     articles = load_articles()
     if name in TOPIC_TASKS:
         label_names = list(CATEGORIES)

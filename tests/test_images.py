@@ -123,3 +123,12 @@ def test_a_text_task_on_an_image_backbone_is_refused(tmp_path, capsys):
     config.write_text("tasks: [bbc-business]\n" + vit_yaml())
     assert main(["run", str(config), "--out", str(tmp_path / "out")]) == 2
     assert "needs a text backbone; this one reads pixels" in capsys.readouterr().err
+
+
+def test_the_digits_built_in_trains_on_a_vit(tmp_path):
+    config = tmp_path / "digits.yaml"
+    config.write_text("tasks: [digits]\n" + vit_yaml())
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--trainer.limit_train_batches", "4", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["per_task"]["digits"]["metric"] == "accuracy" and metrics["accuracy_matrix"][0][0] > 0.0

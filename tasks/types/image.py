@@ -30,6 +30,9 @@ class ImageClassification(Classification):
     def columns(self, spec: TaskSpec) -> list[str]:
         return [spec.image_column, spec.label_column]
 
+    def example(self, image, label: int, label_names: list[str]) -> dict:
+        raise UserError("tasks export: image tasks are not exported as files (train on them by name)")
+
     def split_data(self, rows: list[dict], spec: TaskSpec, index, split: str) -> SplitData:
         root = Path(spec.source) if Path(spec.source).is_dir() else Path(spec.source).parent
         images = []
