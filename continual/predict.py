@@ -22,6 +22,7 @@ from tqdm import tqdm
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.storage import staged_file
 from adafuse.tasks.types import TASK_TYPES
+from adafuse.tasks.types.base import group_rows
 
 from .library_model import LibraryModel
 from .router import identify, pooled
@@ -123,21 +124,21 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, texts: list, tasks: list[str]) -> list[dict]:
         """One output per row; rows of one task type share a forward pass, each task's head reads its rows."""
+        opened = self.opened
         results: list[dict | None] = [None] * len(texts)
-        by_type: dict[str, list[int]] = {}
-        for row, task in enumerate(tasks):
-            by_type.setdefault(self.opened.task_types[task], []).append(row)
-        for name, members in by_type.items():
-            outputs = self._predict(TASK_TYPES[name], [texts[r] for r in members], [tasks[r] for r in members])
+        for name, members in group_rows([opened.task_types[task] for task in tasks]).items():
+            outputs = TASK_TYPES[name].predict(
+                opened.model,
+                opened.tokenizer,
+                [texts[r] for r in members],
+                [tasks[r] for r in members],
+                self.max_length,
+                self.drop_layers,
+                opened.label_names,
+            )
             for row, output in zip(members, outputs, strict=True):
                 results[row] = output
         return results
-
-    def _predict(self, kind, texts: list, tasks: list[str]) -> list[dict]:
-        opened = self.opened
-        return kind.predict(
-            opened.model, opened.tokenizer, texts, tasks, self.max_length, self.drop_layers, opened.label_names
-        )
 
 
 class Router:

@@ -27,3 +27,11 @@ class TaskType:
     def model_batch(self, model, batch: dict) -> tuple[dict, torch.Tensor]:
         """What the model reads of a batch, and the labels its head's logits are scored against."""
         return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}, batch["labels"]
+
+
+def group_rows(keys: list[str]) -> dict[str, list[int]]:
+    """Row indices per key, in first-seen order: ``["a", "b", "a"]`` -> ``{"a": [0, 2], "b": [1]}``."""
+    groups: dict[str, list[int]] = {}
+    for row, key in enumerate(keys):
+        groups.setdefault(key, []).append(row)
+    return groups

@@ -10,7 +10,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 from ..spec import SplitData, TaskSpec
 from ..tokenize import tokenize_split
-from .base import TaskType
+from .base import TaskType, group_rows
 
 
 class Classification(TaskType):
@@ -89,9 +89,7 @@ def one_pass(kind, model, tokenizer, texts: list, tasks: list[str], max_length: 
     encoded, contexts = kind.predict_inputs(texts, tokenizer, max_length)
     inputs = {key: value.to(model.device) for key, value in encoded.items()}  # token ids and mask, or pixels
     mask = inputs.get("attention_mask")
-    groups: dict[str, list[int]] = {}
-    for row, task in enumerate(tasks):
-        groups.setdefault(task, []).append(row)
+    groups = group_rows(tasks)
     rows = {task: torch.tensor(index, device=model.device) for task, index in groups.items()}
     model.route(rows, skip_layers=skip_layers)
     hidden = model.encode(**inputs)  # (B, L, d)

@@ -23,7 +23,7 @@ from torchmetrics import Metric, MetricCollection
 from adafuse.fusion.errors import UserError
 
 from ..spec import SplitData, TaskSpec
-from .base import TaskType
+from .base import TaskType, group_rows
 
 IGNORE = -100  # prompt and padding positions: no loss
 MAX_NEW_TOKENS = 8  # decoding budget beyond the longest target in a batch
@@ -129,10 +129,7 @@ class Generation(TaskType):
     def predict(self, model, tokenizer, texts: list, tasks: list[str], max_length: int, skip_layers: int, names):
         """Greedy continuations (at most ``MAX_NEW_TOKENS`` tokens); one decoding per task among the rows."""
         results: list[dict | None] = [None] * len(texts)
-        groups: dict[str, list[int]] = {}
-        for row, task in enumerate(tasks):
-            groups.setdefault(task, []).append(row)
-        for task, members in groups.items():
+        for task, members in group_rows(tasks).items():
             prompts = tokenizer([str(texts[r]) for r in members], truncation=True, max_length=max_length)["input_ids"]
             model.route({task: torch.arange(len(members), device=model.device)}, skip_layers=skip_layers)
             generated = decode(model, prompts, MAX_NEW_TOKENS, end_token(tokenizer), head=task)
