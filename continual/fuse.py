@@ -266,15 +266,12 @@ def fusion_attention(model: AdaptedModel, loader) -> list[list[float]]:
         inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}  # batches move, not the model
         with torch.inference_mode():
             model(**inputs)
+        # a site the task does not run records nothing (T5's decoder when classifying)
+        recorded = [(index, slot.attention_recorder[0]) for index, slot in enumerate(slots) if slot.attention_recorder]
         mask = inputs.get("attention_mask")  # images: every patch is real
-        counted = False
-        for index, slot in enumerate(slots):
-            if not slot.attention_recorder:  # a site the task does not run (T5's decoder when classifying)
-                continue
-            weights = slot.attention_recorder[0]  # (B, L, K)
-            real = torch.ones(weights.shape[:2]) if mask is None else mask.float()  # (B, L)
-            if not counted:
-                tokens, counted = tokens + float(real.sum()), True
+        real = (torch.ones(recorded[0][1].shape[:2]) if mask is None else mask).float()  # (B, L)
+        tokens += float(real.sum())
+        for index, weights in recorded:  # (B, L, K)
             summed = (weights * real.unsqueeze(-1).to(weights.device)).sum((0, 1))
             totals[index] = summed if totals[index] is None else totals[index] + summed
     for slot in slots:
