@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention: AdapterFusion over bottleneck/parallel/compacter sources; weighted: LoraHub over LoRA "
         "sources (same as --fusion.composition)",
     )
+    fuse.add_argument(
+        "--sources",
+        default=None,
+        help="auto (rank the library and fuse the best --top-k), all, or comma-separated adapter names",
+    )
+    fuse.add_argument("--top-k", type=int, default=None, help="with --sources auto: how many to fuse (default 5)")
     fuse.set_defaults(handler=commands.cmd_fuse)
 
     report = sub.add_parser("report", help="re-render reports; several folders side by side")
@@ -76,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", help="artefact name")
             p.add_argument("--kind", default=None, choices=["adapter", "head", "fusion"])
         p.set_defaults(handler=getattr(commands, f"cmd_library_{name}"))
+    rank = lib_sub.add_parser("rank", help="rank the library's adapters as sources for a fusion target (no training)")
+    rank.add_argument("config", help="fusion YAML config naming the target (configs/fusion/*.yaml)")
+    rank.add_argument("--library", required=True, help="the adapter library to rank")
+    rank.add_argument("--top-k", type=int, default=None, help="how many would be chosen (default: the config's K)")
+    rank.add_argument("--proxy", choices=["leep", "probe"], default=None, help="ranking proxy (default: the config's)")
+    rank.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    rank.set_defaults(handler=commands.cmd_library_rank)
     imp = lib_sub.add_parser("import", help="import an AdapterHub adapter/fusion/head folder or a PEFT LoRA folder")
     imp.add_argument(
         "dir", help="folder written by AdapterHub save_adapter(_fusion) / save_head or PEFT save_pretrained"

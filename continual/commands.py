@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from adafuse.fusion.errors import UserError, VerificationError
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.storage import atomic_write
 
-from .config import FuseConfig, RunConfig, load_config
+from .config import DEFAULT_TOP_K, FuseConfig, RunConfig, load_config
 from .distributed import is_main
 
 
@@ -57,7 +58,7 @@ def cmd_fuse(args, overrides: list[str]) -> int:
     _quiet_lightning()
     if args.composition:
         overrides = [*overrides, "--fusion.composition", args.composition]
-    config = load_config(FuseConfig, args.config, overrides)
+    config = load_config(FuseConfig, args.config, [*overrides, *_source_overrides(args.sources, args.top_k)])
     out = _out_dir(args, args.config, "-baseline" if args.baseline else "")
     base = Path(args.config).parent
     metrics = run_fusion(config, Path(args.library), out, baseline=args.baseline, base_dir=base, log=_log())
@@ -66,6 +67,38 @@ def cmd_fuse(args, overrides: list[str]) -> int:
     scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics["test"].items())
     print(f"\n{metrics['method']} on {metrics['target']}: test {scores}")
     print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _source_overrides(sources: str | None, top_k: int | None) -> list[str]:
+    """``--sources auto --top-k K`` / ``--sources all`` / ``--sources a,b`` as config overrides of ``sources``."""
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k {top_k}: expected an integer >= 1")
+    if sources is None:
+        return [] if top_k is None else ["--sources.auto", str(top_k)]
+    if sources == "auto":
+        return ["--sources", f"{{auto: {DEFAULT_TOP_K if top_k is None else top_k}}}"]
+    if top_k is not None:
+        raise UserError(f"--top-k {top_k}: only with --sources auto (found --sources {sources})")
+    if sources == "all":
+        return ["--sources", "all"]
+    names = [name.strip() for name in sources.split(",") if name.strip()]
+    if not names:
+        raise UserError("--sources: expected auto, all or comma-separated adapter names")
+    return ["--sources", json.dumps(names)]
+
+
+def cmd_library_rank(args, _overrides=()) -> int:
+    from .fuse import rank_for_config
+    from .report import ranking_markdown
+
+    overrides = _source_overrides("auto" if args.top_k else None, args.top_k)
+    if args.proxy:
+        overrides += ["--ranking.proxy", args.proxy]
+    config = load_config(FuseConfig, args.config, overrides)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print  # stdout carries only the JSON
+    ranking = rank_for_config(config, Path(args.library), Path(args.config).parent, log=log)
+    print(json.dumps(ranking, indent=2) if args.json else ranking_markdown(ranking))
     return 0
 
 

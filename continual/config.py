@@ -105,6 +105,31 @@ class MonitorConfig:
     every_n_val_epochs: int = 0
 
 
+PROXIES = ("leep", "probe")
+DEFAULT_TOP_K = 5  # sources fused by --sources auto without --top-k, and shown as chosen by library rank
+
+
+@dataclass
+class RankingConfig:
+    """``sources: {auto: K}``: rank with ``proxy`` on the training split truncated to ``max_length`` tokens,
+    ``group`` sources sharing each forward pass of ``batch_size`` examples."""
+
+    proxy: str = "leep"
+    max_length: int = 64
+    batch_size: int = 32
+    group: int = 4
+    ridge: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.proxy not in PROXIES:
+            raise UserError(f"ranking.proxy: '{self.proxy}' is not one of {', '.join(PROXIES)}")
+        for key in ("max_length", "batch_size", "group"):
+            if getattr(self, key) < 1:
+                raise UserError(f"ranking.{key}: {getattr(self, key)} is out of range (expected >= 1)")
+        if self.ridge <= 0:
+            raise UserError(f"ranking.ridge: {self.ridge} is out of range (expected > 0)")
+
+
 @dataclass
 class JobConfig:
     """What every job has: seed, truncation length, the backbone, the adapter shape, head and trainer."""
@@ -146,13 +171,21 @@ class FuseConfig(JobConfig):
     """``adafuse fuse``: AdapterFusion over library adapters for a target task."""
 
     target: TaskSpec | str = "bbc-topic5-fewshot"
-    sources: list[str] | str = "all"
+    sources: list[str] | str | dict[str, int] = "all"  # names, "all", or {auto: K}: the best K by ranking
     name: str | None = None
     shots: int | None = None
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+    check_sources: bool = True  # re-evaluate built-in source tasks before and after (their scores must not move)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.sources, dict) and (
+            list(self.sources) != ["auto"] or isinstance(self.sources["auto"], bool) or self.sources["auto"] < 1
+        ):
+            raise UserError(
+                f"sources: expected 'all', a list of adapter names or {{auto: K}} (K >= 1), found {self.sources}"
+            )
         check_range("shots", self.shots, minimum=1)
         check_range("fusion.dropout", self.fusion.dropout, minimum=0, maximum=1)
         check_range("fusion.reg_lambda", self.fusion.reg_lambda, minimum=0)

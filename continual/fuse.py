@@ -30,8 +30,10 @@ from adafuse.tasks.types import task_type
 from .config import FuseConfig, dump_yaml
 from .distributed import is_main, on_main
 from .evaluate import evaluate
+from .library_model import add_library_head
 from .methods import seeded_adapter_state, seeded_head_state
 from .module import AdapterTaskModule, FusionModule
+from .ranking import check_rankable, rank_library
 from .report import write_fusion_report, write_results
 from .runner import claimed_output, prepare_environment, trainable_count
 from .search import search_weights
@@ -47,8 +49,11 @@ def _target(config: FuseConfig) -> TaskSpec:
     return spec
 
 
-def _source_entries(library: AdapterLibrary, sources: list[str] | str, composition: str = "attention") -> list[dict]:
-    if sources == "all":  # every adapter the composition can take: slot kinds for attention, LoRA for weighted
+def _source_entries(
+    library: AdapterLibrary, sources: list[str] | str | dict, composition: str = "attention"
+) -> list[dict]:
+    """The named sources, or every adapter the composition can take ('all', and the candidates of {auto: K})."""
+    if sources == "all" or isinstance(sources, dict):  # slot kinds for attention, LoRA for weighted
         acts = COMPOSITIONS[composition]
         entries = [
             e for e in library.entries("adapter") if AdapterConfig(**e["config"].get("adapter", {})).acts == acts
@@ -60,6 +65,33 @@ def _source_entries(library: AdapterLibrary, sources: list[str] | str, compositi
     if isinstance(sources, str) or not sources:
         raise UserError(f"sources: expected 'all' or a non-empty list of adapter names, found {sources!r}")
     return [library.get("adapter", name) for name in sources]
+
+
+def choose_sources(env, library, entries, config: FuseConfig, target, log) -> tuple[list[dict], dict | None]:
+    """``sources: {auto: K}``: rank ``entries`` (:mod:`.ranking`) and keep the best K, best first; the others
+    leave the model. Named sources come back as they are, with no ranking."""
+    if not isinstance(config.sources, dict):
+        return entries, None
+    ranking = rank_library(env, library, entries, target, config, log)
+    chosen = [row["name"] for row in ranking["sources"] if row["chosen"]]
+    for entry in entries:
+        if entry["name"] not in chosen:
+            env.model.delete_adapter(entry["name"])
+    log(f"sources by {config.ranking.proxy} ({ranking['wall_time_s']:.1f} s): {', '.join(chosen)}")
+    by_name = {e["name"]: e for e in entries}
+    return [by_name[name] for name in chosen], ranking
+
+
+def rank_for_config(config: FuseConfig, library_dir: Path, base_dir: Path = Path("."), log=print) -> dict:
+    """``adafuse library rank``: the ranking ``sources: {auto: K}`` would make, without training anything."""
+    library = AdapterLibrary(library_dir)
+    if not library.exists():
+        raise UserError(f"'{library_dir}' is not an adapter library (no manifest.json)")
+    entries = _source_entries(library, "all", config.fusion.composition)
+    target = resolve_task(_target(config), base_dir, None, config.max_length)
+    env = prepare_environment(config, [target])
+    library.check_backbone(env.fingerprint)
+    return rank_library(env, library, entries, target, config, log)
 
 
 def run_fusion(
@@ -76,16 +108,20 @@ def run_fusion(
     env = prepare_environment(config, [target])
     task_type(target.type).check_backbone(env.model.sites, target.name)
     library.check_backbone(env.fingerprint)  # before anything is written
+    if isinstance(config.sources, dict):
+        check_rankable(target)
     with claimed_output(Path(out), Path(library_dir)) as out:
         if is_main():
             atomic_write(out / "config.yaml", dump_yaml(config).encode())
         model = env.model
+        entries, ranking = choose_sources(env, library, entries, config, target, log)
         sources = [e["name"] for e in entries]
         hashes_before = {e["name"]: sha256_file(library.resolve(e["file"])) for e in entries}
         for entry in entries:
-            model.add_adapter(entry["name"], AdapterConfig(**entry["config"].get("adapter", {})))
-            model.load_adapter_state(entry["name"], library.load("adapter", entry["name"], env.fingerprint).tensors)
-        source_eval = SourceEvaluator(model, library, entries, env, config)
+            if entry["name"] not in model.adapter_configs:  # ranked sources are loaded already
+                model.add_adapter(entry["name"], AdapterConfig(**entry["config"].get("adapter", {})))
+                model.load_adapter_state(entry["name"], library.load("adapter", entry["name"], env.fingerprint).tensors)
+        source_eval = SourceEvaluator(model, library, entries if config.check_sources else [], env, config)
         log(f"adafuse fuse: {len(sources)} sources, target {target.name}; evaluating the sources")
         before = source_eval.run()
 
@@ -167,6 +203,7 @@ def run_fusion(
             "epochs": writer.result["epochs"],
             "train_wall_time_s": writer.result["train_wall_time_s"],
             "wall_time_s": round(time.perf_counter() - started, 3),
+            "ranking": ranking,
             "attention": attention,
             "composition_weights": composition_weights(model, fusion_name) if baseline is None else None,
             "label_names": target.label_names,
@@ -231,16 +268,13 @@ class SourceEvaluator:
                 task = load_builtin(entry["task"], max_length=config.max_length)
                 if task.label_names == head["config"].get("label_names"):
                     module = TaskDataModule(task, env.tokenizer, eval_batch_size=config.trainer.eval_batch_size)
-                    self.loaders[entry["name"]] = (module.eval_dataloader("test"), head)
+                    self.loaders[entry["name"]] = module.eval_dataloader("test")
 
     def run(self) -> dict[str, float | None]:
         results = {e["name"]: None for e in self.entries}
-        for name, (loader, head_entry) in self.loaders.items():
+        for name, loader in self.loaders.items():
             head_name = f"source@{name}"
-            if head_name not in self.model.heads:
-                config = head_entry["config"].get("head", {})
-                self.model.add_head(head_name, head_entry["config"]["num_labels"], config.get("pooling", "cls"))
-            self.model.load_head_state(head_name, self.library.load("head", name, self.env.fingerprint).tensors)
+            add_library_head(self.model, self.library, self.env.fingerprint, name, head_name)
             self.model.activate([name], head=head_name)
             results[name] = evaluate(self.model, loader)["accuracy"]
         return results

@@ -76,19 +76,8 @@ class LibraryModel:
     def load_head(self, name: str) -> list[str]:
         """Load head ``name``; returns its label names (``label_<i>`` where the library has none)."""
         if name not in self.label_names:
-            entry = self.library.get("head", name)
-            config = entry["config"]
-            head = config.get("head", {})
+            config = add_library_head(self.model, self.library, self.fingerprint, name)
             num_labels = int(config.get("num_labels") or 0)
-            self.model.add_head(
-                name,
-                num_labels,
-                head.get("pooling", "cls"),
-                head.get("dropout", 0.1),
-                head_type=head.get("type", "classification"),
-                **head.get("options", {}),
-            )
-            self.model.load_head_state(name, self.library.load("head", name, self.fingerprint).tensors)
             self.label_names[name] = config.get("label_names") or [f"label_{i}" for i in range(num_labels)]
             self.task_types[name] = config.get("task_type", "classification")
         return self.label_names[name]
@@ -109,3 +98,22 @@ class LibraryModel:
             self.model.load_fusion_state(name, self.library.load("fusion", name, self.fingerprint).tensors)
             self.model.set_fusion_temperature(1.0)  # a trained fusion predicts at temperature 1
         return sources
+
+
+def add_library_head(
+    model: AdaptedModel, library: AdapterLibrary, fingerprint: str, name: str, as_name: str | None = None
+) -> dict:
+    """Add the library's head ``name`` to ``model`` (as ``as_name``) with its weights; returns its entry config."""
+    entry = library.get("head", name)
+    config = entry["config"]
+    head = config.get("head", {})
+    model.add_head(
+        as_name or name,
+        int(config.get("num_labels") or 0),
+        head.get("pooling", "cls"),
+        head.get("dropout", 0.1),
+        head_type=head.get("type", "classification"),
+        **head.get("options", {}),
+    )
+    model.load_head_state(as_name or name, library.load("head", name, fingerprint).tensors)
+    return config

@@ -150,6 +150,8 @@ def fusion_markdown(metrics: dict) -> str:
                 ],
             )
         )
+    if metrics.get("ranking"):
+        parts += ["", ranking_markdown(metrics["ranking"])]
     if metrics.get("composition_weights"):
         parts += ["", "## Composition weights (LoraHub: one weight per LoRA source)", ""]
         parts.append(_table(["source", "weight"], [[s, w] for s, w in metrics["composition_weights"].items()]))
@@ -159,6 +161,19 @@ def fusion_markdown(metrics: dict) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+def ranking_markdown(ranking: dict) -> str:
+    """The source ranking of ``sources: {auto: K}``: every candidate's proxies, best first, the chosen marked."""
+    header = (
+        f"## Source ranking ({ranking['proxy']}, top {ranking['top_k']} chosen; {ranking['examples']} training "
+        f"examples at {ranking['max_length']} tokens, {ranking['wall_time_s']:.1f} s)"
+    )
+    rows = [
+        [place, row["name"], row["leep"], row["probe"], "yes" if row["chosen"] else ""]
+        for place, row in enumerate(ranking["sources"], 1)
+    ]
+    return "\n".join([header, "", _table(["rank", "source", "leep", "probe", "chosen"], rows)])
 
 
 def write_run_report(out: Path, metrics: dict) -> None:

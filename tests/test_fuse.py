@@ -52,3 +52,49 @@ def test_single_adapter_baseline(library, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "single-adapter" and 0.0 <= metrics["test"]["accuracy"] <= 1.0
     assert set(metrics["validation"]) == {"accuracy", "macro_f1"}
+
+
+def test_sources_auto_ranks_the_library_and_fuses_the_best_k(library, tmp_path, capsys):
+    config = str(ROOT / "configs/fusion/smoke.yaml")
+    out = tmp_path / "auto"
+    assert (
+        main(["fuse", config, "--library", str(library), "--out", str(out), "--sources", "auto", "--top-k", "2"]) == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    ranking = metrics["ranking"]
+    assert ranking["proxy"] == "leep" and ranking["top_k"] == 2 and ranking["examples"] == 40
+    names = [row["name"] for row in ranking["sources"]]
+    assert sorted(names) == ["bbc-business", "bbc-sports", "bbc-tech"]
+    assert metrics["sources"] == names[:2] and [row["chosen"] for row in ranking["sources"]] == [True, True, False]
+    scores = [row["leep"] for row in ranking["sources"]]
+    assert scores == sorted(scores, reverse=True) and all(s <= 0 for s in scores)
+    assert "## Source ranking (leep, top 2 chosen" in (out / "report.md").read_text()
+    assert [s["name"] for s in AdapterLibrary(library).get("fusion", "bbc-topic5-fewshot-fusion")["sources"]] == names[
+        :2
+    ]
+    capsys.readouterr()
+    assert main(["library", "rank", config, "--library", str(library), "--top-k", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["sources"] == ranking["sources"]  # the same ranking, without training anything
+    assert main(["library", "rank", config, "--library", str(library), "--proxy", "probe"]) == 0
+    text = capsys.readouterr().out
+    assert "## Source ranking (probe, top 5 chosen" in text and text.count("| yes |") == 3
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--sources", "auto", "--top-k", "0"], "--top-k 0: expected an integer >= 1"),
+        (["--sources", "all", "--top-k", "2"], "--top-k 2: only with --sources auto"),
+        (["--sources", "bbc-business,bbc-nothing"], "has no adapter named 'bbc-nothing'"),
+        (["--sources", "auto", "--ranking.proxy", "vibes"], "ranking.proxy: 'vibes' is not one of leep, probe"),
+        (["--sources", "auto", "--target", "synthetic-people-places"], "ranks sources for targets with one label"),
+    ],
+)
+def test_bad_source_choices_are_one_line(library, tmp_path, capsys, options, message):
+    out = tmp_path / "bad"
+    args = ["fuse", str(ROOT / "configs/fusion/smoke.yaml"), "--library", str(library), "--out", str(out), *options]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -14,6 +14,7 @@ class TaskType:
     head_type = ""
     primary = ""
     labelled = True  # a label set, read from the train split
+    one_label_per_input = False  # one label per example (a pooled head): what source ranking scores
 
     def check_backbone(self, sites, task: str) -> None:
         """Refuse a backbone this type cannot serve (one line naming the task); text types need text."""

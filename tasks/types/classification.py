@@ -17,6 +17,7 @@ class Classification(TaskType):
     name = "classification"
     head_type = "classification"
     primary = "accuracy"
+    one_label_per_input = True
 
     def columns(self, spec: TaskSpec) -> list[str]:
         return [spec.text_column, spec.label_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
