@@ -4,7 +4,8 @@ not given at test time; an input is classified among every class seen so far.
 Task j evaluated after task i uses the artefacts of tasks 0..max(i, j) (task j's untrained ones when j > i,
 for FWT and the baseline) and predicts a class of their union:
 
-* isolated adapters: the router (:mod:`adafuse.continual.router`) names a task per input; its adapter and head
+* isolated adapters: the router (LDA statistics, :mod:`adafuse.continual.router`, or a router trained on the
+  kept examples, :mod:`adafuse.continual.trained_router`) names a task per input; its adapter and head
   classify it (one routed forward pass per batch). ``task_id_accuracy`` is the share of task j's inputs the
   router sends to task j.
 * a shared trainable set (shared adapter, full fine-tuning, EWC, LwF, replay): every seen task's head reads the
@@ -19,7 +20,6 @@ from __future__ import annotations
 import torch
 
 from .evaluate import scores
-from .router import identify, pooled
 
 
 def evaluate_class_incremental(method, j: int, i: int, live: bool) -> dict[str, float]:
@@ -30,7 +30,7 @@ def evaluate_class_incremental(method, j: int, i: int, live: bool) -> dict[str, 
         method.select(t, i, live)
     model = method.model
     names = [method.name(t) for t in seen]
-    routers = [method.router(t) for t in seen] if method.isolated else None
+    router = method.task_router(seen, i) if method.isolated else None
     logits, oracle, labels, routed = [], [], [], []
     was_training = model.training
     model.eval()
@@ -39,11 +39,10 @@ def evaluate_class_incremental(method, j: int, i: int, live: bool) -> dict[str, 
             for batch in method.loaders[j]:
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 labels.append(batch.pop("labels").cpu() + offsets[j])
-                if routers is None:  # the shared set is active as select() left it
+                if router is None:  # the shared set is active as select() left it
                     batch_logits, given = _all_heads(model, batch, names, j)
                 else:
-                    with model.bare_backbone():
-                        tasks = identify(pooled(model.encode(**batch), batch["attention_mask"]).cpu(), routers)
+                    tasks = router(batch)
                     routed.append(tasks)
                     total = offsets[-1] + method.tasks[seen[-1]].num_labels
                     batch_logits = _routed_logits(model, batch, names, tasks, offsets, total)
@@ -52,6 +51,8 @@ def evaluate_class_incremental(method, j: int, i: int, live: bool) -> dict[str, 
                 logits.append(batch_logits)
                 oracle.append(given + offsets[j])
     finally:
+        if router is not None:
+            router.close()
         model.train(was_training)
     logits_all, labels_all = torch.cat(logits), torch.cat(labels)
     result = scores(logits_all, labels_all)

@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from adafuse.fusion.errors import UserError, VerificationError, first_line
+from adafuse.fusion.library import KIND_FOLDERS
 
 from . import commands
 from .allocator import tune_malloc
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dir", help="library folder")
         if name == "show":
             p.add_argument("name", help="artefact name")
-            p.add_argument("--kind", default=None, choices=["adapter", "head", "fusion"])
+            p.add_argument("--kind", default=None, choices=list(KIND_FOLDERS))
         p.set_defaults(handler=getattr(commands, f"cmd_library_{name}"))
     rank = lib_sub.add_parser("rank", help="rank the library's adapters as sources for a fusion target (no training)")
     rank.add_argument("config", help="fusion YAML config naming the target (configs/fusion/*.yaml)")

@@ -28,6 +28,7 @@ from .strategies import STRATEGY_METHODS, StrategyConfig
 
 METHODS = ("adapters", "shared-adapter", "full-finetune", *STRATEGY_METHODS)
 SETTINGS = ("task-incremental", "class-incremental")  # is the task given at test time?
+ROUTERS = ("lda", "trained")  # class-incremental task identification for isolated adapters
 
 
 @dataclass
@@ -131,6 +132,22 @@ class RankingConfig:
 
 
 @dataclass
+class RouterConfig:
+    """How a class-incremental run of isolated adapters names each input's task: ``lda`` (streaming LDA on the
+    bare backbone's features; statistics only, no example kept) or ``trained`` (a router adapter + head over
+    every class so far, retrained after each task for ``epochs`` passes over the kept training examples of all
+    tasks so far: it stores user data)."""
+
+    kind: str = "lda"
+    epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTERS:
+            raise UserError(f"router.kind: '{self.kind}' is not one of {', '.join(ROUTERS)}")
+        check_range("router.epochs", self.epochs, minimum=1)
+
+
+@dataclass
 class JobConfig:
     """What every job has: seed, truncation length, the backbone, the adapter shape, head and trainer."""
 
@@ -155,6 +172,7 @@ class RunConfig(JobConfig):
     setting: str = "task-incremental"
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -162,6 +180,11 @@ class RunConfig(JobConfig):
             raise UserError(f"method: '{self.method}' is not one of {', '.join(METHODS)}")
         if self.setting not in SETTINGS:
             raise UserError(f"setting: '{self.setting}' is not one of {', '.join(SETTINGS)}")
+        if self.router.kind != "lda" and (self.setting != "class-incremental" or self.method != "adapters"):
+            raise UserError(
+                f"router.kind: '{self.router.kind}' routes isolated adapters (method: adapters) in setting "
+                f"class-incremental; this run is method {self.method}, setting {self.setting}"
+            )
         if self.method in STRATEGY_METHODS and (self.trainer.devices not in (1, "1") or self.trainer.num_nodes > 1):
             raise UserError(f"method: '{self.method}' trains on one device (trainer.devices: 1, trainer.num_nodes: 1)")
 

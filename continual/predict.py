@@ -20,12 +20,15 @@ import torch
 from tqdm import tqdm
 
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.storage import staged_file
 from adafuse.tasks.types import TASK_TYPES
 from adafuse.tasks.types.base import group_rows
 
+from .config import HeadConfig
 from .library_model import LibraryModel
-from .router import identify, pooled
+from .router import LdaRouter
+from .trained_router import TrainedRouter
 
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 
@@ -142,10 +145,12 @@ class Predictor:
 
 
 class Router:
-    """Names each row's task with the library's routers (:mod:`.router`: LDA on the bare backbone's features)."""
+    """Names each row's task with the library's routers: the trained router of the latest routed task where the
+    run trained one (:mod:`.trained_router`), else LDA over every task's statistics (:mod:`.router`)."""
 
     def __init__(self, predictor: Predictor) -> None:
-        library = predictor.opened.library
+        opened = predictor.opened
+        library = opened.library
         entries = library.entries("router")
         if not entries:
             raise UserError(
@@ -153,9 +158,17 @@ class Router:
                 "stores one per task)"
             )
         self.predictor = predictor
-        self.names = [e["name"] for e in entries]
-        fingerprint = predictor.opened.fingerprint
-        self.routers = [library.load("router", n, fingerprint).tensors for n in self.names]
+        latest = entries[-1]
+        trained = latest["config"].get("router", {})
+        tensors = [library.load("router", e["name"], opened.fingerprint).tensors for e in entries]
+        if trained.get("kind") == "trained":
+            self.names = trained["tasks"]
+            head = HeadConfig(**{k: v for k, v in latest["config"]["head"].items() if k in ("pooling", "dropout")})
+            adapter = AdapterConfig(**latest["config"]["adapter"])
+            self.route = TrainedRouter(opened.model, tensors[-1], trained["owners"], adapter, head)
+        else:
+            self.names = [e["name"] for e in entries]
+            self.route = LdaRouter(opened.model, tensors)
         for name in self.names:
             predictor.add_task(name)
 
@@ -165,10 +178,7 @@ class Router:
         encoded = opened.tokenizer(
             texts, truncation=True, max_length=self.predictor.max_length, padding=True, return_tensors="pt"
         )
-        mask = encoded["attention_mask"].to(device)
-        with opened.model.bare_backbone():
-            features = pooled(opened.model.encode(encoded["input_ids"].to(device), mask), mask).cpu()
-        return [self.names[t] for t in identify(features, self.routers).tolist()]
+        return [self.names[t] for t in self.route({k: v.to(device) for k, v in encoded.items()}).tolist()]
 
 
 def run_predict(

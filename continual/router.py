@@ -75,3 +75,19 @@ def identify(features: torch.Tensor, routers: list[dict[str, torch.Tensor]]) -> 
     weights = torch.linalg.solve(sigma, means.t()).t()  # (C, d) rows mu_c' Sigma^-1
     scores = features.double() @ weights.t() - 0.5 * (weights * means).sum(1)
     return owners[scores.argmax(-1)]
+
+
+class LdaRouter:
+    """Routes a batch with the LDA of ``routers`` (one :func:`task_statistics` per task): (B,) task indices."""
+
+    def __init__(self, model: AdaptedModel, routers: list[dict[str, torch.Tensor]]) -> None:
+        self.model = model
+        self.routers = routers
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict) -> torch.Tensor:
+        with self.model.bare_backbone():
+            return identify(pooled(self.model.encode(**batch), batch["attention_mask"]).cpu(), self.routers)
+
+    def close(self) -> None:
+        """Nothing to remove: the statistics never enter the model."""

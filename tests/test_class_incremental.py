@@ -5,10 +5,15 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, randomize, tiny_backbone
 
 from adafuse.continual.cli import main
+from adafuse.continual.config import HeadConfig, TrainerConfig
 from adafuse.continual.router import identify, pooled, task_statistics
+from adafuse.continual.trained_router import ROUTER, TrainedRouter, kept_examples, train_router
+from adafuse.fusion.kinds import AdapterConfig
+from adafuse.fusion.library import AdapterLibrary
+from adafuse.fusion.model import AdaptedModel
 from adafuse.tasks.bbc import CATEGORIES
 from adafuse.tasks.builtin import CLASS_GROUPS, SEQUENCES, load_builtin
 
@@ -84,9 +89,10 @@ def test_class_incremental_refuses_a_label_in_two_tasks(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_predict_task_auto_routes_like_the_class_incremental_evaluation(tmp_path, capsys):
+@pytest.mark.parametrize("router", ["lda", "trained"])
+def test_predict_task_auto_routes_like_the_class_incremental_evaluation(router, tmp_path):
     out = tmp_path / "run"
-    args = [*SMOKE, *CLASS_INCREMENTAL, "--setting", "class-incremental", "--out", str(out)]
+    args = [*SMOKE, *CLASS_INCREMENTAL, "--setting", "class-incremental", "--router.kind", router, "--out", str(out)]
     assert main(["run", *args]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     tasks = [load_builtin(name, max_length=32) for name in SEQUENCES["bbc-class-incremental"]]
@@ -105,8 +111,15 @@ def test_predict_task_auto_routes_like_the_class_incremental_evaluation(tmp_path
     sizes = [len(t.splits["test"].texts) for t in tasks]
     expected = sum(a * n for a, n in zip(metrics["accuracy_matrix"][-1], sizes, strict=True))
     assert abs(correct - expected) <= 2  # the same routing and heads (batch padding may move a rounding)
+    entry = AdapterLibrary(out / "library").get("router", SEQUENCES["bbc-class-incremental"][-1])
+    assert entry["config"].get("router", {}).get("kind", "lda") == router
+    if router == "trained":  # its classes' owners, and every kept training example of both tasks
+        assert entry["config"]["router"]["owners"] == [0, 0, 1, 1, 1]
+        assert entry["config"]["router"]["examples"] == sum(len(t.splits["train"].texts) for t in tasks)
 
-    capsys.readouterr()
+
+def test_predict_task_auto_needs_routers(tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "shares rose"}) + "\n")
     plain = tmp_path / "plain"
     assert (
         main(["run", *SMOKE, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--out", str(plain)])
@@ -124,3 +137,57 @@ def test_predict_task_auto_routes_like_the_class_incremental_evaluation(tmp_path
     assert main([*no_router, "--out", str(tmp_path / "y.jsonl")]) == 2
     assert "has no routers (a run with setting: class-incremental" in capsys.readouterr().err
     assert not (tmp_path / "y.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--method", "shared-adapter", "--setting", "class-incremental"], ["--setting", "task-incremental"]],
+)
+def test_a_trained_router_is_for_class_incremental_isolated_adapters(options, tmp_path, capsys):
+    args = [*SMOKE, *CLASS_INCREMENTAL, *options, "--router.kind", "trained", "--out", str(tmp_path / "x")]
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert "router.kind: 'trained' routes isolated adapters" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_kept_examples_move_labels_to_their_task_offsets():
+    first = [{"input_ids": [5, 6], "attention_mask": [1, 1], "labels": 1, "extra": 0}]
+    second = [
+        {"input_ids": [7], "attention_mask": [1], "labels": 0},
+        {"input_ids": [8], "attention_mask": [1], "labels": 2},
+    ]
+    kept = kept_examples([first, second], [0, 2])
+    assert [e["labels"] for e in kept] == [1, 2, 4] and "extra" not in kept[0]
+
+
+def test_the_trained_router_learns_the_tasks_and_touches_nothing_else():
+    model = AdaptedModel(tiny_backbone("bert"))
+    model.add_adapter("task", AdapterConfig(reduction_factor=4))
+    randomize(model.backbone, seed=1, std=0.05)
+    before = {k: v.clone() for k, v in model.adapter_state("task").items()}
+    generator = torch.Generator().manual_seed(0)
+    examples = []  # class c (owned by task c // 2) writes tokens from its own vocabulary range
+    for c in range(4):
+        for _ in range(24):
+            ids = torch.randint(10 + 20 * c, 30 + 20 * c, (6,), generator=generator).tolist()
+            examples.append({"input_ids": ids, "attention_mask": [1] * 6, "labels": c})
+    trainer = TrainerConfig(batch_size=8, lr=1e-2)
+    rng = torch.get_rng_state()
+    adapter, head = AdapterConfig(reduction_factor=4), HeadConfig(pooling="mean")
+    tensors = train_router(model, examples, collate, 4, adapter, head, trainer, 10, 0)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global random state is left as it was
+    assert all(torch.equal(v, before[k]) for k, v in model.adapter_state("task").items())  # bit-identical
+    assert ROUTER not in model.adapter_configs and ROUTER not in model.heads
+    assert not any(p.requires_grad for p in model.parameters())
+    assert {k.split(".")[1] for k in tensors} == {"adapter", "head"}
+    router = TrainedRouter(model, tensors, [0, 0, 1, 1], adapter, head)
+    batch = collate(examples)
+    truth = batch.pop("labels") // 2
+    assert (router(batch) == truth).float().mean() > 0.9
+    router.close()
+    assert ROUTER not in model.adapter_configs
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    return {key: torch.tensor([row[key] for row in rows]) for key in rows[0]}
