@@ -43,12 +43,18 @@ def run_job(args: list[str], out: Path) -> dict:
     return json.loads(metrics.read_text())
 
 
+def method_label(metrics: dict) -> str:
+    """The method with its adapter kind and, where it routes, its router: ``adapters (bottleneck, lda router)``."""
+    router = metrics.get("router")
+    details = [d for d in (metrics.get("adapter_kind"), router and f"{router} router") if d]
+    return f"{metrics['method']} ({', '.join(details)})" if details else metrics["method"]
+
+
 def sequence_record(metrics: dict, seed: int) -> dict:
     per_task = metrics["per_task"]
-    kind = metrics.get("adapter_kind")
     return {
         "kind": "sequence",
-        "method": f"{metrics['method']} ({kind})" if kind else metrics["method"],
+        "method": method_label(metrics),
         "seed": seed,
         "tasks": {name: per_task[name]["final_accuracy"] for name in metrics["tasks"]},
         "acc": metrics["acc"],

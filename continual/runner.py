@@ -254,6 +254,7 @@ def _metrics(
         "method": config.method,
         "setting": config.setting,
         "adapter_kind": config.adapter.kind,
+        "router": config.router.kind if config.setting == "class-incremental" and config.method == "adapters" else None,
         "tasks": names,
         "accuracy_matrix": monitor.matrix,
         "baseline_accuracy": monitor.baseline,

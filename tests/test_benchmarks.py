@@ -158,3 +158,41 @@ def test_speed_script_times_each_strategy_step_against_its_naive_counterpart(tmp
     assert all(r["loss_first"] is not None and r["step_ms_median"] > 0 for r in records)
     table = Path(str(out) + ".md").read_text()
     assert all(f"{name}_train / single_train" in table for name in ("ewc", "lwf", "replay"))
+
+
+def test_method_label_names_the_kind_and_the_router():
+    label = _module("accuracy").method_label
+    assert label({"method": "adapters", "adapter_kind": "lora", "router": None}) == "adapters (lora)"
+    assert label({"method": "adapters", "adapter_kind": "bottleneck", "router": "trained"}) == (
+        "adapters (bottleneck, trained router)"
+    )
+    assert label({"method": "ewc"}) == "ewc"
+
+
+def test_library_scale_distractors_and_table():
+    from adafuse.tasks.bbc import Article
+
+    scale = _module("library_scale")
+    words = ["Shares", "rose", "5%", "in", '"London"', "£3bn", "Tech", "firms"]
+    articles = [
+        Article(f"x/{i}.txt", "business" if i % 2 else "tech", "train", " ".join(words[: 2 + i % 7])) for i in range(40)
+    ]
+    tasks = scale.distractor_labels(articles)
+    assert len(tasks) == 20 and all(len(labels) == 40 for labels in tasks.values())
+    shuffled = [name for name in tasks if "shuffled" in name]
+    assert len(shuffled) == 8 and all(sorted(tasks[n]) == sorted(a.category for a in articles) for n in shuffled)
+    assert len(set(tasks["distractor-length-4"])) == 4
+    record = {"kind": "fusion", "variant": "auto-5 (leep)", "true_sources_chosen": 5, "ranking_s": 10.0}
+    rows = [{**record, "test_accuracy": a, "validation_accuracy": a, "train_wall_time_s": 30.0} for a in (0.9, 0.8)]
+    assert "| auto-5 (leep) | 0.8500 ± 0.0707 | 0.8500 ± 0.0707 | 5.0 / 5 | 10.0 | 30.0 |" in scale.table(rows)
+
+
+def test_fusion_recipe_table():
+    recipe = _module("fusion_recipe")
+    rows = [
+        {"library": "1ep", "recipe": "default", "method": "fusion", "validation_accuracy": v, "test_accuracy": t,
+         "train_wall_time_s": 30.0}
+        for v, t in ((0.9, 0.92), (0.94, 0.96))
+    ]  # fmt: skip
+    assert "| 1ep | default | fusion | 2 | 0.9200 ± 0.0283 | 0.9400 ± 0.0283 | 30 |" in recipe.table(rows)
+    assert set(recipe.RECIPES) >= {"default", "150-steps-lr1e-3"}
