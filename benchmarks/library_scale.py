@@ -207,7 +207,7 @@ def table(records: list[dict]) -> str:
         lines.append(
             f"| {name} | {stat([r['test_accuracy'] for r in rows])} | {stat([r['validation_accuracy'] for r in rows])}"
             f" | {statistics.mean(r['true_sources_chosen'] for r in rows):.1f} / 5"
-            f" | {statistics.mean(ranking) if ranking else 0:.1f} | {training:.1f} |"
+            f" | {f'{statistics.mean(ranking):.1f}' if ranking else '–'} | {training:.1f} |"
         )
     return "\n".join(lines)
 

@@ -136,7 +136,7 @@ def rank_library(env, library, entries: list[dict], target, config, log=print) -
     top_k = config.sources["auto"] if isinstance(config.sources, dict) else DEFAULT_TOP_K
     check_rankable(target)
     started = time.perf_counter()
-    heads = {}
+    heads = {}  # source -> its head in the model, for the sources whose head LEEP can read
     for entry in entries:
         name = entry["name"]
         if name not in model.adapter_configs:
@@ -145,7 +145,8 @@ def rank_library(env, library, entries: list[dict], target, config, log=print) -
         head = library.find("head", name)
         head_type = (head or {}).get("config", {}).get("task_type", "classification")
         if head is not None and task_type(head_type).one_label_per_input:
-            heads[name] = add_library_head(model, library, fingerprint, name, f"rank@{name}")
+            add_library_head(model, library, fingerprint, name, f"rank@{name}")
+            heads[name] = f"rank@{name}"
     short = replace(target, max_length=min(settings.max_length, target.max_length))
     loader = TaskDataModule(short, env.tokenizer, eval_batch_size=settings.batch_size).eval_dataloader("train")
     names = [e["name"] for e in entries]
@@ -155,14 +156,14 @@ def rank_library(env, library, entries: list[dict], target, config, log=print) -
             model,
             loader,
             names,
-            {name: f"rank@{name}" for name in heads},
+            heads,
             target.num_labels,
             model.resolve_pooling(config.head.pooling),
             settings,
             bar.update,
         )
-    for name in heads:
-        del model.heads[f"rank@{name}"]
+    for head in heads.values():
+        del model.heads[head]
     return {
         "proxy": settings.proxy,
         "top_k": top_k,
