@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from adafuse.fusion.model import AdaptedModel
 
@@ -61,6 +62,7 @@ def train_router(
         )
         generator = torch.Generator().manual_seed(seed)
         model.train()
+        bar = tqdm(total=steps, desc="training the router", unit=" steps", leave=False, disable=None)
         for _ in range(epochs):
             order = torch.randperm(len(examples), generator=generator).tolist()
             for start in range(0, len(order), size):
@@ -73,6 +75,8 @@ def train_router(
                 torch.nn.utils.clip_grad_norm_(params, trainer_config.gradient_clip_val or float("inf"))
                 optimizer.step()
                 schedule.step()
+                bar.update()
+        bar.close()
         model.eval()
         tensors = {f"trained.adapter.{k}": v for k, v in model.adapter_state(ROUTER).items()}
         tensors |= {f"trained.head.{k}": v for k, v in model.head_state(ROUTER).items()}
