@@ -125,10 +125,8 @@ class RankingConfig:
         if self.proxy not in PROXIES:
             raise UserError(f"ranking.proxy: '{self.proxy}' is not one of {', '.join(PROXIES)}")
         for key in ("max_length", "batch_size", "group"):
-            if getattr(self, key) < 1:
-                raise UserError(f"ranking.{key}: {getattr(self, key)} is out of range (expected >= 1)")
-        if self.ridge <= 0:
-            raise UserError(f"ranking.ridge: {self.ridge} is out of range (expected > 0)")
+            check_range(f"ranking.{key}", getattr(self, key), minimum=1)
+        check_range("ranking.ridge", self.ridge, minimum=0, exclusive=True)
 
 
 @dataclass

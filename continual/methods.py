@@ -30,7 +30,7 @@ from .config import HeadConfig, RunConfig, to_dict
 from .evaluate import evaluate
 from .router import LdaRouter, bare_features, task_statistics
 from .strategies import STRATEGY_METHODS, strategy_for
-from .trained_router import TrainedRouter, kept_examples, train_router
+from .trained_router import TrainedRouter, kept_examples, stored_router, train_router
 
 SHARED = "shared"
 
@@ -199,47 +199,6 @@ class SequenceMethod:
             self._routers[t] = task_statistics(features, labels, self.tasks[t].num_labels)
         return self._routers[t]
 
-    def task_router(self, seen: list[int], i: int):
-        """What names each input's task among ``seen`` after task i: the router trained after task i where the
-        run trains one and it knows every seen task (:mod:`.trained_router`), else LDA (:mod:`.router`; also the
-        cells evaluated before a task trains: the baseline row and FWT's)."""
-        entry = self.library.find("router", self.name(i)) if i >= 0 and seen[-1] <= i else None
-        trained = (entry or {}).get("config", {}).get("router", {})
-        if self.config.router.kind == "trained" and trained.get("kind") == "trained":
-            tensors = self.library.load("router", self.name(i), self.fingerprint).tensors
-            return TrainedRouter(self.model, tensors, trained["owners"], self.config.adapter, self.config.head)
-        return LdaRouter(self.model, [self.router(t) for t in seen])
-
-    def trained_router(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
-        """Train the router over every class of tasks 0..i on their kept training examples; its tensors and the
-        config that names the owner task of each of its classes."""
-        seen = range(i + 1)
-        offsets = [sum(self.tasks[t].num_labels for t in range(k)) for k in seen]
-        for t in seen:
-            self.train_data[t].setup()
-        examples = kept_examples([self.train_data[t].datasets["train"] for t in seen], offsets)
-        owners = [t for t in seen for _ in range(self.tasks[t].num_labels)]
-        started = time.perf_counter()
-        tensors = train_router(
-            self.model,
-            examples,
-            self.train_data[i].collator,
-            len(owners),
-            self.config.adapter,
-            self.config.head,
-            self.config.trainer,
-            self.config.router.epochs,
-            self._seed(i, 5),
-        )
-        config = {
-            "kind": "trained",
-            "owners": owners,
-            "tasks": [self.name(t) for t in seen],
-            "examples": len(examples),
-            "train_wall_time_s": round(time.perf_counter() - started, 3),
-        }
-        return tensors, {"router": config}
-
     def release(self, j: int) -> None:
         """Remove task j's head from the model (it is reloaded from the library when needed)."""
         self.model.activate()
@@ -286,6 +245,47 @@ class IsolatedAdapters(SequenceMethod):
             self.write_artefact("router", i, {**self.router(i), **tensors}, metrics, extra)
         self.write_head(i, metrics)
 
+    def task_router(self, seen: list[int], i: int):
+        """What names each input's task among ``seen`` after task i: the router trained after task i where the
+        run trains one and it knows every seen task (:mod:`.trained_router`), else LDA (:mod:`.router`; also the
+        cells evaluated before a task trains: the baseline row and FWT's)."""
+        entry = self.library.find("router", self.name(i)) if i >= 0 and seen[-1] <= i else None
+        trained = stored_router(entry)
+        if self.config.router.kind == "trained" and trained.get("kind") == "trained":
+            tensors = self.library.load("router", self.name(i), self.fingerprint).tensors
+            return TrainedRouter(self.model, tensors, trained["owners"], self.config.adapter, self.config.head)
+        return LdaRouter(self.model, [self.router(t) for t in seen])
+
+    def trained_router(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Train the router over every class of tasks 0..i on their kept training examples; its tensors and the
+        config that names the owner task of each of its classes."""
+        seen = range(i + 1)
+        offsets = [sum(self.tasks[t].num_labels for t in range(k)) for k in seen]
+        for t in seen:
+            self.train_data[t].setup()
+        examples = kept_examples([self.train_data[t].datasets["train"] for t in seen], offsets)
+        owners = [t for t in seen for _ in range(self.tasks[t].num_labels)]
+        started = time.perf_counter()
+        tensors = train_router(
+            self.model,
+            examples,
+            self.train_data[i].collator,
+            len(owners),
+            self.config.adapter,
+            self.config.head,
+            self.config.trainer,
+            self.config.router.epochs,
+            self._seed(i, 5),
+        )
+        config = {
+            "kind": "trained",
+            "owners": owners,
+            "tasks": [self.name(t) for t in seen],
+            "examples": len(examples),
+            "train_wall_time_s": round(time.perf_counter() - started, 3),
+        }
+        return tensors, {"router": config}
+
     @property
     def routed(self) -> bool:
         return self.config.setting == "class-incremental"
@@ -293,7 +293,7 @@ class IsolatedAdapters(SequenceMethod):
     def is_done(self, i: int) -> bool:
         entries = [self.library.find(kind, self.name(i)) for kind in ("adapter", "router")[: 1 + self.routed]]
         stored = all(e is not None and e["fingerprint"] == self.fingerprint for e in entries)
-        router = (entries[-1] or {}).get("config", {}).get("router", {}).get("kind", "lda") if self.routed else "lda"
+        router = stored_router(entries[-1]).get("kind", "lda") if self.routed else "lda"
         return super().is_done(i) and stored and router == self.config.router.kind
 
     def release(self, j: int) -> None:

@@ -28,7 +28,7 @@ from adafuse.tasks.types.base import group_rows
 from .config import HeadConfig
 from .library_model import LibraryModel
 from .router import LdaRouter
-from .trained_router import TrainedRouter
+from .trained_router import TrainedRouter, stored_router
 
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 
@@ -159,16 +159,17 @@ class Router:
             )
         self.predictor = predictor
         latest = entries[-1]
-        trained = latest["config"].get("router", {})
-        tensors = [library.load("router", e["name"], opened.fingerprint).tensors for e in entries]
-        if trained.get("kind") == "trained":
+        trained = stored_router(latest)
+        if trained.get("kind") == "trained":  # the latest task's router knows every task before it
             self.names = trained["tasks"]
             head = HeadConfig(**{k: v for k, v in latest["config"]["head"].items() if k in ("pooling", "dropout")})
             adapter = AdapterConfig(**latest["config"]["adapter"])
-            self.route = TrainedRouter(opened.model, tensors[-1], trained["owners"], adapter, head)
+            tensors = library.load("router", latest["name"], opened.fingerprint).tensors
+            self.route = TrainedRouter(opened.model, tensors, trained["owners"], adapter, head)
         else:
             self.names = [e["name"] for e in entries]
-            self.route = LdaRouter(opened.model, tensors)
+            statistics = [library.load("router", name, opened.fingerprint).tensors for name in self.names]
+            self.route = LdaRouter(opened.model, statistics)
         for name in self.names:
             predictor.add_task(name)
 

@@ -107,6 +107,11 @@ def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def stored_router(entry: dict | None) -> dict:
+    """The trained-router config of a library ``router`` entry: ``{}`` for LDA statistics alone or no entry."""
+    return (entry or {}).get("config", {}).get("router", {})
+
+
 class TrainedRouter:
     """Routes a batch with a trained router: (B,) index of the task owning each row's best class."""
 
