@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="auto (rank the library and fuse the best --top-k), all, or comma-separated adapter names",
     )
-    fuse.add_argument("--top-k", type=int, default=None, help="with --sources auto: how many to fuse (default 5)")
+    fuse.add_argument("--top-k", type=int, default=None, help="how many to fuse (default 5); implies --sources auto")
     fuse.set_defaults(handler=commands.cmd_fuse)
 
     report = sub.add_parser("report", help="re-render reports; several folders side by side")

@@ -71,12 +71,13 @@ def cmd_fuse(args, overrides: list[str]) -> int:
 
 
 def _source_overrides(sources: str | None, top_k: int | None) -> list[str]:
-    """``--sources auto --top-k K`` / ``--sources all`` / ``--sources a,b`` as config overrides of ``sources``."""
+    """``--sources auto --top-k K`` / ``--sources all`` / ``--sources a,b`` as config overrides of ``sources``;
+    ``--top-k K`` alone means ``--sources auto --top-k K``, whatever the config lists."""
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k {top_k}: expected an integer >= 1")
-    if sources is None:
-        return [] if top_k is None else ["--sources.auto", str(top_k)]
-    if sources == "auto":
+    if sources is None and top_k is None:
+        return []
+    if sources in (None, "auto"):
         return ["--sources", f"{{auto: {DEFAULT_TOP_K if top_k is None else top_k}}}"]
     if top_k is not None:
         raise UserError(f"--top-k {top_k}: only with --sources auto (found --sources {sources})")

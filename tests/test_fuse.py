@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from adafuse.continual.cli import main
+from adafuse.continual.commands import _source_overrides
 from adafuse.fusion.library import AdapterLibrary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,11 @@ def test_sources_auto_ranks_the_library_and_fuses_the_best_k(library, tmp_path, 
     assert main(["library", "rank", config, "--library", str(library), "--proxy", "probe"]) == 0
     text = capsys.readouterr().out
     assert "## Source ranking (probe, top 5 chosen" in text and text.count("| yes |") == 3
+
+
+def test_top_k_alone_means_auto():
+    assert _source_overrides(None, 3) == _source_overrides("auto", 3) == ["--sources", "{auto: 3}"]
+    assert _source_overrides(None, None) == []
 
 
 @pytest.mark.parametrize(
