@@ -44,9 +44,13 @@ def run_job(args: list[str], out: Path) -> dict:
 
 
 def method_label(metrics: dict) -> str:
-    """The method with its adapter kind and, where it routes, its router: ``adapters (bottleneck, lda router)``."""
-    router = metrics.get("router")
-    details = [d for d in (metrics.get("adapter_kind"), router and f"{router} router") if d]
+    """The method with its adapter kind and, where it routes, its router: ``adapters (bottleneck, lda router)``,
+    ``adapters (bottleneck, trained router: 3 epochs at lr 0.003)``."""
+    router = metrics.get("router") and f"{metrics['router']} router"
+    training = metrics.get("router_training")
+    if router and training:
+        router += f": {training['epochs']} epochs at lr {training['lr']:g}"
+    details = [d for d in (metrics.get("adapter_kind"), router) if d]
     return f"{metrics['method']} ({', '.join(details)})" if details else metrics["method"]
 
 

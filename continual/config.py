@@ -134,15 +134,17 @@ class RouterConfig:
     """How a class-incremental run of isolated adapters names each input's task: ``lda`` (streaming LDA on the
     bare backbone's features; statistics only, no example kept) or ``trained`` (a router adapter + head over
     every class so far, retrained after each task for ``epochs`` passes over the kept training examples of all
-    tasks so far: it stores user data)."""
+    tasks so far at learning rate ``lr``, default ``trainer.lr``: it stores user data)."""
 
     kind: str = "lda"
     epochs: int = 1
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ROUTERS:
             raise UserError(f"router.kind: '{self.kind}' is not one of {', '.join(ROUTERS)}")
         check_range("router.epochs", self.epochs, minimum=1)
+        check_range("router.lr", self.lr, minimum=0.0, exclusive=True)
 
 
 @dataclass

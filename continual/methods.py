@@ -274,7 +274,7 @@ class IsolatedAdapters(SequenceMethod):
             self.config.adapter,
             self.config.head,
             self.config.trainer,
-            self.config.router.epochs,
+            self.config.router,
             self._seed(i, 5),
         )
         config = {
@@ -282,6 +282,8 @@ class IsolatedAdapters(SequenceMethod):
             "owners": owners,
             "tasks": [self.name(t) for t in seen],
             "examples": len(examples),
+            "epochs": self.config.router.epochs,
+            "lr": self.config.router.lr or self.config.trainer.lr,
             "train_wall_time_s": round(time.perf_counter() - started, 3),
         }
         return tensors, {"router": config}

@@ -255,6 +255,7 @@ def _metrics(
         "setting": config.setting,
         "adapter_kind": config.adapter.kind,
         "router": config.router.kind if config.setting == "class-incremental" and config.method == "adapters" else None,
+        **_router_training(config),
         "tasks": names,
         "accuracy_matrix": monitor.matrix,
         "baseline_accuracy": monitor.baseline,
@@ -273,3 +274,10 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     return {p: md.version(p) for p in ("torch", "transformers", "lightning", "adafuse")}
+
+
+def _router_training(config: RunConfig) -> dict:
+    """How a trained router was trained (``router_training``: epochs, lr); nothing for the other routers."""
+    if config.router.kind != "trained":
+        return {}
+    return {"router_training": {"epochs": config.router.epochs, "lr": config.router.lr or config.trainer.lr}}

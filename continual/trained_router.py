@@ -43,18 +43,21 @@ def train_router(
     adapter_config,
     head_config,
     trainer_config,
-    epochs: int,
+    router_config,
     seed: int,
 ) -> dict[str, torch.Tensor]:
-    """Train a fresh router adapter + head on ``examples``; returns their tensors (the model is left without them)."""
+    """Train a fresh router adapter + head on ``examples`` for ``router_config.epochs`` at ``router_config.lr``
+    (default ``trainer_config.lr``); returns their tensors (the model is left without them)."""
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
         install(model, adapter_config, head_config, num_classes)
         model.set_trainable(adapters=(ROUTER,), heads=(ROUTER,))
         model.activate([ROUTER], head=ROUTER)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=trainer_config.lr, weight_decay=trainer_config.weight_decay)
+        lr = router_config.lr or trainer_config.lr
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=trainer_config.weight_decay)
         size = trainer_config.batch_size
+        epochs = router_config.epochs
         steps = epochs * -(-len(examples) // size)
         warmup = max(1, round(trainer_config.warmup_ratio * steps))
         schedule = torch.optim.lr_scheduler.LambdaLR(

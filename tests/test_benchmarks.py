@@ -166,6 +166,8 @@ def test_method_label_names_the_kind_and_the_router():
     assert label({"method": "adapters", "adapter_kind": "bottleneck", "router": "trained"}) == (
         "adapters (bottleneck, trained router)"
     )
+    trained = {"method": "adapters", "router": "trained", "router_training": {"epochs": 3, "lr": 0.003}}
+    assert label(trained) == "adapters (trained router: 3 epochs at lr 0.003)"
     assert label({"method": "ewc"}) == "ewc"
 
 

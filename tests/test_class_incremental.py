@@ -8,7 +8,7 @@ import torch
 from conftest import ROOT, randomize, tiny_backbone
 
 from adafuse.continual.cli import main
-from adafuse.continual.config import HeadConfig, TrainerConfig
+from adafuse.continual.config import HeadConfig, RouterConfig, TrainerConfig
 from adafuse.continual.router import identify, pooled, task_statistics
 from adafuse.continual.trained_router import ROUTER, TrainedRouter, kept_examples, train_router
 from adafuse.fusion.kinds import AdapterConfig
@@ -116,6 +116,9 @@ def test_predict_task_auto_routes_like_the_class_incremental_evaluation(router, 
     if router == "trained":  # its classes' owners, and every kept training example of both tasks
         assert entry["config"]["router"]["owners"] == [0, 0, 1, 1, 1]
         assert entry["config"]["router"]["examples"] == sum(len(t.splits["train"].texts) for t in tasks)
+        assert entry["config"]["router"]["epochs"] == metrics["router_training"]["epochs"] == 1
+    else:
+        assert "router_training" not in metrics
 
 
 def test_predict_task_auto_needs_routers(tmp_path, capsys):
@@ -172,10 +175,10 @@ def test_the_trained_router_learns_the_tasks_and_touches_nothing_else():
         for _ in range(24):
             ids = torch.randint(10 + 20 * c, 30 + 20 * c, (6,), generator=generator).tolist()
             examples.append({"input_ids": ids, "attention_mask": [1] * 6, "labels": c})
-    trainer = TrainerConfig(batch_size=8, lr=1e-2)
+    trainer = TrainerConfig(batch_size=8, lr=1e-6)  # too small to learn in 10 epochs: the router's own lr is used
     rng = torch.get_rng_state()
     adapter, head = AdapterConfig(reduction_factor=4), HeadConfig(pooling="mean")
-    tensors = train_router(model, examples, collate, 4, adapter, head, trainer, 10, 0)
+    tensors = train_router(model, examples, collate, 4, adapter, head, trainer, RouterConfig("trained", 10, 1e-2), 0)
     assert torch.equal(torch.get_rng_state(), rng)  # the global random state is left as it was
     assert all(torch.equal(v, before[k]) for k, v in model.adapter_state("task").items())  # bit-identical
     assert ROUTER not in model.adapter_configs and ROUTER not in model.heads

@@ -47,6 +47,7 @@ def test_overrides_and_types():
         (["--method", "magic"], "method: 'magic'"),
         (["--trainer.max_epochs"], "has no value"),
         (["stray"], "unexpected argument 'stray'"),
+        (["--router.lr", "0"], r"router.lr: 0.0 is out of range \(expected > 0.0\)"),
     ],
 )
 def test_bad_values_refused(overrides, match):
