@@ -37,6 +37,7 @@ class TrainerConfig:
 
     max_epochs: int = 2
     batch_size: int = 16
+    accumulate_grad_batches: int = 1  # one optimizer step per N batches: an effective batch of N × batch_size
     eval_batch_size: int = 64
     lr: float = 1e-3
     head_lr: float | None = None
@@ -58,6 +59,7 @@ class TrainerConfig:
         at_least_one = (
             "max_epochs",
             "batch_size",
+            "accumulate_grad_batches",
             "eval_batch_size",
             "num_nodes",
             "early_stopping_patience",

@@ -25,15 +25,17 @@ BEST_METRIC = "val_accuracy"
 
 
 class StepSeed(L.Callback):
-    """Seeds torch before every training step from (seed, global step): the dropout masks of a step do not
-    depend on what drew random numbers before it (a resumed run creates its data iterator, which draws a seed,
-    at another point than an uninterrupted one; seeding per epoch let that shift every mask of the epoch)."""
+    """Seeds torch before every training batch from (seed, global step, place in the accumulated step): the
+    dropout masks of a batch do not depend on what drew random numbers before it (a resumed run creates its
+    data iterator, which draws a seed, at another point than an uninterrupted one; seeding per epoch let that
+    shift every mask of the epoch), and the batches of one accumulated step draw different masks."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        torch.manual_seed(self.seed * 100_003 + trainer.global_step)
+        place = batch_idx % trainer.accumulate_grad_batches  # 0 without accumulation: the seeds are unchanged
+        torch.manual_seed(self.seed * 100_003 + trainer.global_step + 7_919 * place)
 
 
 class LibraryWriter(L.Callback):
@@ -97,6 +99,7 @@ def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.
         strategy=config.strategy,
         precision=config.precision,
         gradient_clip_val=config.gradient_clip_val,
+        accumulate_grad_batches=config.accumulate_grad_batches,
         callbacks=[StepSeed(seed), *callbacks, checkpoint],
         plugins=[AtomicCheckpointIO()],
         logger=loggers(out, task),
