@@ -198,3 +198,21 @@ def test_fusion_recipe_table():
     ]  # fmt: skip
     assert "| 1ep | default | fusion | 2 | 0.9200 ± 0.0283 | 0.9400 ± 0.0283 | 30 |" in recipe.table(rows)
     assert set(recipe.RECIPES) >= {"default", "150-steps-lr1e-3"}
+
+
+def test_joint_reference_is_the_union_of_the_class_incremental_tasks():
+    from adafuse.continual.config import RunConfig, load_config
+    from adafuse.tasks.builtin import SEQUENCES, load_builtin
+
+    joint = _module("accuracy").JOINT
+    config = load_config(RunConfig, ROOT / "configs/sequence/bbc-class-incremental.yaml", joint)
+    assert config.tasks == ["bbc-topic5"] and config.setting == "task-incremental" and config.method == "adapters"
+    union = [load_builtin(name) for name in SEQUENCES["bbc-class-incremental"]]
+    reference = load_builtin("bbc-topic5")
+
+    def named(task, split: str) -> set[tuple[str, str]]:
+        rows = task.splits[split]
+        return {(i, task.label_names[y]) for i, y in zip(rows.ids, rows.labels, strict=True)}
+
+    for split in ("train", "validation", "test"):
+        assert set().union(*(named(t, split) for t in union)) == named(reference, split)
