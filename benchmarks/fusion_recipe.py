@@ -38,6 +38,13 @@ RECIPES = {
     "150-steps-lr1e-3-temperature": [*STEPS_150, *_lr("1e-3"), "--fusion.temperature", "true"],
     "150-steps-lr1e-3-score-dropout": [*STEPS_150, *_lr("1e-3"), "--fusion.dropout", "0.1"],
     "300-steps-lr1e-3": ["--trainer.max_epochs", "60", "--trainer.early_stopping_patience", "null", *_lr("1e-3")],
+    # an effective batch of 32: 5 batches an epoch make 3 optimizer steps (the last one short), 150 in 50 epochs
+    "150-steps-lr1e-3-batch32": [
+        *["--trainer.max_epochs", "50", "--trainer.early_stopping_patience", "null", *_lr("1e-3")],
+        *["--trainer.accumulate_grad_batches", "2"],
+    ],
+    "150-steps-lr1e-3-no-regularizer": [*STEPS_150, *_lr("1e-3"), "--fusion.regularization", "false"],
+    "150-steps-lr1e-3-no-value": [*STEPS_150, *_lr("1e-3"), "--fusion.value", "false"],
 }
 BASELINE = {"fusion": [], "single-adapter": ["--baseline", "single-adapter"]}
 
