@@ -148,6 +148,10 @@ class RouterConfig:
         check_range("router.epochs", self.epochs, minimum=1)
         check_range("router.lr", self.lr, minimum=0.0, exclusive=True)
 
+    def learning_rate(self, trainer: TrainerConfig) -> float:
+        """The rate the router trains at: its own ``lr``, else the trainer's."""
+        return self.lr if self.lr is not None else trainer.lr
+
 
 @dataclass
 class JobConfig:

@@ -283,7 +283,7 @@ class IsolatedAdapters(SequenceMethod):
             "tasks": [self.name(t) for t in seen],
             "examples": len(examples),
             "epochs": self.config.router.epochs,
-            "lr": self.config.router.lr or self.config.trainer.lr,
+            "lr": self.config.router.learning_rate(self.config.trainer),
             "train_wall_time_s": round(time.perf_counter() - started, 3),
         }
         return tensors, {"router": config}

@@ -280,4 +280,4 @@ def _router_training(config: RunConfig) -> dict:
     """How a trained router was trained (``router_training``: epochs, lr); nothing for the other routers."""
     if config.router.kind != "trained":
         return {}
-    return {"router_training": {"epochs": config.router.epochs, "lr": config.router.lr or config.trainer.lr}}
+    return {"router_training": {"epochs": config.router.epochs, "lr": config.router.learning_rate(config.trainer)}}

@@ -54,7 +54,7 @@ def train_router(
         model.set_trainable(adapters=(ROUTER,), heads=(ROUTER,))
         model.activate([ROUTER], head=ROUTER)
         params = [p for p in model.parameters() if p.requires_grad]
-        lr = router_config.lr or trainer_config.lr
+        lr = router_config.learning_rate(trainer_config)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=trainer_config.weight_decay)
         size = trainer_config.batch_size
         epochs = router_config.epochs
