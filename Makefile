@@ -45,7 +45,7 @@ demo: install
 	$(BIN)/adafuse fuse configs/fusion/bbc-topic5-fewshot.yaml --library $(DEMO_OUT)/sequence/library \
 		--out $(DEMO_OUT)/single-adapter --baseline single-adapter $(TRAINER)
 	$(BIN)/adafuse report $(DEMO_OUT)/sequence $(DEMO_OUT)/fusion $(DEMO_OUT)/single-adapter --out $(DEMO_OUT)
-	$(BIN)/python -m adafuse.continual.summary $(DEMO_OUT)
+	$(BIN)/python -m adafuse.continual.reporting.summary $(DEMO_OUT)
 
 clean:
 	rm -rf .venv runs  # never $(VENV): it may name an environment adafuse did not create

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from adafuse.continual.library_model import LibraryModel
-from adafuse.continual.predict import Predictor
+from adafuse.continual.jobs.library_model import LibraryModel
+from adafuse.continual.jobs.predict import Predictor
 from adafuse.tasks.builtin import SEQUENCES, load_builtin
 
 

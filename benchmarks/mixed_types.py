@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
 
 def predict_throughput(library: Path, work: Path, repeat: int, batch_size: int) -> dict:
-    from adafuse.continual.predict import run_predict
+    from adafuse.continual.jobs.predict import run_predict
     from adafuse.tasks.builtin import load_builtin
 
     prompts = load_builtin(GENERATION).splits["test"].texts * repeat

@@ -238,7 +238,7 @@ def measure(args, configs: list[tuple[str, int]], layout: str) -> list[dict]:
     import torch
     import transformers
 
-    from adafuse.continual.allocator import tune_malloc
+    from adafuse.continual.runtime.allocator import tune_malloc
 
     malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
     torch.set_num_threads(args.threads)

@@ -16,15 +16,14 @@ from typing import Any
 
 import yaml
 
+from adafuse.continual.runtime.hardware import check_hardware
+from adafuse.continual.strategies import STRATEGY_METHODS, StrategyConfig
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import BackboneConfig
 from adafuse.fusion.errors import UserError, first_line
 from adafuse.fusion.heads import POOLINGS
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.tasks.spec import TaskSpec
-
-from .hardware import check_hardware
-from .strategies import STRATEGY_METHODS, StrategyConfig
 
 METHODS = ("adapters", "shared-adapter", "full-finetune", *STRATEGY_METHODS)
 SETTINGS = ("task-incremental", "class-incremental")  # is the task given at test time?

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError
+from adafuse.fusion.errors import UserError
 
 COMPOSITIONS = {"attention": "slot", "weighted": "projection"}  # composition -> where its sources act
 

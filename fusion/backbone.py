@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import UserError, first_line
+from adafuse.fusion.errors import UserError, first_line
 
 EMBEDDED = "embedded"
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "torch_dtype", "dtype", "id2label", "label2id"}
@@ -102,7 +102,7 @@ def load_tokenizer(config: BackboneConfig):
 def _reads_pixels(config: BackboneConfig) -> bool:
     from transformers import AutoConfig
 
-    from .sites import SITES
+    from adafuse.fusion.sites import SITES
 
     if config.random_init is not None:
         model_type = config.random_init.get("model_type")

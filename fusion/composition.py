@@ -5,7 +5,7 @@ Efficient Cross-Task Generalization via Dynamic LoRA Composition", COLM, Eq. 1 r
 
 The K weights start at zero (the composition is inert: the bare backbone) and are learned on the few-shot
 target together with its head, by gradient with an L1 penalty l1 * sum_n |w_n| (LoraHub's regulariser); a
-gradient-free search over w (LoraHub's own optimiser is derivative-free) is :mod:`adafuse.continual.search`.
+gradient-free search over w (LoraHub's own optimiser is derivative-free) is :mod:`adafuse.continual.training.search`.
 LoRA deltas live inside projections, so this composition sits in each :class:`ProjectionSlot` that the
 sources adapt; the one weight vector is the same Parameter in every slot.
 """

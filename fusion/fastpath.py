@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .kinds.bottleneck import ACTIVATIONS
+from adafuse.fusion.kinds.bottleneck import ACTIVATIONS
 
 # d act / dz applied to an incoming gradient, for the non-linearities of adafuse.fusion.kinds.bottleneck.
 _DERIVATIVES = {

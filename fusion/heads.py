@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from transformers.activations import get_activation
 
-from .errors import UserError
+from adafuse.fusion.errors import UserError
 
 POOLINGS = ("auto", "cls", "mean", "last")  # auto: the architecture's own (see adafuse.fusion.sites)
 

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .errors import UserError, VerificationError
-from .storage import FileLock, atomic_write, sha256_bytes
+from adafuse.fusion.errors import UserError, VerificationError
+from adafuse.fusion.storage import FileLock, atomic_write, sha256_bytes
 
 FORMAT = "adafuse-library"
 VERSION = 1

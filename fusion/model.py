@@ -14,13 +14,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from .attention import COMPOSITIONS, FusionConfig, FusionLayer
-from .composition import WeightedSum
-from .errors import UserError
-from .heads import build_head
-from .kinds import AdapterConfig, build_adapter
-from .sites import LOCATIONS, SiteSpec, get_path, set_path, sites_for
-from .slot import AdapterSlot, PrefixSlot, ProjectionSlot, ResidualTap
+from adafuse.fusion.attention import COMPOSITIONS, FusionConfig, FusionLayer
+from adafuse.fusion.composition import WeightedSum
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.heads import build_head
+from adafuse.fusion.kinds import AdapterConfig, build_adapter
+from adafuse.fusion.sites import LOCATIONS, SiteSpec, get_path, set_path, sites_for
+from adafuse.fusion.slot import AdapterSlot, PrefixSlot, ProjectionSlot, ResidualTap
 
 
 class AdaptedModel(nn.Module):

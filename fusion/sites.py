@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .errors import UserError
+from adafuse.fusion.errors import UserError
 
 LOCATIONS = ("attention", "output")
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import fused_activations, stack_adapters
-from .fastpath import FusedAttention
-from .memo import stamp, unchanged
-from .sites import SiteSpec
+from adafuse.fusion.attention import fused_activations, stack_adapters
+from adafuse.fusion.fastpath import FusedAttention
+from adafuse.fusion.memo import stamp, unchanged
+from adafuse.fusion.sites import SiteSpec
 
 
 class AdapterSlot(nn.Module):

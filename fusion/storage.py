@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .faults import fault_point
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.faults import fault_point
 
 
 def fsync_dir(folder: Path) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from adafuse.fusion.errors import UserError
-
-from .bbc import CATEGORIES, SPLITS, fewshot_train, load_articles
-from .digits import digits
-from .spec import SplitData, TaskData
-from .synthetic import SYNTHETIC
+from adafuse.tasks.bbc import CATEGORIES, SPLITS, fewshot_train, load_articles
+from adafuse.tasks.digits import digits
+from adafuse.tasks.spec import SplitData, TaskData
+from adafuse.tasks.synthetic import SYNTHETIC
 
 TYPED = {**SYNTHETIC, "digits": digits}  # built-ins beyond BBC classification: tagging, generation, images
 

@@ -9,8 +9,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .spec import SPLITS, TaskData
-from .types import task_type
+from adafuse.tasks.spec import SPLITS, TaskData
+from adafuse.tasks.types import task_type
 
 
 class EpochSeededSampler(Sampler[int]):

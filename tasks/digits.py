@@ -15,8 +15,7 @@ import importlib.util
 from pathlib import Path
 
 from adafuse.fusion.errors import UserError
-
-from .spec import SplitData, TaskData
+from adafuse.tasks.spec import SplitData, TaskData
 
 
 def digits(max_length: int = 128) -> TaskData:

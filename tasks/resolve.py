@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from adafuse.fusion.errors import UserError
-
-from .builtin import SEQUENCES, is_builtin, load_builtin, unknown_task
-from .sources import load_user_task
-from .spec import TaskData, TaskSpec
+from adafuse.tasks.builtin import SEQUENCES, is_builtin, load_builtin, unknown_task
+from adafuse.tasks.sources import load_user_task
+from adafuse.tasks.spec import TaskData, TaskSpec
 
 
 def resolve_task(item: TaskSpec | str, base_dir: Path, cache_dir: Path | None, max_length: int = 128) -> TaskData:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 from adafuse.fusion.errors import UserError, first_line
 from adafuse.fusion.storage import atomic_write, sha256_bytes
-
-from .spec import SPLITS, TaskData, TaskSpec
-from .types import task_type
+from adafuse.tasks.spec import SPLITS, TaskData, TaskSpec
+from adafuse.tasks.types import task_type
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}

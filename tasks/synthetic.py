@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from .spec import SplitData, TaskData
+from adafuse.tasks.spec import SplitData, TaskData
 
 PEOPLE = [
     "Anna", "Boris", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kemal", "Lena",

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 from adafuse.fusion.faults import fault_point
-
-from .spec import SplitData
+from adafuse.tasks.spec import SplitData
 
 _MEMORY: dict[str, object] = {}
 

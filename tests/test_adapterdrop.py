@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import randomize, tiny_backbone, tiny_batch
 
-from adafuse.fusion.adapterhub import adapter_config
-from adafuse.fusion.adapterhub_write import BackboneInfo, adapter_files
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.formats.adapterhub_read import adapter_config
+from adafuse.fusion.formats.adapterhub_write import BackboneInfo, adapter_files
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.sites import get_path

@@ -6,9 +6,9 @@ import pickle
 import pytest
 import torch
 
-from adafuse.fusion.adapterhub import head_tensors, load_tensors, read_adapter_folder, read_fusion_folder
 from adafuse.fusion.backbone import BackboneConfig, load_model
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.formats.adapterhub_read import head_tensors, load_tensors, read_adapter_folder, read_fusion_folder
 from adafuse.fusion.model import AdaptedModel
 
 pytestmark = pytest.mark.minilm

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from adafuse.continual import cli
-from adafuse.continual.allocator import tune_malloc
+from adafuse.continual.runtime.allocator import tune_malloc
 
 GLIBC = sys.platform.startswith("linux") and "libc.so.6" in (ctypes.util.find_library("c") or "")
 

@@ -8,8 +8,8 @@ import torch
 from conftest import BREADTH, ROOT, TINY_BEYOND_BERT, bare_hidden, randomize, tiny_backbone, tiny_batch
 from safetensors.torch import load_file
 
-from adafuse.continual.interop import export_adapterhub, import_adapterhub
-from adafuse.continual.library_model import LibraryModel
+from adafuse.continual.jobs.interop import export_adapterhub, import_adapterhub
+from adafuse.continual.jobs.library_model import LibraryModel
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.model import AdaptedModel

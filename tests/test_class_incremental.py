@@ -9,8 +9,8 @@ from conftest import ROOT, randomize, tiny_backbone
 
 from adafuse.continual.cli import main
 from adafuse.continual.config import HeadConfig, RouterConfig, TrainerConfig
-from adafuse.continual.router import identify, pooled, task_statistics
-from adafuse.continual.trained_router import ROUTER, TrainedRouter, kept_examples, train_router
+from adafuse.continual.routing.lda import identify, pooled, task_statistics
+from adafuse.continual.routing.trained import ROUTER, TrainedRouter, kept_examples, train_router
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.model import AdaptedModel

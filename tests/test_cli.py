@@ -144,7 +144,7 @@ def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
 
 
 def test_internal_error_is_one_line_exit_3(tmp_path, monkeypatch, capsys):
-    from adafuse.continual import commands
+    from adafuse.continual.cli import commands
 
     def broken(args, overrides=()):
         raise RuntimeError("something\nmulti-line")

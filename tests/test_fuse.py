@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from adafuse.continual.cli import main
-from adafuse.continual.commands import _source_overrides
+from adafuse.continual.cli.commands import _source_overrides
 from adafuse.fusion.library import AdapterLibrary
 
 ROOT = Path(__file__).resolve().parents[1]

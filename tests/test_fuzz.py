@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adafuse.continual.config import FuseConfig, RunConfig, load_config
-from adafuse.continual.predict import read_rows
-from adafuse.fusion.adapterhub import read_adapter_folder, read_fusion_folder
+from adafuse.continual.jobs.predict import read_rows
 from adafuse.fusion.errors import UserError, VerificationError
+from adafuse.fusion.formats.adapterhub_read import read_adapter_folder, read_fusion_folder
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.tasks.sources import load_user_task
 from adafuse.tasks.spec import TaskSpec

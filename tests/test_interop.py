@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adafuse.continual.cli import main
-from adafuse.continual.library_model import LibraryModel
+from adafuse.continual.jobs.library_model import LibraryModel
 from adafuse.fusion.library import AdapterLibrary
 
 pytestmark = pytest.mark.minilm

@@ -8,11 +8,11 @@ import torch
 from conftest import BREADTH, randomize, tiny_backbone, tiny_batch
 from safetensors.torch import load_file
 
-from adafuse.continual.interop import export_adapterhub, import_adapterhub
-from adafuse.continual.library_model import LibraryModel
-from adafuse.fusion.adapterhub import load_tensors
+from adafuse.continual.jobs.interop import export_adapterhub, import_adapterhub
+from adafuse.continual.jobs.library_model import LibraryModel
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.formats.adapterhub_read import load_tensors
 from adafuse.fusion.kinds import KINDS, AdapterConfig, BottleneckAdapter
 from adafuse.fusion.model import AdaptedModel
 
@@ -404,7 +404,7 @@ def test_fuse_composition_weighted_through_the_cli(tmp_path):
 
 
 def test_gradient_free_search_never_ends_worse_than_it_started():
-    from adafuse.continual.search import search_weights
+    from adafuse.continual.training.search import search_weights
 
     torch.manual_seed(0)
     model = AdaptedModel(tiny_backbone("bert"))

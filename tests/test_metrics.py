@@ -1,6 +1,6 @@
 import pytest
 
-from adafuse.continual.metrics import (
+from adafuse.continual.reporting.metrics import (
     average_accuracy,
     backward_transfer,
     forgetting,

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_backbone, tiny_batch
 
 from adafuse.continual.cli import main
-from adafuse.continual.library_model import LibraryModel
+from adafuse.continual.jobs.library_model import LibraryModel
 from adafuse.fusion.kinds import AdapterConfig
 
 peft = pytest.importorskip("peft")

@@ -134,8 +134,8 @@ def test_fp16_autocast_with_a_gradient_scaler(monkeypatch):
 
 
 def test_bf16_on_a_cpu_without_bf16_is_refused_in_one_line(monkeypatch):
-    from adafuse.continual import hardware
     from adafuse.continual.config import TrainerConfig
+    from adafuse.continual.runtime import hardware
     from adafuse.fusion.errors import UserError
 
     monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
@@ -161,7 +161,7 @@ def test_gpu_accelerator_without_a_gpu_is_one_line_exit_2(tmp_path):
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags():
-    from adafuse.continual import hardware
+    from adafuse.continual.runtime import hardware
 
     assert isinstance(hardware.cpu_has_bf16(), bool)
     assert hardware.BF16_FLAGS == ("avx512_bf16", "amx_bf16")
@@ -192,7 +192,7 @@ def test_cuda_library_loads_and_routes_on_the_device(tmp_path):
     """The backbone is loaded onto the GPU directly; routed (mixed-task) prediction keeps its rows there."""
     from conftest import tiny_backbone
 
-    from adafuse.continual.library_model import LibraryModel
+    from adafuse.continual.jobs.library_model import LibraryModel
     from adafuse.fusion.backbone import BackboneConfig, load_model
 
     backbone = tiny_backbone()
@@ -228,7 +228,7 @@ def test_smoke_sequence_in_bf16_mixed_on_the_cpu(tmp_path):
     still measures BWT = 0.0 for isolated adapters."""
     from test_cli import run_cli
 
-    from adafuse.continual.hardware import cpu_has_bf16
+    from adafuse.continual.runtime.hardware import cpu_has_bf16
 
     if not cpu_has_bf16():
         pytest.skip("this CPU has no bf16 instructions (refused: tested above)")

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 from adafuse.continual.cli import main
 from adafuse.continual.config import load_config
-from adafuse.continual.library_model import LibraryModel
+from adafuse.continual.jobs.library_model import LibraryModel
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model
 from adafuse.fusion.kinds import AdapterConfig

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import randomize, tiny_backbone
 
 from adafuse.continual.config import FuseConfig, RankingConfig, load_config
-from adafuse.continual.ranking import leep, probe, rank, score_sources
+from adafuse.continual.jobs.rank import leep, probe, rank, score_sources
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.model import AdaptedModel

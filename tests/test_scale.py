@@ -133,7 +133,7 @@ def test_fusion_over_32_library_adapters(tmp_path):
     ],
 )
 def test_writer_rank_from_the_launchers_environment(monkeypatch, env, main_process):
-    from adafuse.continual import distributed
+    from adafuse.continual.runtime import distributed
 
     for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
         monkeypatch.delenv(key, raising=False)

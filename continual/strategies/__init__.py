@@ -113,9 +113,9 @@ class Strategy(nn.Module):
 
 
 def strategy_for(method: str, config: StrategyConfig) -> Strategy:
-    from .ewc import EWC
-    from .lwf import LwF
-    from .replay import Replay
+    from adafuse.continual.strategies.ewc import EWC
+    from adafuse.continual.strategies.lwf import LwF
+    from adafuse.continual.strategies.replay import Replay
 
     return {"ewc": EWC, "lwf": LwF, "replay": Replay}.get(method, Strategy)(config)
 

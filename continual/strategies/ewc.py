@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import Strategy
+from adafuse.continual.strategies import Strategy
 
 
 def ewc_penalty(

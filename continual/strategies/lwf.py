@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import Strategy
+from adafuse.continual.strategies import Strategy
 
 INDEX = "example_index"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import Strategy
+from adafuse.continual.strategies import Strategy
 
 _TOKENS = ("input_ids", "attention_mask", "token_type_ids")
 

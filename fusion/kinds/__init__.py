@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from ..errors import UserError
-from .bottleneck import ACTIVATIONS, INPUTS, PLACEMENTS, BottleneckAdapter
-from .lora import LoRA
-from .prefix import Prefix
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.kinds.bottleneck import ACTIVATIONS, INPUTS, PLACEMENTS, BottleneckAdapter
+from adafuse.fusion.kinds.lora import LoRA
+from adafuse.fusion.kinds.prefix import Prefix
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .phm import PHMLinear
+from adafuse.fusion.kinds.phm import PHMLinear
 
 PLACEMENTS = {
     # placement: (locations, adapter input is LayerNorm(h + residual))

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UserError
+from adafuse.fusion.errors import UserError
 
 
 def kronecker(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..memo import stamp, unchanged
-from .bottleneck import ACTIVATIONS
+from adafuse.fusion.kinds.bottleneck import ACTIVATIONS
+from adafuse.fusion.memo import stamp, unchanged
 
 
 class Prefix(nn.Module):

@@ -20,11 +20,10 @@ never branch on the type (see DESIGN.md, "Breadth without branches"):
 from __future__ import annotations
 
 from adafuse.fusion.errors import UserError
-
-from .classification import Classification
-from .generation import Generation
-from .image import ImageClassification
-from .tagging import Tagging
+from adafuse.tasks.types.classification import Classification
+from adafuse.tasks.types.generation import Generation
+from adafuse.tasks.types.image import ImageClassification
+from adafuse.tasks.types.tagging import Tagging
 
 TASK_TYPES = {t.name: t for t in (Classification(), Tagging(), Generation(), ImageClassification())}
 

@@ -8,9 +8,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from ..spec import SplitData, TaskSpec
-from ..tokenize import tokenize_split
-from .base import TaskType, group_rows
+from adafuse.tasks.spec import SplitData, TaskSpec
+from adafuse.tasks.tokenize import tokenize_split
+from adafuse.tasks.types.base import TaskType, group_rows
 
 
 class Classification(TaskType):

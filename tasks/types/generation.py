@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torchmetrics import Metric, MetricCollection
 
 from adafuse.fusion.errors import UserError
-
-from ..spec import SplitData, TaskSpec
-from .base import TaskType, group_rows
+from adafuse.tasks.spec import SplitData, TaskSpec
+from adafuse.tasks.types.base import TaskType, group_rows
 
 IGNORE = -100  # prompt and padding positions: no loss
 MAX_NEW_TOKENS = 8  # decoding budget beyond the longest target in a batch

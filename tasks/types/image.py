@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from adafuse.fusion.errors import UserError
-
-from ..spec import SplitData, TaskSpec
-from .classification import Classification
+from adafuse.tasks.spec import SplitData, TaskSpec
+from adafuse.tasks.types.classification import Classification
 
 
 class ImageClassification(Classification):

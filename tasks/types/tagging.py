@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from adafuse.fusion.errors import UserError
-
-from ..spec import SplitData, TaskSpec
-from .base import TaskType
-from .classification import label_metrics, one_pass
+from adafuse.tasks.spec import SplitData, TaskSpec
+from adafuse.tasks.types.base import TaskType
+from adafuse.tasks.types.classification import label_metrics, one_pass
 
 IGNORE = -100  # the label of sub-words and special tokens: no loss, no metric
 PREFIXES = ("B", "I", "E", "S")  # BIO / BIOES prefixes ("B-PER"); other tags are plain (IO: "PER")

@@ -19,16 +19,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from adafuse.continual.config import HeadConfig
+from adafuse.continual.jobs.library_model import LibraryModel
+from adafuse.continual.routing.lda import LdaRouter
+from adafuse.continual.routing.trained import TrainedRouter, stored_router
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.storage import staged_file
 from adafuse.tasks.types import TASK_TYPES
 from adafuse.tasks.types.base import group_rows
-
-from .config import HeadConfig
-from .library_model import LibraryModel
-from .router import LdaRouter
-from .trained_router import TrainedRouter, stored_router
 
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 

@@ -25,15 +25,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from adafuse.continual.config import DEFAULT_TOP_K, RankingConfig
+from adafuse.continual.jobs.library_model import add_library_head
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.heads import pool
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.model import AdaptedModel
 from adafuse.tasks.datamodule import TaskDataModule
 from adafuse.tasks.types import task_type
-
-from .config import DEFAULT_TOP_K, RankingConfig
-from .library_model import add_library_head
 
 
 def leep(probabilities: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:

@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adafuse.continual.config import build, load_config
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model, load_tokenizer
 from adafuse.fusion.errors import UserError, VerificationError
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary, changed_sources
 from adafuse.fusion.model import AdaptedModel
-
-from .config import build, load_config
 
 
 def backbone_config(option: str | None, library: AdapterLibrary) -> BackboneConfig:

@@ -1,7 +1,7 @@
 """Writing AdapterHub ``adapters`` 1.3 folders: the layout ``model.load_adapter(DIR)`` /
 ``model.load_adapter_fusion(DIR)`` read (configs as JSON, weights as safetensors).
 
-The inverse of :mod:`adafuse.fusion.adapterhub`: keys go back to
+The inverse of :mod:`adafuse.fusion.formats.adapterhub_read`: keys go back to
 ``<prefix>.encoder.layer.<i>.<site>.adapters.<name>.adapter_down.0.weight`` and so on, configs carry
 every option AdapterHub expects with the values adafuse computes.
 """
@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save
 
-from .attention import FusionConfig
-from .errors import UserError
-from .kinds import AdapterConfig
+from adafuse.fusion.attention import FusionConfig
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.kinds import AdapterConfig
 
 VERSION = "adapters.1.3.0"
 _PARAM_NAMES = {"down.": "adapter_down.0.", "up.": "adapter_up."}

@@ -14,11 +14,10 @@ import os
 import sys
 import warnings
 
+from adafuse.continual.cli import commands
+from adafuse.continual.runtime.allocator import tune_malloc
 from adafuse.fusion.errors import UserError, VerificationError, first_line
 from adafuse.fusion.library import KIND_FOLDERS
-
-from . import commands
-from .allocator import tune_malloc
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,7 +182,3 @@ def _failure(err: Exception) -> tuple[int, str]:
 
 def print_json(data) -> None:
     print(json.dumps(data, indent=2))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,17 +15,16 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from adafuse.fusion.adapterhub import read_adapter_folder, read_fusion_folder, read_head, read_json
-from adafuse.fusion.adapterhub_write import BackboneInfo, adapter_files, fusion_files, head_files
+from adafuse.continual.jobs.library_model import LibraryModel
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import EMBEDDED
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.formats.adapterhub_read import read_adapter_folder, read_fusion_folder, read_head, read_json
+from adafuse.fusion.formats.adapterhub_write import BackboneInfo, adapter_files, fusion_files, head_files
+from adafuse.fusion.formats.peft import peft_files, read_peft_folder
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary, check_name
-from adafuse.fusion.peft_format import peft_files, read_peft_folder
 from adafuse.fusion.storage import fsync_dir
-
-from .library_model import LibraryModel
 
 EMBEDDED_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -4,8 +4,8 @@ not given at test time; an input is classified among every class seen so far.
 Task j evaluated after task i uses the artefacts of tasks 0..max(i, j) (task j's untrained ones when j > i,
 for FWT and the baseline) and predicts a class of their union:
 
-* isolated adapters: the router (LDA statistics, :mod:`adafuse.continual.router`, or a router trained on the
-  kept examples, :mod:`adafuse.continual.trained_router`) names a task per input; its adapter and head
+* isolated adapters: the router (LDA statistics, :mod:`adafuse.continual.routing.lda`, or a router trained on the
+  kept examples, :mod:`adafuse.continual.routing.trained`) names a task per input; its adapter and head
   classify it (one routed forward pass per batch). ``task_id_accuracy`` is the share of task j's inputs the
   router sends to task j.
 * a shared trainable set (shared adapter, full fine-tuning, EWC, LwF, replay): every seen task's head reads the
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .evaluate import scores
+from adafuse.continual.training.evaluate import scores
 
 
 def evaluate_class_incremental(method, j: int, i: int, live: bool) -> dict[str, float]:

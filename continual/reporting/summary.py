@@ -1,11 +1,11 @@
-"""``python -m adafuse.continual.summary DIR``: the short summary printed at the end of ``make demo``."""
+"""``python -m adafuse.continual.reporting.summary DIR``: the short summary printed at the end of ``make demo``."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from .report import read_metrics
+from adafuse.continual.reporting.report import read_metrics
 
 
 def summary(root: Path) -> str:

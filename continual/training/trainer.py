@@ -15,11 +15,10 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from adafuse.continual.config import TrainerConfig, dump_yaml
+from adafuse.continual.runtime.distributed import barrier, is_main, on_main
+from adafuse.continual.training.module import NonFiniteLossError
 from adafuse.fusion.storage import atomic_write
-
-from .config import TrainerConfig, dump_yaml
-from .distributed import barrier, is_main, on_main
-from .module import NonFiniteLossError
 
 BEST_METRIC = "val_accuracy"
 

@@ -7,57 +7,28 @@ so far from the library. Re-running the same command on a killed run's folder re
 
 from __future__ import annotations
 
-import contextlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
-import torch
 
-from adafuse.fusion.backbone import check_max_length, fingerprint, load_model, load_tokenizer
+from adafuse.continual.config import RunConfig, dump_yaml
+from adafuse.continual.jobs.job import Environment, claimed_output, prepare_environment, trainable_count
+from adafuse.continual.reporting.metrics import summarize
+from adafuse.continual.reporting.monitor import ForgettingMonitor
+from adafuse.continual.reporting.report import write_results, write_run_report
+from adafuse.continual.runtime.distributed import is_main, on_main
+from adafuse.continual.strategies import STRATEGY_METHODS
+from adafuse.continual.training.methods import ReferenceAdapters, method_for
+from adafuse.continual.training.module import AdapterTaskModule
+from adafuse.continual.training.trainer import LibraryWriter, fit, make_trainer
 from adafuse.fusion.errors import UserError
-from adafuse.fusion.library import RUN_LOCK, AdapterLibrary
-from adafuse.fusion.model import AdaptedModel
-from adafuse.fusion.storage import FileLock, atomic_write
+from adafuse.fusion.library import AdapterLibrary
+from adafuse.fusion.storage import atomic_write
 from adafuse.tasks.datamodule import TaskDataModule
 from adafuse.tasks.resolve import resolve_sequence
 from adafuse.tasks.types import task_type
-
-from .config import RunConfig, dump_yaml
-from .distributed import is_main, on_main
-from .methods import ReferenceAdapters, method_for
-from .metrics import summarize
-from .module import AdapterTaskModule
-from .monitor import ForgettingMonitor
-from .report import write_results, write_run_report
-from .strategies import STRATEGY_METHODS
-from .training import LibraryWriter, fit, make_trainer
-
-
-@dataclass
-class Environment:
-    """What every job needs: the loaded backbone, its tokenizer and fingerprint, and the model around it."""
-
-    model: AdaptedModel
-    tokenizer: object
-    fingerprint: str
-    backbone_params: int
-
-
-def prepare_environment(config, tasks=()) -> Environment:
-    """Load tokenizer and backbone; refuse a ``max_length`` (the job's or a task's) beyond its positions."""
-    if config.trainer.threads:
-        torch.set_num_threads(config.trainer.threads)
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    tokenizer = load_tokenizer(config.backbone)
-    backbone = load_model(config.backbone)
-    check_max_length(backbone, config.max_length)
-    for task in tasks:
-        check_max_length(backbone, task.max_length, f"task '{task.name}' max_length")
-    fp = fingerprint(backbone)
-    params = sum(p.numel() for p in backbone.parameters())
-    return Environment(AdaptedModel(backbone, config.backbone.dropout), tokenizer, fp, params)
 
 
 def check_disjoint_labels(tasks) -> None:
@@ -82,10 +53,6 @@ def check_task_types(config: RunConfig, tasks) -> None:
         raise UserError(f"{uses}: task '{other[0].name}' is {other[0].type}; it takes classification tasks only")
 
 
-def trainable_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def run_sequence(
     config: RunConfig, out: Path, library_dir: Path | None = None, base_dir: Path = Path("."), log=print
 ) -> dict:
@@ -101,25 +68,6 @@ def run_sequence(
     AdapterLibrary(library_dir).check_backbone(env.fingerprint)  # before anything is written
     with claimed_output(Path(out), library_dir) as out:
         return _run(config, env, tasks, out, library_dir, log, started)
-
-
-@contextlib.contextmanager
-def claimed_output(out: Path, library_dir: Path):
-    """Create the output and library folders and hold their run locks for the whole job: a second job on
-    either gets a clear error naming this process. A lock dies with its process (no stale locks)."""
-    if not is_main():  # under DDP the writer (rank 0) holds the locks; the other ranks only read
-        yield out
-        return
-    with contextlib.ExitStack() as stack:
-        for folder in [out] if out.resolve() == library_dir.resolve() else [out, library_dir]:
-            if folder.exists() and not folder.is_dir():
-                raise UserError(f"'{folder}' is a file; expected a folder (or a path that does not exist yet)")
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise UserError(f"cannot create folder '{folder}': {err.strerror}") from None
-            stack.enter_context(FileLock(folder / RUN_LOCK, blocking=False))
-        yield out
 
 
 def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Path, log, started: float) -> dict:

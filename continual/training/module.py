@@ -12,13 +12,12 @@ import math
 import lightning as L
 import torch
 
+from adafuse.continual.config import TrainerConfig
+from adafuse.continual.strategies import Strategy
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.faults import fault_point
 from adafuse.fusion.model import AdaptedModel
 from adafuse.tasks.types import task_type as lookup_task_type
-
-from .config import TrainerConfig
-from .strategies import Strategy
 
 
 class NonFiniteLossError(UserError):

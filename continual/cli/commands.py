@@ -6,12 +6,11 @@ import json
 import sys
 from pathlib import Path
 
+from adafuse.continual.config import DEFAULT_TOP_K, FuseConfig, RunConfig, load_config
+from adafuse.continual.runtime.distributed import is_main
 from adafuse.fusion.errors import UserError, VerificationError
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.storage import atomic_write
-
-from .config import DEFAULT_TOP_K, FuseConfig, RunConfig, load_config
-from .distributed import is_main
 
 
 def _out_dir(args, config_path: str, suffix: str = "") -> Path:
@@ -33,7 +32,7 @@ def _quiet_lightning() -> None:
 
 
 def cmd_run(args, overrides: list[str]) -> int:
-    from .runner import run_sequence
+    from adafuse.continual.jobs.run import run_sequence
 
     _quiet_lightning()
     if args.method:
@@ -53,7 +52,7 @@ def cmd_run(args, overrides: list[str]) -> int:
 
 
 def cmd_fuse(args, overrides: list[str]) -> int:
-    from .fuse import run_fusion
+    from adafuse.continual.jobs.fuse import run_fusion
 
     _quiet_lightning()
     if args.composition:
@@ -90,8 +89,8 @@ def _source_overrides(sources: str | None, top_k: int | None) -> list[str]:
 
 
 def cmd_library_rank(args, _overrides=()) -> int:
-    from .fuse import rank_for_config
-    from .report import ranking_markdown
+    from adafuse.continual.jobs.fuse import rank_for_config
+    from adafuse.continual.reporting.report import ranking_markdown
 
     overrides = _source_overrides("auto" if args.top_k else None, args.top_k)
     if args.proxy:
@@ -108,7 +107,7 @@ def _f(value) -> str:
 
 
 def cmd_report(args, _overrides=()) -> int:
-    from .report import read_metrics, write_comparison, write_fusion_report, write_run_report
+    from adafuse.continual.reporting.report import read_metrics, write_comparison, write_fusion_report, write_run_report
 
     runs = [(Path(d), read_metrics(Path(d))) for d in args.dirs]
     for folder, metrics in runs:
@@ -166,7 +165,7 @@ def cmd_library_verify(args, _overrides=()) -> int:
 
 
 def cmd_library_import(args, _overrides=()) -> int:
-    from .interop import import_adapterhub, import_peft
+    from adafuse.continual.jobs.interop import import_adapterhub, import_peft
 
     read = import_peft if args.source_format == "peft" else import_adapterhub
     read(Path(args.dir), Path(args.library), args.backbone, args.name)
@@ -174,7 +173,7 @@ def cmd_library_import(args, _overrides=()) -> int:
 
 
 def cmd_library_export(args, _overrides=()) -> int:
-    from .interop import export_adapterhub, export_peft
+    from adafuse.continual.jobs.interop import export_adapterhub, export_peft
 
     if args.target_format == "peft":
         out = export_peft(Path(args.library), args.name, Path(args.out), args.backbone)
@@ -186,7 +185,7 @@ def cmd_library_export(args, _overrides=()) -> int:
 
 
 def cmd_predict(args, _overrides=()) -> int:
-    from .predict import run_predict
+    from adafuse.continual.jobs.predict import run_predict
 
     options = ("adapter", "fusion", "task_column", "task", "text_column", "batch_size", "max_length", "device")
     options += ("drop_layers", "backbone", "merge")  # run_predict's keyword arguments, named as the flags are

@@ -11,10 +11,9 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
+from adafuse.continual.runtime.distributed import gather_tensors, shard
 from adafuse.fusion.model import AdaptedModel
 from adafuse.tasks.types import TASK_TYPES
-
-from .distributed import gather_tensors, shard
 
 
 @torch.inference_mode()

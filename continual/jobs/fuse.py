@@ -15,6 +15,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
+from adafuse.continual.config import FuseConfig, dump_yaml
+from adafuse.continual.jobs.job import (
+    claimed_output,
+    prepare_environment,
+    seeded_adapter_state,
+    seeded_head_state,
+    trainable_count,
+)
+from adafuse.continual.jobs.library_model import add_library_head
+from adafuse.continual.jobs.rank import check_rankable, rank_library
+from adafuse.continual.reporting.report import write_fusion_report, write_results
+from adafuse.continual.runtime.distributed import is_main, on_main
+from adafuse.continual.training.evaluate import evaluate
+from adafuse.continual.training.module import AdapterTaskModule, FusionModule
+from adafuse.continual.training.search import search_weights
+from adafuse.continual.training.trainer import LibraryWriter, fit, make_trainer
 from adafuse.fusion.attention import COMPOSITIONS
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.kinds import AdapterConfig
@@ -26,18 +42,6 @@ from adafuse.tasks.datamodule import TaskDataModule
 from adafuse.tasks.resolve import resolve_task
 from adafuse.tasks.spec import TaskSpec
 from adafuse.tasks.types import task_type
-
-from .config import FuseConfig, dump_yaml
-from .distributed import is_main, on_main
-from .evaluate import evaluate
-from .library_model import add_library_head
-from .methods import seeded_adapter_state, seeded_head_state
-from .module import AdapterTaskModule, FusionModule
-from .ranking import check_rankable, rank_library
-from .report import write_fusion_report, write_results
-from .runner import claimed_output, prepare_environment, trainable_count
-from .search import search_weights
-from .training import LibraryWriter, fit, make_trainer
 
 
 def _target(config: FuseConfig) -> TaskSpec:

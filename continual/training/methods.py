@@ -18,6 +18,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
+from adafuse.continual.config import RunConfig, to_dict
+from adafuse.continual.jobs.job import seeded_adapter_state, seeded_head_state
+from adafuse.continual.routing.class_incremental import evaluate_class_incremental
+from adafuse.continual.routing.lda import LdaRouter, bare_features, task_statistics
+from adafuse.continual.routing.trained import TrainedRouter, kept_examples, stored_router, train_router
+from adafuse.continual.strategies import STRATEGY_METHODS, strategy_for
+from adafuse.continual.training.evaluate import evaluate
 from adafuse.fusion.heads import build_head
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.model import AdaptedModel
@@ -25,25 +32,7 @@ from adafuse.fusion.storage import atomic_write
 from adafuse.tasks.spec import TaskData
 from adafuse.tasks.types import task_type
 
-from .class_incremental import evaluate_class_incremental
-from .config import HeadConfig, RunConfig, to_dict
-from .evaluate import evaluate
-from .router import LdaRouter, bare_features, task_statistics
-from .strategies import STRATEGY_METHODS, strategy_for
-from .trained_router import TrainedRouter, kept_examples, stored_router, train_router
-
 SHARED = "shared"
-
-
-def seeded_head_state(model: AdaptedModel, task: TaskData, head: HeadConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Initial tensors of ``task``'s head (its type's) drawn from ``seed`` (the global RNG is left untouched)."""
-    head_type = task_type(task.type).head_for(model.sites)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        module = build_head(
-            model.hidden_size, head_type, **model.head_options(head_type, task.num_labels, head.pooling, head.dropout)
-        )
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 class SequenceMethod:
@@ -220,14 +209,6 @@ class SequenceMethod:
 
     def select(self, j: int, i: int, live: bool) -> None:
         raise NotImplementedError
-
-
-def seeded_adapter_state(model: AdaptedModel, config: RunConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Initial tensors of an adapter ("<layer>.<location>.down.weight", ...) drawn from ``seed``."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        modules = model.new_adapter_modules(config.adapter)
-    return {f"{i}.{loc}.{k}": v for (i, loc), module in modules.items() for k, v in module.state_dict().items()}
 
 
 class IsolatedAdapters(SequenceMethod):

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .attention import FusionConfig
-from .errors import UserError, first_line
-from .kinds import AdapterConfig
-from .storage import read_json_object
+from adafuse.fusion.attention import FusionConfig
+from adafuse.fusion.errors import UserError, first_line
+from adafuse.fusion.kinds import AdapterConfig
+from adafuse.fusion.storage import read_json_object
 
 # <model prefix>.<site path>.<adapters|adapter_fusion_layer|loras>.<name>.<param>; site paths: the sites table's
 _SLOT_KEY = re.compile(r"^(.*?)\.(?:adapters|adapter_fusion_layer|loras)\.(.+)$")

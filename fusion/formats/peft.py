@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from .errors import UserError
-from .kinds import AdapterConfig
-from .storage import read_json_object
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.kinds import AdapterConfig
+from adafuse.fusion.storage import read_json_object
 
 _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
 # PEFT options adafuse computes only at these values (absent keys are PEFT's defaults, which are these).

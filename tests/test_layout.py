@@ -1,0 +1,33 @@
+"""The package layout: every folder of code is a package that the distribution lists, and the jobs share
+their plumbing through one module instead of reaching into each other."""
+
+import ast
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPS = ("fusion", "continual", "tasks")
+
+
+def test_every_code_folder_is_a_listed_package():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        "adafuse." + ".".join(init.parent.relative_to(ROOT).parts)
+        for top in TOPS
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert found == listed
+    strays = [p for top in TOPS for p in (ROOT / top).rglob("*.py") if not (p.parent / "__init__.py").is_file()]
+    assert strays == []
+
+
+def test_no_job_imports_another_job():
+    """``fuse``, ``predict``, ``rank`` and ``interop`` use ``jobs/job.py`` (and ``library_model``), never the
+    sequence runner or each other."""
+    jobs = ROOT / "continual" / "jobs"
+    shared = {"adafuse.continual.jobs.job", "adafuse.continual.jobs.library_model", "adafuse.continual.jobs.rank"}
+    for path in jobs.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        others = {m for m in imported if m.startswith("adafuse.continual.jobs.") and m not in shared}
+        assert others == set(), f"{path.name} imports {others}"
