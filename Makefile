@@ -4,7 +4,7 @@
 #   TORCH_SPEC="torch==2.13.0" PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128 make test
 #   VENV=/opt/conda TORCH_SPEC=torch make test      # install into an existing environment that has CUDA torch
 #   ACCELERATOR=gpu PRECISION=bf16-mixed make demo
-#   PYTEST_ARGS="-n 8" make test                    # with pytest-xdist installed
+#   PYTEST_ARGS="-n 8" make test                    # pytest-xdist workers (default: one per core)
 # Offline, pip reads PIP_NO_INDEX=1 and PIP_FIND_LINKS=DIR_OF_WHEELS from the environment.
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.stamp-install
 DEMO_OUT ?= runs/demo
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n auto  # pytest-xdist: one worker per core (tests/conftest.py gives each one torch thread)
 ACCELERATOR ?= cpu
 PRECISION ?= 32-true
 TRAINER := --trainer.accelerator $(ACCELERATOR) --trainer.precision $(PRECISION)

@@ -32,11 +32,35 @@ ROUTERS = ("lda", "trained")  # class-incremental task identification for isolat
 
 @dataclass
 class TrainerConfig:
-    """Training loop settings (passed to Lightning's Trainer where they are Trainer options)."""
+    """Training loop settings (passed to Lightning's Trainer where they are Trainer options).
+
+    Attributes:
+        max_epochs: passes over a task's training split (the best epoch on validation is kept).
+        batch_size: training examples per batch.
+        accumulate_grad_batches: one optimizer step per N batches: an effective batch of N × ``batch_size``
+            where memory holds only ``batch_size`` (each batch of a step gets its own dropout seed).
+        eval_batch_size: examples per batch in evaluation, the monitor and ranking.
+        lr: AdamW learning rate of adapters and fusion layers.
+        head_lr: the heads' learning rate (default: ``lr``).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of the steps with a linear warm-up, then linear decay to 0 (in [0, 1)).
+        gradient_clip_val: clip the gradient norm at this value (null: no clipping).
+        precision: Lightning precision: ``32-true``, ``bf16-mixed`` (refused on a CPU without bf16
+            instructions), ``16-mixed`` (CUDA).
+        accelerator: ``cpu``, ``gpu`` (refused without a visible CUDA device) or ``auto``.
+        devices: devices per node (Lightning's ``devices``).
+        num_nodes: machines (Lightning's ``num_nodes``).
+        strategy: Lightning strategy: ``auto`` or ``ddp``.
+        num_workers: DataLoader worker processes.
+        limit_train_batches: train on at most this many batches (an int) or this share (a float) per epoch.
+        early_stopping_patience: stop a task after this many epochs without a better validation score.
+        threads: torch CPU threads (default: torch's choice).
+        progress_bar: Lightning's progress bar while training.
+    """
 
     max_epochs: int = 2
     batch_size: int = 16
-    accumulate_grad_batches: int = 1  # one optimizer step per N batches: an effective batch of N × batch_size
+    accumulate_grad_batches: int = 1
     eval_batch_size: int = 64
     lr: float = 1e-3
     head_lr: float | None = None
@@ -76,8 +100,14 @@ class TrainerConfig:
 
 @dataclass
 class HeadConfig:
-    """The classification head: ``pooling`` auto (the architecture's own: first token on encoders, last
-    non-padding token on decoders, mean on T5's encoder), cls, last or mean."""
+    """The head a task trains beside its adapter.
+
+    Attributes:
+        pooling: which hidden state a sequence-level head reads: ``auto`` (the architecture's own: first token
+            on encoders, last non-padding token on decoders, mean on T5's encoder), ``cls``, ``last`` or
+            ``mean``.
+        dropout: dropout before the head's layers while training (in [0, 1)).
+    """
 
     pooling: str = "auto"
     dropout: float = 0.1
@@ -101,7 +131,13 @@ def check_range(key: str, value, minimum=None, maximum=None, exclusive: bool = F
 
 @dataclass
 class MonitorConfig:
-    """Forgetting monitor: ``reference`` trains a reference model per task (for intransigence)."""
+    """The forgetting monitor.
+
+    Attributes:
+        reference: also train a reference model on each task alone, for intransigence (a*_j − R[j][j]).
+        every_n_val_epochs: while a task trains, also re-evaluate every earlier task every N validation epochs
+            (recorded in metrics.json as ``interim``; 0: off).
+    """
 
     reference: bool = False
     every_n_val_epochs: int = 0
@@ -113,8 +149,16 @@ DEFAULT_TOP_K = 5  # sources fused by --sources auto without --top-k, and shown 
 
 @dataclass
 class RankingConfig:
-    """``sources: {auto: K}``: rank with ``proxy`` on the training split truncated to ``max_length`` tokens,
-    ``group`` sources sharing each forward pass of ``batch_size`` examples."""
+    """Source ranking for ``sources: {auto: K}`` and ``adafuse library rank`` (the target's training split only).
+
+    Attributes:
+        proxy: ``leep`` (log expected empirical prediction, Nguyen et al. 2020) or ``probe`` (leave-one-out
+            error of a ridge probe on the adapted features).
+        max_length: tokens per example while ranking.
+        batch_size: examples per forward pass.
+        group: sources sharing one forward pass (through mixed-task routing).
+        ridge: the probe's ridge penalty (> 0).
+    """
 
     proxy: str = "leep"
     max_length: int = 64
@@ -132,10 +176,15 @@ class RankingConfig:
 
 @dataclass
 class RouterConfig:
-    """How a class-incremental run of isolated adapters names each input's task: ``lda`` (streaming LDA on the
-    bare backbone's features; statistics only, no example kept) or ``trained`` (a router adapter + head over
-    every class so far, retrained after each task for ``epochs`` passes over the kept training examples of all
-    tasks so far at learning rate ``lr``, default ``trainer.lr``: it stores user data)."""
+    """How a class-incremental run of isolated adapters names each input's task.
+
+    Attributes:
+        kind: ``lda`` (streaming LDA on the bare backbone's features; statistics only, no example kept) or
+            ``trained`` (a router adapter + head over every class so far, retrained after each task on the kept
+            training examples of all tasks so far: it stores user data).
+        epochs: the trained router's passes over the kept examples after each task.
+        lr: the trained router's learning rate (default: ``trainer.lr``).
+    """
 
     kind: str = "lda"
     epochs: int = 1
@@ -154,7 +203,17 @@ class RouterConfig:
 
 @dataclass
 class JobConfig:
-    """What every job has: seed, truncation length, the backbone, the adapter shape, head and trainer."""
+    """What every job has.
+
+    Attributes:
+        seed: seeds every initial state, data order and dropout.
+        max_length: tokens per text (a task's own ``max_length`` may differ; both within the backbone's
+            positions).
+        backbone: the frozen transformer (:class:`BackboneConfig`).
+        adapter: the adapter kind and shape (:class:`AdapterConfig`).
+        head: the task heads (:class:`HeadConfig`).
+        trainer: the training loop (:class:`TrainerConfig`).
+    """
 
     seed: int = 0
     max_length: int = 128
@@ -169,7 +228,20 @@ class JobConfig:
 
 @dataclass
 class RunConfig(JobConfig):
-    """``adafuse run``: a task sequence (a built-in ``sequence`` name or a list of ``tasks``)."""
+    """``adafuse run``: a task sequence.
+
+    Attributes:
+        sequence: a built-in sequence (``bbc-topics``, ``bbc-class-incremental``, ``mixed-types``); null when
+            ``tasks`` is given.
+        tasks: the tasks in order: built-in names or task specs (:class:`TaskSpec`).
+        method: ``adapters`` (isolated, one per task), ``shared-adapter``, ``full-finetune`` (the forgetting
+            baselines), ``ewc``, ``lwf`` or ``replay`` (strategies on ``strategy.base``).
+        setting: ``task-incremental`` (the task is given at test time) or ``class-incremental`` (it is not:
+            disjoint label sets, inputs classified among every class seen so far).
+        strategy: the strategies' settings (:class:`StrategyConfig`).
+        monitor: the forgetting monitor (:class:`MonitorConfig`).
+        router: class-incremental task identification (:class:`RouterConfig`).
+    """
 
     sequence: str | None = "bbc-topics"
     tasks: list[TaskSpec | str] | None = None
@@ -196,15 +268,26 @@ class RunConfig(JobConfig):
 
 @dataclass
 class FuseConfig(JobConfig):
-    """``adafuse fuse``: AdapterFusion over library adapters for a target task."""
+    """``adafuse fuse``: AdapterFusion over library adapters for a target task.
+
+    Attributes:
+        target: the target task: a built-in name or a task spec (:class:`TaskSpec`).
+        sources: ``all`` (every adapter the composition can take), a list of adapter names, or ``{auto: K}``
+            (the best K by ranking, see ``ranking``).
+        name: the fusion's name in the library (default: ``<target>-fusion``).
+        shots: training examples per class of the target (default: all, or the built-in task's own).
+        fusion: the fusion layer (:class:`FusionConfig`).
+        ranking: source ranking for ``sources: {auto: K}`` (:class:`RankingConfig`).
+        check_sources: re-evaluate built-in source tasks before and after (their scores must not move).
+    """
 
     target: TaskSpec | str = "bbc-topic5-fewshot"
-    sources: list[str] | str | dict[str, int] = "all"  # names, "all", or {auto: K}: the best K by ranking
+    sources: list[str] | str | dict[str, int] = "all"
     name: str | None = None
     shots: int | None = None
     fusion: FusionConfig = field(default_factory=FusionConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
-    check_sources: bool = True  # re-evaluate built-in source tasks before and after (their scores must not move)
+    check_sources: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

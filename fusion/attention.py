@@ -48,8 +48,11 @@ class FusionConfig:
         query_before_ln: the query is the sub-layer output before the layer norm.
         residual_before: values are h + a_n (AdapterHub ``static``-style) instead of a_n, h added after.
         value_initialized: W_V starts at the identity (+ noise of std ``value_init_noise``).
+        value_init_noise: standard deviation of the noise added to the identity W_V starts at.
         regularization: add ``reg_lambda`` * ||I - W_V||^2 to the loss.
+        reg_lambda: weight of the W_V regulariser.
         temperature: anneal the softmax temperature from ``temperature_start`` to 1.
+        temperature_start: the temperature the annealing starts at (>= 1).
         dropout: dropout probability on the raw scores (0 disables it).
         composition: ``attention`` (AdapterFusion over slot kinds) or ``weighted`` (LoraHub: one learned weight
             per LoRA source, :mod:`adafuse.fusion.composition`).

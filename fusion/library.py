@@ -138,6 +138,18 @@ class AdapterLibrary:
             atomic_write(self.manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         return entry
 
+    def record_metrics(self, kind: str, name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``metrics`` into an existing entry's metrics (the artefact's file is not touched): what a job
+        measured of a stored artefact after writing it, e.g. the monitor's test score of a task's adapter."""
+        with FileLock(self.root / LOCK):
+            manifest = self.read_manifest()
+            entry = next((e for e in manifest["artefacts"] if (e["kind"], e["name"]) == (kind, name)), None)
+            if entry is None:
+                raise UserError(f"library '{self.root}' has no {kind} named '{name}'")
+            entry["metrics"] = {**entry.get("metrics", {}), **metrics}
+            atomic_write(self.manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        return entry
+
     def check_backbone(self, fingerprint: str, manifest: dict[str, Any] | None = None) -> None:
         """Refuse a backbone other than the one this library's artefacts were trained on."""
         current = (manifest or self.read_manifest()).get("backbone") or {}

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_process import run_cli
 
 from adafuse.continual.cli import main
 from adafuse.fusion.library import AdapterLibrary
@@ -34,12 +35,6 @@ def test_tasks_export_sequence(tmp_path, capsys):
         rows = (tmp_path / folder / "test.jsonl").read_text().splitlines()
         assert len(rows) == 448
         assert set(json.loads(rows[0])) == {"text", "label", "label_name"}
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "adafuse.continual.cli", *args], capture_output=True, text=True, cwd=ROOT
-    )
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,10 @@ work is byte-identical, and the final metrics equal an uninterrupted run's. NaN 
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_process import run_cli
 from conftest import stable
 
 from adafuse.continual.cli import main
@@ -20,13 +19,8 @@ FUSE = [str(ROOT / "configs" / "fusion" / "smoke.yaml"), "--trainer.max_epochs",
 
 
 def cli(*args, fault=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("ADAFUSE_FAULT", None)
-    if fault:
-        env["ADAFUSE_FAULT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "adafuse.continual.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT
-    )
+    """``adafuse ARGS`` in a process of its own (killable), with ``ADAFUSE_FAULT`` set only when asked."""
+    return run_cli(*args, env={"ADAFUSE_FAULT": fault} if fault else None)
 
 
 def finished_files(library: Path) -> dict[str, bytes]:
@@ -45,12 +39,13 @@ def reference(tmp_path_factory):
 
 
 # smoke with 4 batches a task, 2 epochs: steps 1-8 are task 1, 9-16 task 2; each task writes last.ckpt
-# twice and the manifest twice (adapter, head)
+# twice and the manifest three times (adapter, head, then the monitor's test score in the adapter's entry)
 SEQUENCE_FAULTS = {
     "tokenize": "tokenisation/caching of the first split",
     "train-step:11": "mid-epoch 1 of task 2",
     "write:last.ckpt:3": "inside the checkpoint write of task 2, epoch 1",
-    "write:manifest.json:3": "task 2's adapter file written, its manifest entry not yet",
+    "write:manifest.json:3": "task 1's test score being recorded in its adapter's entry",
+    "write:manifest.json:4": "task 2's adapter file written, its manifest entry not yet",
     "write:report.md": "writing the report at the end",
 }
 

@@ -7,6 +7,7 @@ import pytest
 
 from adafuse.continual.cli import main
 from adafuse.continual.cli.commands import _source_overrides
+from adafuse.continual.reporting.schema import FUSION_FIELDS, undocumented
 from adafuse.fusion.library import AdapterLibrary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,9 +26,12 @@ def test_fusion_run(library, tmp_path):
     assert main(["fuse", str(ROOT / "configs/fusion/smoke.yaml"), "--library", str(library), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "fusion" and metrics["sources"] == ["bbc-business", "bbc-sports", "bbc-tech"]
+    # before = the score the sequence's monitor recorded for each (sha256-checked) source; after = measured now
+    assert metrics["source_accuracy_recorded"] == metrics["source_accuracy_before"]
     assert metrics["source_accuracy_before"] == metrics["source_accuracy_after"]
     assert all(v is not None for v in metrics["source_accuracy_after"].values())
     assert metrics["source_files_unchanged"]
+    assert undocumented(FUSION_FIELDS, metrics) == []
     assert {p.name: p.read_bytes() for p in (library / "adapters").iterdir()} == before
     assert len(metrics["attention"]) == 2 and len(metrics["attention"][0]) == 3
     assert abs(sum(metrics["attention"][0]) - 1.0) < 1e-5
@@ -35,6 +39,18 @@ def test_fusion_run(library, tmp_path):
     entry = AdapterLibrary(library).get("fusion", "bbc-topic5-fewshot-fusion")
     assert [s["name"] for s in entry["sources"]] == metrics["sources"]
     assert AdapterLibrary(library).verify() == []
+
+
+def test_sources_without_a_record_that_holds_are_measured_before_and_after(library, tmp_path):
+    """A recorded score holds for the evaluation settings it was measured with: other settings measure twice."""
+    out = tmp_path / "fusion"
+    config = str(ROOT / "configs/fusion/smoke.yaml")
+    args = ["fuse", config, "--library", str(library), "--out", str(out), "--trainer.eval_batch_size", "32"]
+    assert main([*args, "--trainer.max_epochs", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["source_accuracy_recorded"].values()) == {None}
+    assert metrics["source_accuracy_before"] == metrics["source_accuracy_after"]
+    assert all(v is not None for v in metrics["source_accuracy_before"].values())
 
 
 def test_single_adapter_baseline(library, tmp_path):

@@ -2,8 +2,9 @@
 their plumbing through one module instead of reaching into each other."""
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPS = ("fusion", "continual", "tasks")

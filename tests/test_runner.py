@@ -3,15 +3,15 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_process import CliProcess, run_cli
 from conftest import stable
 
 from adafuse.continual.cli import main
+from adafuse.continual.reporting.schema import RUN_FIELDS, undocumented
 from adafuse.fusion.library import AdapterLibrary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +27,12 @@ def smoke_run(tmp_path_factory):
 
 def test_outputs_and_measured_isolation(smoke_run):
     out, metrics = smoke_run
+    assert undocumented(RUN_FIELDS, metrics) == []
+    library = AdapterLibrary(out / "library")
+    for j, task in enumerate(metrics["tasks"]):  # the monitor's R[j][j] kept with the adapter and its head
+        record = library.get("adapter", task)["metrics"]["test"]
+        assert record["accuracy"] == metrics["accuracy_matrix"][j][j]
+        assert record["head_sha256"] == library.get("head", task)["sha256"]
     for name in ("config.yaml", "report.md", "accuracy_matrix.png", "library/manifest.json"):
         assert (out / name).is_file(), name
     assert metrics["tasks"] == ["bbc-business", "bbc-sports", "bbc-tech"]
@@ -69,19 +75,10 @@ def test_rerun_reuses_the_library(smoke_run, tmp_path):
 def test_killed_during_task_2_resumes_to_the_same_metrics(smoke_run, tmp_path):
     _, metrics = smoke_run
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "adafuse.continual.cli", "run", SMOKE, "--out", str(out)]
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    for line in proc.stdout:
-        if line.startswith("[2/3] bbc-sports: training"):
-            break
+    proc = CliProcess(["run", SMOKE, "--out", str(out)])
+    proc.wait_for_line("[2/3] bbc-sports: training")
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert proc.wait().returncode == -signal.SIGKILL
     first = (out / "library" / "adapters" / "bbc-business.safetensors").read_bytes()
     assert not (out / "metrics.json").exists()
     assert main(["run", SMOKE, "--out", str(out)]) == 0
@@ -98,11 +95,7 @@ def test_second_run_on_the_same_out_is_refused(tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     with FileLock(out / ".run.lock"):
-        result = subprocess.run(
-            [sys.executable, "-m", "adafuse.continual.cli", "run", SMOKE, "--out", str(out)],
-            capture_output=True,
-            text=True,
-        )
+        result = run_cli("run", SMOKE, "--out", str(out))
     assert result.returncode == 2 and f"pid {os.getpid()}" in result.stderr
 
 

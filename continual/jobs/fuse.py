@@ -126,8 +126,14 @@ def run_fusion(
                 model.add_adapter(entry["name"], AdapterConfig(**entry["config"].get("adapter", {})))
                 model.load_adapter_state(entry["name"], library.load("adapter", entry["name"], env.fingerprint).tensors)
         source_eval = SourceEvaluator(model, library, entries if config.check_sources else [], env, config)
-        log(f"adafuse fuse: {len(sources)} sources, target {target.name}; evaluating the sources")
-        before = source_eval.run()
+        recorded = source_eval.recorded()
+        unrecorded = [name for name, accuracy in recorded.items() if accuracy is None]
+        log(
+            f"adafuse fuse: {len(sources)} sources, target {target.name}"
+            + (f"; evaluating {len(unrecorded)} sources without a recorded score" if unrecorded else "")
+        )
+        measured = source_eval.run(unrecorded)
+        before = {name: measured[name] if accuracy is None else accuracy for name, accuracy in recorded.items()}
 
         data = TaskDataModule(
             target,
@@ -200,6 +206,7 @@ def run_fusion(
             "metric": task_type(target.type).primary,
             "test": writer.result["test"],
             "validation": validation,
+            "source_accuracy_recorded": recorded,
             "source_accuracy_before": before,
             "source_accuracy_after": after,
             "source_files_unchanged": hashes_before == hashes_after,
@@ -274,9 +281,30 @@ class SourceEvaluator:
                     module = TaskDataModule(task, env.tokenizer, eval_batch_size=config.trainer.eval_batch_size)
                     self.loaders[entry["name"]] = module.eval_dataloader("test")
 
-    def run(self) -> dict[str, float | None]:
+    def recorded(self) -> dict[str, float | None]:
+        """Each source's test accuracy as the library recorded it when the source was trained (``adafuse run``
+        keeps the monitor's score in the adapter's entry), where it holds for what this job would measure: the
+        same head (sha256; the adapter's own is checked on load) and the same evaluation settings."""
+        results = {}
+        for entry in self.entries:
+            record = entry.get("metrics", {}).get("test") or {}
+            head = self.library.find("head", entry["name"])
+            holds = (
+                entry["name"] in self.loaders
+                and head is not None
+                and record.get("head_sha256") == head["sha256"]
+                and record.get("max_length") == self.config.max_length
+                and record.get("eval_batch_size") == self.config.trainer.eval_batch_size
+            )
+            results[entry["name"]] = record.get("accuracy") if holds else None
+        return results
+
+    def run(self, names: list[str] | None = None) -> dict[str, float | None]:
+        """Test accuracy of the sources ``names`` (default: all), each with its own head from the library."""
         results = {e["name"]: None for e in self.entries}
         for name, loader in self.loaders.items():
+            if names is not None and name not in names:
+                continue
             head_name = f"source@{name}"
             add_library_head(self.model, self.library, self.env.fingerprint, name, head_name)
             self.model.activate([name], head=head_name)

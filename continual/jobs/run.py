@@ -106,6 +106,7 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
             entry = library.get("head", method.name(i))
             method.resume(i)
             monitor.evaluate_row(i)
+            record_test_accuracy(config, library, method.name(i), monitor.metrics, i)
             per_task[task.name] = {**entry["metrics"], "reused": True}
             log(f"[{i + 1}/{len(tasks)}] {task.name}: found in the library, not retrained")
             continue
@@ -127,6 +128,7 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
         writer = LibraryWriter(lambda m, i=i, counts=counts: method.finish(i, {**m, **counts}))
         trainer = make_trainer(config.trainer, out, task.name, [writer, monitor], config.seed + i)
         fit(trainer, module, data, out, task.name, config)
+        record_test_accuracy(config, library, method.name(i), monitor.metrics, i)
         per_task[task.name] = {**writer.result, **counts}
         log(
             f"[{i + 1}/{len(tasks)}] {task.name}: test {task_type(task.type).primary} {monitor.matrix[i][i]:.4f} "
@@ -176,6 +178,26 @@ def _reference_accuracies(config: RunConfig, env: Environment, tasks, modules, o
             fit(trainer, module, data, out, reference.name(i), config)
         accuracies.append(reference.evaluate(i, i)["score"])
     return accuracies
+
+
+def record_test_accuracy(config: RunConfig, library: AdapterLibrary, name: str, metrics: dict, i: int) -> None:
+    """Keep task i's test accuracy, as the monitor measured it right after training, in its adapter's library
+    entry (with the head's sha256 and the evaluation settings it holds for): ``fuse`` then compares its sources
+    after training against this record instead of evaluating them twice. Task-incremental runs only (a
+    class-incremental score is not the score of the adapter and its head alone)."""
+    accuracy = metrics.get("accuracy", [[None]])[i][i] if "accuracy" in metrics else None
+    if config.setting != "task-incremental" or accuracy is None or not is_main():
+        return
+    if library.find("adapter", name) is None or library.find("head", name) is None:
+        return
+    record = {
+        "accuracy": accuracy,
+        "head_sha256": library.get("head", name)["sha256"],
+        "max_length": config.max_length,
+        "eval_batch_size": config.trainer.eval_batch_size,
+    }
+    if library.get("adapter", name)["metrics"].get("test") != record:
+        library.record_metrics("adapter", name, {"test": record})
 
 
 def _metrics(
