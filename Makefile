@@ -17,7 +17,7 @@ ACCELERATOR ?= cpu
 PRECISION ?= 32-true
 TRAINER := --trainer.accelerator $(ACCELERATOR) --trainer.precision $(PRECISION)
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint docs demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# the docs site (docs/, MkDocs + Material): reference and benchmark pages generated from the code and the records
+docs: install
+	$(BIN)/python docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 test: lint
+	$(BIN)/python docs/generate.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: install
@@ -48,4 +55,4 @@ demo: install
 	$(BIN)/python -m adafuse.continual.reporting.summary $(DEMO_OUT)
 
 clean:
-	rm -rf .venv runs  # never $(VENV): it may name an environment adafuse did not create
+	rm -rf .venv runs site  # never $(VENV): it may name an environment adafuse did not create

@@ -24,6 +24,7 @@ class TaskSpec:
         image_column: image: the image (a path relative to the data file's folder, or bytes).
         splits: split name -> file (relative to ``source`` when it is a folder) or Hub split name.
         validation_ratio, test_ratio: carve missing splits out of train with ``split_seed``.
+        split_seed: seed of the random split that ``validation_ratio`` and ``test_ratio`` carve.
         max_length: tokenizer truncation length.
         label_names: label names in id order (default: sorted labels seen in train).
         shots: for built-in few-shot tasks, train examples per class.

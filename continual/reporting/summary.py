@@ -16,9 +16,10 @@ def summary(root: Path) -> str:
     lines.append(f"  ACC {sequence['acc']:.4f}   BWT {sequence['bwt']:+.4f}   forgetting {sequence['forgetting']:+.4f}")
     fusion, single = read_metrics(root / "fusion"), read_metrics(root / "single-adapter")
     same = fusion["source_accuracy_before"] == fusion["source_accuracy_after"]
+    gain = 100 * (fusion["test"]["accuracy"] - single["test"]["accuracy"])
     lines.append(
-        f"{fusion['target']}: fusion {fusion['test']['accuracy']:.4f} vs single adapter "
-        f"{single['test']['accuracy']:.4f} (test accuracy); source accuracies unchanged: {same}"
+        f"{fusion['target']} (test accuracy): fusion {fusion['test']['accuracy']:.4f}, single adapter "
+        f"{single['test']['accuracy']:.4f}, gain {gain:+.1f} points; source accuracies unchanged: {same}"
     )
     lines.append(f"report: {root / 'comparison.md'} (per run: {root}/*/report.md)")
     return "\n".join(lines)

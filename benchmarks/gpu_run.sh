@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session, prepared to run unattended on a machine without internet (benchmarks/README.md, "GPU"):
+# One unattended run on a GPU machine without internet (docs: Benchmarks, "On a GPU"):
 #   1. `make install` offline into the machine's own Python environment (VENV=its prefix: it has CUDA torch),
 #   2. benchmarks/speed.py on random-init MiniLM (B=64, L=128) and bert-base (B=32, L=256), bf16-mixed,
 #   3. AdapterHub `adapters` 1.3.0 on the same card and configurations (../shared/bench/peer_adapters.py),
@@ -28,7 +28,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run (a function of this script too) wi
     start=$(date +%s)
     left=$((END - start))
     if ((left < 20)); then
-        echo "== $name: skipped (the session's budget is spent)"
+        echo "== $name: skipped (the time budget is spent)"
         return 124
     fi
     ((limit > left)) && limit=$left
@@ -51,7 +51,7 @@ if ls "$KEEP"/minilm.part.* >/dev/null 2>&1; then
 fi
 [ -d "$KEEP/shared" ] && [ ! -e ../shared ] && ln -s "$KEEP/shared" ../shared
 
-# 2.-3. speed, ours and the peer's, in the same session on the same card (run below)
+# 2.-3. speed, ours and the peer's, in the same run on the same card (run below)
 speed() {  # speed NAME B L
     "$VENV/bin/python" benchmarks/speed.py --backbone "/tmp/bb/$1" --device "$DEVICE" --precision bf16-mixed \
         -B "$2" -L "$3" --fusion-k 2,4,8,16 --warmup 5 --steps "$STEPS" --rss-steps 0 --threads 8 --out "$RESULTS/ours.jsonl" &&
