@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from adafuse.continual.cli import commands
+from adafuse.continual.config import METHODS
 from adafuse.continual.runtime.allocator import tune_malloc
 from adafuse.fusion.errors import UserError, VerificationError, first_line
 from adafuse.fusion.library import KIND_FOLDERS
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config (configs/sequence/*.yaml)")
     run.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
     run.add_argument("--library", default=None, help="append to this library instead of OUT/library")
-    run.add_argument("--method", default=None, help="adapters | shared-adapter | full-finetune")
+    run.add_argument("--method", default=None, help=f"overrides the config's method: {' | '.join(METHODS)}")
     run.set_defaults(handler=commands.cmd_run)
 
     fuse = sub.add_parser("fuse", help="train AdapterFusion over library adapters for a target task")
