@@ -306,3 +306,13 @@ def parse_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
         return load_safetensors(data)
     except Exception as err:  # noqa: BLE001 - malformed input of any sort is reported the same way
         raise VerificationError(f"{path}: malformed safetensors file ({err})") from None
+
+
+def read_foreign_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file from outside a library (an AdapterHub or PEFT folder being imported), under
+    the bounded header check the library's own files get: a damaged or hostile file is a user error (one line
+    naming the file, exit 2), never an allocation the header asks for."""
+    try:
+        return parse_safetensors(Path(path).read_bytes(), Path(path))
+    except VerificationError as err:
+        raise UserError(str(err)) from None

@@ -3,6 +3,7 @@
 import json
 import pickle
 import shutil
+import struct
 
 import pytest
 import torch
@@ -106,6 +107,25 @@ def test_adapter_for_another_architecture_is_refused(fixtures_dir, tmp_path, cap
     (folder / "adapter_config.json").write_text(json.dumps(meta))
     assert _import(folder, tmp_path / "lib") == 2
     _one_line_error(capsys, "hidden size 768, but the library's backbone is bert with hidden size 384")
+    assert not (tmp_path / "lib" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (struct.pack("<Q", 10**15) + b"{}", "malformed safetensors header (declares 1000000000000000 bytes)"),
+        (b"\x03\x00", "truncated safetensors file (2 bytes)"),
+        (struct.pack("<Q", 2) + b"{}" + b"junk", "malformed safetensors file"),
+    ],
+)
+def test_a_damaged_safetensors_file_is_one_line_exit_2(fixtures_dir, tmp_path, capsys, content, match):
+    """The import reads a foreign file under the library's bounded header check: exit 2 naming the file."""
+    folder = tmp_path / "damaged"
+    shutil.copytree(fixtures_dir / "task_a", folder)
+    (folder / "adapter.safetensors").write_bytes(content)
+    assert _import(folder, tmp_path / "lib") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and f"{folder / 'adapter.safetensors'}:" in err[0], err
     assert not (tmp_path / "lib" / "manifest.json").exists()
 
 

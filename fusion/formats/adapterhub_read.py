@@ -11,11 +11,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.errors import UserError, first_line
 from adafuse.fusion.kinds import AdapterConfig
+from adafuse.fusion.library import read_foreign_safetensors
 from adafuse.fusion.storage import read_json_object
 
 # <model prefix>.<site path>.<adapters|adapter_fusion_layer|loras>.<name>.<param>; site paths: the sites table's
@@ -84,7 +84,7 @@ def load_tensors(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     """Tensors of ``<stem>.safetensors`` or, failing that, ``pytorch_<stem>.bin`` (weights_only)."""
     safe = folder / f"{stem}.safetensors"
     if safe.is_file():
-        return load_file(str(safe))
+        return read_foreign_safetensors(safe)
     binary = folder / f"pytorch_{stem}.bin"
     if binary.is_file():
         try:

@@ -14,10 +14,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.kinds import AdapterConfig
+from adafuse.fusion.library import read_foreign_safetensors
 from adafuse.fusion.storage import read_json_object
 
 _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
@@ -52,7 +53,7 @@ def read_peft_folder(folder: Path, site_paths: SitePaths) -> dict:
         raise UserError(f"{folder}: adapter_model.safetensors not found (adafuse reads PEFT's safetensors only)")
     slots = {path: f"{index}.{location}" for (index, location), path in site_paths.items()}
     tensors, targets = {}, set()
-    for key, value in load_file(str(weights)).items():
+    for key, value in read_foreign_safetensors(weights).items():
         match = _KEY.match(key)
         path = match and match.group(1)
         site = match and (slots.get(path) or slots.get(path.partition(".")[2]))
