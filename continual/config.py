@@ -52,6 +52,9 @@ class TrainerConfig:
         num_nodes: machines (Lightning's ``num_nodes``).
         strategy: Lightning strategy: ``auto`` or ``ddp``.
         num_workers: DataLoader worker processes.
+        pad_to_multiple_of: pad each batch's length up to a multiple of N (null: to the batch's longest
+            example), so that a few shapes cover a run; the attention mask hides the padding, so no metric
+            changes. Generation tasks refuse it (their batches are laid out per architecture).
         limit_train_batches: train on at most this many batches (an int) or this share (a float) per epoch.
         early_stopping_patience: stop a task after this many epochs without a better validation score.
         threads: torch CPU threads (default: torch's choice).
@@ -73,6 +76,7 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     num_workers: int = 0
+    pad_to_multiple_of: int | None = None
     limit_train_batches: int | float | None = None
     early_stopping_patience: int | None = None
     threads: int | None = None
@@ -87,6 +91,7 @@ class TrainerConfig:
             "num_nodes",
             "early_stopping_patience",
             "threads",
+            "pad_to_multiple_of",
         )
         for key in at_least_one:
             check_range(f"trainer.{key}", getattr(self, key), minimum=1)

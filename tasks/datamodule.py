@@ -1,5 +1,7 @@
 """``TaskDataModule``: one task's tokenised splits as Lightning dataloaders with dynamic padding (the task type
-encodes and collates)."""
+encodes and collates): each batch padded to its longest example, or up to a multiple of ``pad_to_multiple_of``
+so that a few shapes cover a run (compiled graphs are reused). The last partial batch keeps its size: dropping
+it would change which examples train, padding it with rows would change the metrics' counts."""
 
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class TaskDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: Path | None = None,
+        pad_to_multiple_of: int | None = None,
     ) -> None:
         super().__init__()
         self.task = task
@@ -52,7 +55,7 @@ class TaskDataModule(L.LightningDataModule):
         self.seed = seed
         self.cache_dir = cache_dir
         self.type = task_type(task.type)
-        self.collator = self.type.collator(tokenizer)
+        self.collator = self.type.collator(tokenizer, pad_to_multiple_of)
         self.datasets: dict = {}
 
     def setup(self, stage: str | None = None) -> None:

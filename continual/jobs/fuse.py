@@ -111,6 +111,7 @@ def run_fusion(
     fusion_name = check_name(config.name or f"{target.name}-fusion")
     env = prepare_environment(config, [target])
     task_type(target.type).check_backbone(env.model.sites, target.name)
+    task_type(target.type).check_padding(config.trainer.pad_to_multiple_of, target.name)
     library.check_backbone(env.fingerprint)  # before anything is written
     if isinstance(config.sources, dict):
         check_rankable(target)
@@ -143,6 +144,7 @@ def run_fusion(
             config.trainer.num_workers,
             config.seed,
             out / "cache",
+            config.trainer.pad_to_multiple_of,
         )
         head = fusion_name if baseline is None else f"{target.name}-single"
         head_type = task_type(target.type).head_for(model.sites)

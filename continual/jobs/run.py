@@ -59,6 +59,8 @@ def run_sequence(
     started = time.perf_counter()
     tasks = resolve_sequence(config.sequence, config.tasks, base_dir, None, config.max_length)  # checked before writing
     check_task_types(config, tasks)
+    for task in tasks:
+        task_type(task.type).check_padding(config.trainer.pad_to_multiple_of, task.name)
     if config.setting == "class-incremental":
         check_disjoint_labels(tasks)
     library_dir = Path(library_dir or Path(out) / "library")
@@ -82,6 +84,7 @@ def _run(config: RunConfig, env: Environment, tasks, out: Path, library_dir: Pat
             config.trainer.num_workers,
             config.seed + i,
             out / "cache",
+            config.trainer.pad_to_multiple_of,
         )
         for i, t in enumerate(tasks)
     ]

@@ -21,6 +21,9 @@ class TaskType:
         if sites.inputs != "text":
             raise UserError(f"task '{task}': a {self.name} task needs a text backbone; this one reads {sites.inputs}")
 
+    def check_padding(self, pad_to_multiple_of: int | None, task: str) -> None:
+        """Refuse ``trainer.pad_to_multiple_of`` where the type cannot pad to it (one line naming the task)."""
+
     def head_for(self, sites) -> str:
         """The head type on a backbone (the same on every one, unless a type says otherwise)."""
         return self.head_type

@@ -40,10 +40,10 @@ class Classification(TaskType):
     def encode(self, split: SplitData, tokenizer, max_length: int, cache_dir=None):
         return tokenize_split(split, tokenizer, max_length, cache_dir)
 
-    def collator(self, tokenizer):
+    def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
         from transformers import DataCollatorWithPadding
 
-        return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels)  # (B, C), (B,)

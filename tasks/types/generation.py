@@ -80,7 +80,14 @@ class Generation(TaskType):
             rows["labels"].append(target)
         return Dataset.from_dict(rows)
 
-    def collator(self, tokenizer):
+    def check_padding(self, pad_to_multiple_of: int | None, task: str) -> None:
+        if pad_to_multiple_of is not None:  # the batch is laid out again per architecture in model_batch
+            raise UserError(
+                f"trainer.pad_to_multiple_of: task '{task}' is a generation task, whose batches are laid out per "
+                "architecture (prompt + target); leave it unset (null)"
+            )
+
+    def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
         return PairCollator(tokenizer.pad_token_id)
 
     def model_batch(self, model, batch: dict) -> tuple[dict, torch.Tensor]:

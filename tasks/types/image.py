@@ -45,8 +45,8 @@ class ImageClassification(Classification):
         pixels = processor(images=list(split.texts), return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
         return [{"pixel_values": p, "labels": label} for p, label in zip(pixels, split.labels, strict=True)]
 
-    def collator(self, processor):
-        return stack_examples
+    def collator(self, processor, pad_to_multiple_of: int | None = None):
+        return stack_examples  # every image is resized to the backbone's size: one shape already
 
     def predict(self, model, processor, texts: list, tasks: list[str], max_length: int, skip_layers: int, names):
         """``texts`` hold image paths (or bytes); every row's image goes through its task's adapter and head."""

@@ -66,10 +66,12 @@ class Tagging(TaskType):
         labels = [align(encoded.word_ids(row), tags) for row, tags in enumerate(split.labels)]
         return Dataset.from_dict({**encoded, "labels": labels})
 
-    def collator(self, tokenizer):
+    def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
         from transformers import DataCollatorForTokenClassification
 
-        return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")
+        return DataCollatorForTokenClassification(
+            tokenizer, label_pad_token_id=IGNORE, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt"
+        )
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)  # (B*L, C), (B*L,)
