@@ -1,0 +1,56 @@
+"""Operators dispatched per step (benchmarks/operators.py): on a GPU each costs a launch, so a count that grows
+makes every small step slower there. These are the counts of one step on the tiny BERT (2 blocks), forward and
+backward; a change that adds operators must lower them somewhere else or raise the budget knowingly."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = {  # (configuration, step): operators of one step, 2 blocks, embeddings and head included
+    ("floor", "train"): 234, ("floor", "infer"): 69,
+    ("single-bottleneck", "train"): 267, ("single-bottleneck", "infer"): 81,
+    ("single-parallel", "train"): 265, ("single-parallel", "infer"): 79,
+    ("single-compacter", "train"): 371, ("single-compacter", "infer"): 117,
+    ("single-lora", "train"): 326, ("single-lora", "infer"): 97,
+    ("single-prefix", "train"): 340, ("single-prefix", "infer"): 93,
+    ("fusion-2", "train"): 480, ("fusion-2", "infer"): 139,
+    ("fusion-8", "train"): 480, ("fusion-8", "infer"): 139,
+}  # fmt: skip
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("benchmark_operators", ROOT / "benchmarks" / "operators.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def records():
+    return {
+        (r["configuration"], r["step"]): r
+        for r in _script().measure(str(ROOT / "configs/backbone/tiny-bert.yaml"), 2, 8)
+    }
+
+
+def test_no_operator_count_grows(records):
+    grown = {key: (r["operators"], BUDGET[key]) for key, r in records.items() if r["operators"] > BUDGET[key]}
+    assert grown == {}, "operators per step (now, budget)"
+
+
+def test_fusion_dispatches_as_many_operators_whatever_k(records):
+    """The K source adapters run as one batched computation: K = 8 issues no more kernels than K = 2."""
+    for step in ("train", "infer"):
+        assert records[("fusion-8", step)]["operators"] == records[("fusion-2", step)]["operators"]
+
+
+def test_the_counter_sees_the_backward_pass():
+    import torch
+
+    counter = _script().OperatorCounter()
+    x = torch.ones(3, requires_grad=True)
+    with counter:
+        (x * 2).sum().backward()
+    assert counter.total >= 3 and "aten.mul" in counter.counts
