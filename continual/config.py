@@ -45,6 +45,8 @@ class TrainerConfig:
         weight_decay: AdamW weight decay.
         warmup_ratio: share of the steps with a linear warm-up, then linear decay to 0 (in [0, 1)).
         gradient_clip_val: clip the gradient norm at this value (null: no clipping).
+        activation_checkpointing: recompute each frozen block's forward (its adapters and fusion included) in the
+            backward pass instead of keeping its activations: less memory for more compute, the same gradients.
         precision: Lightning precision: ``32-true``, ``bf16-mixed`` (refused on a CPU without bf16
             instructions), ``16-mixed`` (CUDA).
         accelerator: ``cpu``, ``gpu`` (refused without a visible CUDA device) or ``auto``.
@@ -70,6 +72,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     gradient_clip_val: float | None = 1.0
+    activation_checkpointing: bool = False
     precision: str = "32-true"
     accelerator: str = "cpu"
     devices: int | str = 1

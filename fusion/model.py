@@ -35,6 +35,8 @@ class AdaptedModel(nn.Module):
         blocks = [
             (stack, i, block) for stack in self.sites.stacks for i, block in enumerate(get_path(backbone, stack.layers))
         ]
+        self.blocks = [block for _, _, block in blocks]  # the backbone's own modules (a plain list: not registered)
+        self.activation_checkpointing = False
         for index, (stack, i, block) in enumerate(blocks):
             for name, path in stack.projections.items():  # first: a projection may sit inside a replaced sub-layer
                 self._slots[(index, name)] = ProjectionSlot(get_path(block, path))
@@ -301,7 +303,35 @@ class AdaptedModel(nn.Module):
             for _, _, slot in self.slots():
                 slot.adapters.train(mode)
                 slot.fusions.train(mode)
+        if mode and self.activation_checkpointing:
+            for block in self.blocks:  # the block's own flag only (transformers checkpoints a training layer);
+                block.training = True  # its dropout modules keep theirs
         return self
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's forward, its adapters and fusion included, in the backward pass instead of
+        keeping its activations (``torch.utils.checkpoint``, non-reentrant: the same gradients, dropout masks
+        replayed from the saved random state). Only training steps are affected; evaluation keeps no activations
+        anyway. Uses transformers' checkpointing layers (every block of the sites table is one since transformers
+        4.52)."""
+        import functools
+
+        from torch.utils.checkpoint import checkpoint
+
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer as Checkpointable
+        except ImportError:
+            Checkpointable = None  # noqa: N806 - a class or nothing
+        if enabled and (Checkpointable is None or not all(isinstance(b, Checkpointable) for b in self.blocks)):
+            raise UserError(
+                f"trainer.activation_checkpointing: the {self.backbone.config.model_type} blocks of this transformers "
+                "version cannot recompute their forward (needs transformers >= 4.52)"
+            )
+        for block in self.blocks:
+            block.gradient_checkpointing = enabled
+            block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False) if enabled else None
+        self.activation_checkpointing = enabled
+        self.train(self.training)
 
     def fusion_regularization(self) -> torch.Tensor:
         losses = [
@@ -333,6 +363,8 @@ class AdaptedModel(nn.Module):
             kwargs["input_ids"] = input_ids
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
+        if self.activation_checkpointing and self.training and getattr(self.backbone.config, "use_cache", None):
+            kwargs.setdefault("use_cache", False)  # a recomputed block must not add its keys and values twice
         return encoder(**kwargs).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):

@@ -46,7 +46,9 @@ def prepare_environment(config, tasks=()) -> Environment:
         check_max_length(backbone, task.max_length, f"task '{task.name}' max_length")
     fp = fingerprint(backbone)
     params = sum(p.numel() for p in backbone.parameters())
-    return Environment(AdaptedModel(backbone, config.backbone.dropout), tokenizer, fp, params)
+    model = AdaptedModel(backbone, config.backbone.dropout)
+    model.set_activation_checkpointing(config.trainer.activation_checkpointing)
+    return Environment(model, tokenizer, fp, params)
 
 
 def trainable_count(model: torch.nn.Module) -> int:
