@@ -58,7 +58,9 @@ class TrainerConfig:
             example), so that a few shapes cover a run; the attention mask hides the padding, so no metric
             changes. Generation tasks refuse it (their batches are laid out per architecture).
         limit_train_batches: train on at most this many batches (an int) or this share (a float) per epoch.
-        early_stopping_patience: stop a task after this many epochs without a better validation score.
+        early_stopping_patience: stop a task after this many validations without a better validation score.
+        val_every_n_epochs: validate (and keep the best weights so far, and write the resume checkpoint) every N
+            epochs; the best of those validated epochs is kept, so let ``max_epochs`` be a multiple of N.
         threads: torch CPU threads (default: torch's choice).
         progress_bar: Lightning's progress bar while training.
     """
@@ -82,6 +84,7 @@ class TrainerConfig:
     pad_to_multiple_of: int | None = None
     limit_train_batches: int | float | None = None
     early_stopping_patience: int | None = None
+    val_every_n_epochs: int = 1
     threads: int | None = None
     progress_bar: bool = True
 
@@ -93,6 +96,7 @@ class TrainerConfig:
             "eval_batch_size",
             "num_nodes",
             "early_stopping_patience",
+            "val_every_n_epochs",
             "threads",
             "pad_to_multiple_of",
         )

@@ -182,3 +182,18 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     large, accumulated, small = tensors["large"], tensors["accumulated"], tensors["small"]
     assert all(torch.allclose(accumulated[k], large[k], atol=1e-6) for k in large)
     assert not all(torch.allclose(small[k], large[k], atol=1e-6) for k in large)  # the check can tell batches apart
+
+
+def test_validation_every_n_epochs(tmp_path):
+    """``trainer.val_every_n_epochs: 2`` over 4 epochs validates twice (epochs 2 and 4) and keeps the better one."""
+    import csv
+
+    out = tmp_path / "val2"
+    args = ["run", SMOKE, "--out", str(out), "--tasks", "[bbc-business]", "--trainer.limit_train_batches", "2"]
+    assert main([*args, "--trainer.max_epochs", "4", "--trainer.val_every_n_epochs", "2"]) == 0
+    rows = list(csv.DictReader((out / "logs" / "bbc-business" / "version_0" / "metrics.csv").open()))
+    validated = sorted({int(r["epoch"]) for r in rows if r.get("val_accuracy")})
+    assert validated == [1, 3]  # 0-based: the 2nd and 4th epochs
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = max(float(r["val_accuracy"]) for r in rows if r.get("val_accuracy"))
+    assert metrics["per_task"]["bbc-business"]["val_accuracy"] == pytest.approx(best)

@@ -105,6 +105,7 @@ def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.
         enable_progress_bar=config.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        check_val_every_n_epoch=config.val_every_n_epochs,
         deterministic=config.accelerator == "cpu",
         log_every_n_steps=10,
         **optional,
