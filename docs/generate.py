@@ -192,7 +192,7 @@ def _script(name: str):
 
 def _value(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     if isinstance(value, list):
         return ", ".join(_value(v) for v in value)
     return _cell(value)
