@@ -133,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.set_defaults(handler=commands.cmd_predict)
 
+    serve = sub.add_parser("serve", help="serve every adapter and fusion of a library over HTTP, batched across tasks")
+    serve.add_argument("--library", required=True, help="adapter library (new entries are served without a restart)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    serve.add_argument("--max-batch-rows", type=int, default=64, help="rows gathered into one forward pass")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more rows")
+    serve.add_argument("--max-rows", type=int, default=256, help="inputs one request may send")
+    serve.add_argument("--max-chars", type=int, default=20_000, help="characters one input may have")
+    serve.add_argument("--max-length", type=int, default=128, help="tokens per text (default: 128)")
+    serve.add_argument("--token", default=None, help="bearer token every request must carry (or ADAFUSE_SERVE_TOKEN)")
+    serve.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
+    serve.set_defaults(handler=commands.cmd_serve)
+
     tasks = sub.add_parser("tasks", help="built-in tasks")
     tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True, parser_class=_Parser)
     tasks_sub.add_parser("list", help="built-in tasks with split sizes and labels").set_defaults(

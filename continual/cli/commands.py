@@ -196,6 +196,17 @@ def cmd_predict(args, _overrides=()) -> int:
     return 0
 
 
+def cmd_serve(args, _overrides=()) -> int:
+    from adafuse.continual.jobs.serve import ServeOptions, run_server
+
+    names = ("host", "port", "device", "max_batch_rows", "max_wait_ms", "max_rows", "max_chars", "max_length")
+    return run_server(
+        ServeOptions(
+            Path(args.library), token=args.token, backbone=args.backbone, **{n: getattr(args, n) for n in names}
+        )
+    )
+
+
 def cmd_tasks_list(args, _overrides=()) -> int:
     from adafuse.tasks.builtin import SEQUENCES, load_builtin, task_names
 

@@ -1,0 +1,346 @@
+"""``adafuse serve``: one frozen backbone answering for every adapter and fusion of a library over HTTP.
+
+FastAPI validates the requests (and publishes their schema at ``/docs`` and ``/openapi.json``); uvicorn serves
+them. One model thread owns the model: a batcher gathers the rows of concurrent requests, whatever adapter or
+fusion each names, up to ``max_batch_rows`` rows or ``max_wait_ms``, runs them through one routed forward pass of
+the same :class:`Predictor` that ``adafuse predict`` uses, and answers each request with its own rows, exactly as
+``predict`` writes them. The HTTP side never touches tensors.
+
+The library is read at every request, so adapters and fusions that a run or an import adds are served without a
+restart; each is verified (sha256, backbone fingerprint, a fusion's sources) when it is first loaded, and one that
+fails is refused with 409 while the rest keep serving. Nothing here writes to the library. The server binds
+127.0.0.1 unless told otherwise, and refuses another address without a bearer token.
+
+Endpoints: ``POST /v1/predict``, ``GET /v1/library``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+"""
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+from adafuse.continual.jobs.library_model import LibraryModel
+from adafuse.continual.jobs.predict import Predictor, _device
+from adafuse.continual.jobs.serve_metrics import ServeMetrics
+from adafuse.fusion.errors import UserError, VerificationError, first_line
+
+TOKEN_VARIABLE = "ADAFUSE_SERVE_TOKEN"
+TEXT_TYPES = ("classification", "tagging", "generation")  # what JSON rows carry; images would be server paths
+
+
+@dataclass
+class ServeOptions:
+    library: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    device: str = "cpu"
+    max_batch_rows: int = 64
+    max_wait_ms: float = 5.0
+    max_rows: int = 256  # rows one request may send
+    max_chars: int = 20_000  # characters of one input (its tokens are truncated at max_length anyway)
+    max_length: int = 128
+    token: str | None = None
+    backbone: str | None = None
+
+    def check(self) -> None:
+        """Refuse options that cannot work, in one line each, before anything loads."""
+        for name in ("max_batch_rows", "max_rows", "max_chars", "max_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"serve: --{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
+        if self.max_wait_ms < 0 or not 0 <= self.port <= 65535:
+            raise UserError(f"serve: --max-wait-ms {self.max_wait_ms} / --port {self.port} out of range")
+        if not _loopback(self.host) and not self.token:
+            raise UserError(
+                f"serve: binding '{self.host}' (not loopback) needs a bearer token: --token or {TOKEN_VARIABLE}"
+            )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RequestError(Exception):
+    """A request the server refuses: its HTTP status and one line saying why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Job:
+    texts: list
+    tasks: list[str]
+    future: Future
+
+
+class Batcher:
+    """The model thread: gathers queued jobs into one forward pass; a job that breaks a pass is answered alone."""
+
+    def __init__(self, predictor: Predictor, options: ServeOptions, metrics: ServeMetrics) -> None:
+        self.predictor = predictor
+        self.options = options
+        self.metrics = metrics
+        self.queue: queue.Queue[_Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="adafuse-model", daemon=True)
+        self.thread.start()
+
+    def submit(self, texts: list, tasks: list[str]) -> Future:
+        future: Future = Future()
+        self.queue.put(_Job(texts, tasks, future))
+        return future
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while (job := self.queue.get()) is not None:
+            jobs, rows = [job], len(job.texts)
+            deadline = time.monotonic() + self.options.max_wait_ms / 1000
+            while rows < self.options.max_batch_rows and (left := deadline - time.monotonic()) > 0:
+                try:
+                    more = self.queue.get(timeout=left)
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.queue.put(None)  # stop after this batch
+                    break
+                jobs.append(more)
+                rows += len(more.texts)
+            self._run(jobs)
+
+    def _run(self, jobs: list[_Job]) -> None:
+        ready = []
+        for job in jobs:  # load what is new; each is verified as it loads, and a failure fails its request only
+            try:
+                for task in dict.fromkeys(job.tasks):
+                    self.predictor.add_task(task)
+                ready.append(job)
+            except Exception as err:  # noqa: BLE001 - handed to the request that asked for it
+                job.future.set_exception(err)
+        if not ready:
+            return
+        texts = [text for job in ready for text in job.texts]
+        tasks = [task for job in ready for task in job.tasks]
+        try:
+            outputs = self.predictor(texts, tasks)
+        except Exception:  # noqa: BLE001 - one request's rows broke the shared pass: answer each request alone
+            for job in ready:
+                self._run_alone(job)
+            return
+        self.metrics.batch(tasks)
+        start = 0
+        for job in ready:
+            job.future.set_result(outputs[start : start + len(job.texts)])
+            start += len(job.texts)
+
+    def _run_alone(self, job: _Job) -> None:
+        try:
+            job.future.set_result(self.predictor(job.texts, job.tasks))
+            self.metrics.batch(job.tasks)
+        except Exception as err:  # noqa: BLE001 - handed to the request
+            job.future.set_exception(err)
+
+
+class Server:
+    """The library, its model and the batcher behind the HTTP app."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        options.check()
+        self.options = options
+        device = _device(options.device)
+        self.opened = LibraryModel.open(options.library, options.backbone, device=device)
+        self.metrics = ServeMetrics()
+        self.batcher = Batcher(Predictor(self.opened, options.max_length, device, 0), options, self.metrics)
+
+    def rows(self, body: dict) -> tuple[list, list[str], bool]:
+        """(inputs, the adapter or fusion of each, whether the rows name their own) of a predict request."""
+        names = {key: body.get(key) for key in ("adapter", "fusion", "task") if body.get(key) is not None}
+        if body.get("rows") is not None:
+            if names or body.get("inputs") is not None:
+                raise RequestError(422, "give either 'rows' or one of 'adapter', 'fusion', 'task' with 'inputs'")
+            texts, tasks = [r["input"] for r in body["rows"]], [r["task"] for r in body["rows"]]
+            for task in dict.fromkeys(tasks):
+                self._check_name(task, None)
+            return texts, tasks, True
+        if len(names) != 1 or body.get("inputs") is None:
+            raise RequestError(422, "give exactly one of 'adapter', 'fusion', 'task', with 'inputs' (or 'rows')")
+        (key, name), texts = next(iter(names.items())), body["inputs"]
+        self._check_name(name, None if key == "task" else key)
+        return texts, [name] * len(texts), False
+
+    def check_inputs(self, texts: list) -> None:
+        if not texts:
+            raise RequestError(422, "no inputs: expected at least one")
+        if len(texts) > self.options.max_rows:
+            raise RequestError(413, f"{len(texts)} inputs in one request; at most {self.options.max_rows}")
+        for number, text in enumerate(texts, 1):
+            size = len(text) if isinstance(text, str) else sum(len(w) for w in text)
+            if size == 0:
+                raise RequestError(422, f"input {number} is empty")
+            if size > self.options.max_chars:
+                raise RequestError(413, f"input {number} has {size} characters; at most {self.options.max_chars}")
+
+    def _check_name(self, name: str, kind: str | None) -> None:
+        library = self.opened.library
+        found = [k for k in ("adapter", "fusion") if (kind in (None, k)) and library.find(k, name) is not None]
+        head = library.find("head", name)
+        if not found or head is None:
+            heads = sorted(e["name"] for e in library.entries("head"))
+            what = kind or "adapter or fusion"
+            raise RequestError(404, f"no {what} named '{name}' with a head in the library (has: {heads})")
+        task_type = head["config"].get("task_type", "classification")
+        if task_type not in TEXT_TYPES:
+            raise RequestError(422, f"'{name}' is a {task_type} task; the server takes {', '.join(TEXT_TYPES)}")
+
+    def library_entries(self) -> list[dict]:
+        keep = ("name", "kind", "task", "sha256", "metrics", "created")
+        entries = []
+        for entry in self.opened.library.entries():
+            config = entry.get("config", {})
+            extra = {"task_type": config.get("task_type"), "labels": config.get("label_names")}
+            entries.append({k: entry.get(k) for k in keep} | {k: v for k, v in extra.items() if v is not None})
+        return entries
+
+
+def build_app(server: Server):
+    from importlib.metadata import version
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from pydantic import BaseModel, ConfigDict
+
+    class Row(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        task: str
+        input: str | list[str]
+
+    class PredictRequest(BaseModel):
+        """Either ``adapter``, ``fusion`` or ``task`` (either kind) with ``inputs``, or ``rows`` that each name their
+        own; an input is a text, or (tagging) a list of words."""
+
+        model_config = ConfigDict(extra="forbid")
+        adapter: str | None = None
+        fusion: str | None = None
+        task: str | None = None
+        inputs: list[str | list[str]] | None = None
+        rows: list[Row] | None = None
+
+    app = FastAPI(title="adafuse serve", version=version("adafuse"), description=__doc__.split("\n\n")[0])
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.perf_counter()
+        token = server.options.token
+        if token and request.headers.get("authorization") != f"Bearer {token}":
+            response = error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as err:  # noqa: BLE001 - a bug: one line, the server lives on
+                print(f"adafuse serve: internal error: {type(err).__name__}: {first_line(err)}", file=sys.stderr)
+                response = error(500, f"internal error: {type(err).__name__}: {first_line(err)}")
+        server.metrics.request(response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError):
+        problem = err.errors()[0] if err.errors() else {}
+        if problem.get("type") == "json_invalid":
+            return error(422, f"malformed JSON body: {problem.get('msg')} at character {problem['loc'][-1]}")
+        where = ".".join(str(p) for p in problem.get("loc", ()) if p != "body") or "body"
+        return error(422, f"{where}: {problem.get('msg', 'invalid request')}")
+
+    @app.post("/v1/predict")
+    async def predict(body: PredictRequest):
+        try:
+            data = body.model_dump(exclude_none=True)
+            if "rows" in data:
+                data["rows"] = [row.model_dump() for row in body.rows]
+            texts, tasks, per_row = server.rows(data)
+            server.check_inputs(texts)
+            outputs = await asyncio.wrap_future(server.batcher.submit(texts, tasks))
+        except RequestError as err:
+            return error(err.status, str(err))
+        except VerificationError as err:
+            print(f"adafuse serve: refused: {err}", file=sys.stderr)
+            return error(409, f"verification failed: {err}")
+        except UserError as err:
+            return error(422, str(err))
+        if per_row:
+            outputs = [{"task": task, **output} for task, output in zip(tasks, outputs, strict=True)]
+        return {"outputs": outputs}
+
+    @app.get("/v1/library")
+    async def library():
+        return {"library": str(server.opened.library.root), "backbone": server.opened.fingerprint,
+                "entries": server.library_entries()}  # fmt: skip
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "library": str(server.opened.library.root), "backbone": server.opened.fingerprint}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return server.metrics.text()
+
+    return app
+
+
+def run_server(options: ServeOptions) -> int:
+    """Serve until SIGINT/SIGTERM (uvicorn finishes the requests in flight first)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError("serve: needs FastAPI and uvicorn: pip install 'adafuse[serve]'") from None
+    options.token = options.token or os.environ.get(TOKEN_VARIABLE) or None
+    server = Server(options)
+    app = build_app(server)
+    _GracefulServer = _graceful_server_class()  # noqa: N806 - a class
+    config = uvicorn.Config(
+        app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=30
+    )
+    print(f"adafuse serve: {server.opened.library.root} on http://{options.host}:{options.port}", flush=True)
+    try:
+        _GracefulServer(config).run()
+    finally:
+        server.batcher.stop()
+    print("adafuse serve: stopped", flush=True)
+    return 0
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, ending with exit 0 after a graceful stop on SIGTERM or SIGINT (uvicorn itself raises the
+        signal again once the requests in flight are done, so the process would die by it)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer

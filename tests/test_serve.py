@@ -1,0 +1,216 @@
+"""``adafuse serve``: a real server process on 127.0.0.1, started and stopped by the tests, answering as
+``adafuse predict`` does, batching across requests and tasks, serving what the library gains, refusing bad input
+with 4xx and keeping on serving."""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cli_process import run_cli
+
+from adafuse.continual.cli import main
+from adafuse.continual.jobs.predict import run_predict
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "sequence" / "smoke.yaml")
+TOKEN = "s3cret"
+TEXTS = ["Shares rose sharply on the stock market", "The striker scored twice in the final", "A new phone", "x y z"]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "run"
+    quick = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    assert main(["run", SMOKE, "--out", str(out), "--tasks", "[bbc-business, bbc-sports]", *quick]) == 0
+    fuse = [str(ROOT / "configs" / "fusion" / "smoke.yaml"), "--library", str(out / "library")]
+    assert main(["fuse", *fuse, "--out", str(out / "fusion"), "--trainer.max_epochs", "1"]) == 0
+    return out / "library"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Served:
+    def __init__(self, library: Path, *extra: str) -> None:
+        self.port = _free_port()
+        command = [sys.executable, "-m", "adafuse.continual.cli", "serve", "--library", str(library)]
+        command += ["--port", str(self.port), "--token", TOKEN, "--max-wait-ms", "50", "--max-chars", "500", *extra]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server ended: {self.process.stderr.read()[-2000:]}")
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("the server did not answer /health within 120 s")
+
+    def request(self, method: str, path: str, body: bytes | None = None, token: str | None = TOKEN):
+        headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {token}"} if token else {})
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", body, headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def get(self, path: str, **options):
+        return self.request("GET", path, **options)
+
+    def predict(self, body, **options):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        status, text = self.request("POST", "/v1/predict", raw, **options)
+        return status, json.loads(text)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(library):
+    served = Served(library)
+    yield served
+    if served.process.poll() is None:
+        served.process.kill()
+        served.process.wait()
+
+
+def _predicted(library: Path, tmp_path: Path, rows: list[dict], **which) -> list[dict]:
+    """What ``adafuse predict`` writes for the same rows."""
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_predict(library, source, out, max_length=128, **which)
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_answers_exactly_what_predict_writes(server, library, tmp_path):
+    rows = [{"text": t} for t in TEXTS]
+    for key, name in (("adapter", "bbc-business"), ("fusion", "bbc-topic5-fewshot-fusion"), ("task", "bbc-sports")):
+        status, body = server.predict({key: name, "inputs": TEXTS})
+        which = {"fusion": name} if key == "fusion" else {"adapter": name}
+        assert status == 200 and body["outputs"] == _predicted(library, tmp_path, rows, **which), key
+    mixed = [
+        {"text": t, "task": n}
+        for t, n in zip(TEXTS, ["bbc-sports", "bbc-business", "bbc-sports", "bbc-business"], strict=True)
+    ]
+    status, body = server.predict({"rows": [{"task": r["task"], "input": r["text"]} for r in mixed]})
+    assert status == 200 and body["outputs"] == _predicted(library, tmp_path, mixed, task_column="task")
+
+
+def test_concurrent_requests_for_different_tasks_share_forward_passes(server, library, tmp_path):
+    names = ["bbc-business", "bbc-sports", "bbc-topic5-fewshot-fusion", "bbc-business"] * 3
+    expected = {}
+    for name in set(names):
+        which = {"fusion": name} if "fusion" in name else {"adapter": name}
+        expected[name] = _predicted(library, tmp_path, [{"text": TEXTS[0]}], **which)
+    before = _batches(server)
+    answers = {}
+
+    def ask(index: int, name: str) -> None:
+        answers[index] = server.predict({"task": name, "inputs": [TEXTS[0]]})
+
+    threads = [threading.Thread(target=ask, args=(i, n)) for i, n in enumerate(names)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for index, name in enumerate(names):  # in a batch with other rows, padded to their length: the same to 1e-5
+        status, body = answers[index]
+        (got,), (want,) = body["outputs"], expected[name]
+        assert status == 200 and got["label"] == want["label"], (name, got, want)
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+    assert _batches(server) - before < len(names)  # requests were gathered into shared passes
+
+
+def _batches(server) -> int:
+    status, text = server.get("/metrics")
+    assert status == 200
+    return int(next(line.split()[-1] for line in text.splitlines() if line.startswith("adafuse_batch_rows_count")))
+
+
+@pytest.mark.parametrize(
+    "body,status,match",
+    [
+        (b"{not json", 422, "malformed JSON body"),
+        ({"adapter": "bbc-weather", "inputs": ["x"]}, 404, "no adapter named 'bbc-weather'"),
+        ({"fusion": "bbc-business", "inputs": ["x"]}, 404, "no fusion named 'bbc-business'"),
+        ({"adapter": "bbc-business", "inputs": []}, 422, "no inputs"),
+        ({"adapter": "bbc-business", "inputs": [""]}, 422, "input 1 is empty"),
+        ({"adapter": "bbc-business", "inputs": ["x" * 501]}, 413, "input 1 has 501 characters; at most 500"),
+        ({"adapter": "bbc-business", "inputs": ["x"] * 257}, 413, "257 inputs in one request; at most 256"),
+        ({"adapter": "bbc-business", "inputs": [5]}, 422, "inputs.0"),
+        ({"adapter": "bbc-business", "fusion": "x", "inputs": ["x"]}, 422, "exactly one of"),
+        ({"inputs": ["x"], "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_problem_and_the_server_keeps_serving(server, body, status, match):
+    got, answer = server.predict(body)
+    assert got == status and match in answer["error"], answer
+    assert server.predict({"adapter": "bbc-business", "inputs": ["still here"]})[0] == 200
+
+
+def test_every_request_needs_the_token(server):
+    assert server.get("/health", token=None)[0] == 401
+    assert server.predict({"adapter": "bbc-business", "inputs": ["x"]}, token="wrong")[0] == 401
+
+
+def test_library_health_and_metrics(server, library):
+    status, text = server.get("/v1/library")
+    entries = json.loads(text)["entries"]
+    assert status == 200 and {(e["kind"], e["name"]) for e in entries} >= {
+        ("adapter", "bbc-business"),
+        ("fusion", "bbc-topic5-fewshot-fusion"),
+    }
+    head = next(e for e in entries if e["kind"] == "head" and e["name"] == "bbc-business")
+    assert head["labels"] == ["not-business", "business"] and head["sha256"]
+    metrics = server.get("/metrics")[1]
+    assert 'adafuse_requests_total{status="200"}' in metrics and 'adafuse_rows_total{name="bbc-business"}' in metrics
+    assert "adafuse_request_latency_seconds_bucket" in metrics
+
+
+def test_new_adapters_are_served_without_a_restart_and_a_changed_one_is_refused(server, library, tmp_path):
+    assert server.predict({"adapter": "bbc-tech", "inputs": ["x"]})[0] == 404
+    quick = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    args = ["run", SMOKE, "--out", str(tmp_path / "more"), "--library", str(library), "--tasks", "[bbc-tech]", *quick]
+    assert main(args) == 0
+    status, body = server.predict({"adapter": "bbc-tech", "inputs": [TEXTS[2]]})
+    assert status == 200 and body["outputs"] == _predicted(library, tmp_path, [{"text": TEXTS[2]}], adapter="bbc-tech")
+    # an adapter whose file no longer matches its manifest entry: refused (409) when first asked for
+    copied = tmp_path / "copy"
+    shutil.copytree(library, copied)
+    target = copied / "adapters" / "bbc-sports.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    other = Served(copied)
+    try:
+        status, body = other.predict({"adapter": "bbc-sports", "inputs": ["x"]})
+        assert status == 409 and "bbc-sports" in body["error"]
+        assert other.predict({"adapter": "bbc-business", "inputs": ["x"]})[0] == 200
+    finally:
+        assert other.stop() == 0  # SIGTERM: a graceful stop, exit 0
+
+
+def test_a_public_address_needs_a_token(library):
+    result = run_cli("serve", "--library", str(library), "--host", "0.0.0.0", env={"ADAFUSE_SERVE_TOKEN": ""})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "'0.0.0.0' (not loopback) needs a bearer token" in lines[0]
+
+
+def test_sigterm_finishes_and_exits_zero(server):
+    assert server.stop() == 0
