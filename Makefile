@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.stamp-install
 DEMO_OUT ?= runs/demo
-PYTEST_ARGS ?= -n auto  # pytest-xdist: one worker per core (tests/conftest.py gives each one torch thread)
+PYTEST_ARGS ?= -n auto --dist loadgroup  # pytest-xdist: a worker per core, a file's shared fixtures built once
 ACCELERATOR ?= cpu
 PRECISION ?= 32-true
 TRAINER := --trainer.accelerator $(ACCELERATOR) --trainer.precision $(PRECISION)

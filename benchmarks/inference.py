@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from adafuse.continual.jobs.library_model import LibraryModel
-from adafuse.continual.jobs.predict import Predictor
+from adafuse.continual.jobs.predictor import Predictor
 from adafuse.tasks.builtin import SEQUENCES, load_builtin
 
 

@@ -44,6 +44,10 @@ def _child(args: list[str], env: dict[str, str], cwd: str, out_path: str, err_pa
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process's own stdout
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.argv = ["adafuse", *args]
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker per core already: its child takes one thread, as it does
+        import torch
+
+        torch.set_num_threads(1)
     from adafuse.continual.cli import main
 
     code = main(args)

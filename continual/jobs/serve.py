@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adafuse.continual.jobs.library_model import LibraryModel
-from adafuse.continual.jobs.predict import Predictor, _device
+from adafuse.continual.jobs.predictor import Predictor, device_for
 from adafuse.continual.jobs.serve_metrics import ServeMetrics
 from adafuse.fusion.errors import UserError, VerificationError, first_line
 
@@ -162,7 +162,7 @@ class Server:
     def __init__(self, options: ServeOptions) -> None:
         options.check()
         self.options = options
-        device = _device(options.device)
+        device = device_for(options.device)
         self.opened = LibraryModel.open(options.library, options.backbone, device=device)
         self.metrics = ServeMetrics()
         self.batcher = Batcher(Predictor(self.opened, options.max_length, device, 0), options, self.metrics)

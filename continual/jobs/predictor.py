@@ -1,0 +1,71 @@
+"""The model side of ``predict`` and ``serve``: a library's adapters and fusions loaded on demand (verified on
+load), and rows of any of them routed through one forward pass, each task's head reading its own rows."""
+
+from __future__ import annotations
+
+import torch
+
+from adafuse.continual.jobs.library_model import LibraryModel
+from adafuse.fusion.errors import UserError
+from adafuse.tasks.types import TASK_TYPES
+from adafuse.tasks.types.base import group_rows
+
+
+class Predictor:
+    """Routes a batch of (text, task) rows through one pass of the model and each task's head."""
+
+    def __init__(self, opened: LibraryModel, max_length: int, device: torch.device, drop_layers: int) -> None:
+        if not 0 <= drop_layers <= opened.model.num_layers:
+            raise UserError(f"--drop-layers {drop_layers}: expected 0..{opened.model.num_layers}")
+        self.opened = opened
+        self.max_length = max_length
+        self.device = device
+        self.drop_layers = drop_layers
+        self.kinds: dict[str, str] = {}
+        opened.model.to(device).eval()  # the backbone is there already; this moves the adapter modules
+
+    def add_task(self, name: str, where: str = "") -> None:
+        """Load adapter or fusion ``name`` and the head of the same name."""
+        if name in self.kinds:
+            return
+        library = self.opened.library
+        kind = "fusion" if library.find("fusion", name) else "adapter" if library.find("adapter", name) else None
+        if kind is None or library.find("head", name) is None:
+            known = sorted(e["name"] for e in library.entries("head"))
+            raise UserError(
+                f"{where}task '{name}' is not an adapter or fusion with a head in '{library.root}' (has: {known})"
+            )
+        self.opened.load_fusion(name) if kind == "fusion" else self.opened.load_adapter(name)
+        self.opened.load_head(name)
+        self.opened.model.to(self.device).eval()  # new modules start in training mode
+        self.kinds[name] = kind
+
+    @torch.no_grad()
+    def __call__(self, texts: list, tasks: list[str]) -> list[dict]:
+        """One output per row; rows of one task type share a forward pass, each task's head reads its rows."""
+        opened = self.opened
+        results: list[dict | None] = [None] * len(texts)
+        for name, members in group_rows([opened.task_types[task] for task in tasks]).items():
+            outputs = TASK_TYPES[name].predict(
+                opened.model,
+                opened.tokenizer,
+                [texts[r] for r in members],
+                [tasks[r] for r in members],
+                self.max_length,
+                self.drop_layers,
+                opened.label_names,
+            )
+            for row, output in zip(members, outputs, strict=True):
+                results[row] = output
+        return results
+
+
+def device_for(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}': expected cpu, cuda, cuda:N or auto") from None
