@@ -46,7 +46,8 @@ class Served:
     def __init__(self, library: Path, *extra: str) -> None:
         self.port = _free_port()
         command = [sys.executable, "-m", "adafuse.continual.cli", "serve", "--library", str(library)]
-        command += ["--port", str(self.port), "--token", TOKEN, "--max-wait-ms", "50", "--max-chars", "500", *extra]
+        command += ["--port", str(self.port), "--token", TOKEN, "--max-wait-ms", "50", "--max-chars", "500"]
+        command += ["--max-loaded", "2", *extra]  # fewer than the tests ask for: they run through the LRU
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -168,6 +169,16 @@ def test_bad_input_is_a_4xx_naming_the_problem_and_the_server_keeps_serving(serv
     got, answer = server.predict(body)
     assert got == status and match in answer["error"], answer
     assert server.predict({"adapter": "bbc-business", "inputs": ["still here"]})[0] == 200
+
+
+def test_at_most_max_loaded_stay_loaded_and_an_unloaded_one_comes_back(server, library, tmp_path):
+    for name in ("bbc-business", "bbc-topic5-fewshot-fusion", "bbc-sports", "bbc-business"):
+        assert server.predict({"task": name, "inputs": [TEXTS[1]]})[0] == 200
+        loaded = json.loads(server.get("/health")[1])["loaded"]
+        assert len(loaded) <= 2 and loaded[-1] == name  # the least recently used go first
+    status, body = server.predict({"fusion": "bbc-topic5-fewshot-fusion", "inputs": [TEXTS[1]]})
+    want = _predicted(library, tmp_path, [{"text": TEXTS[1]}], fusion="bbc-topic5-fewshot-fusion")
+    assert status == 200 and body["outputs"] == want
 
 
 def test_every_request_needs_the_token(server):

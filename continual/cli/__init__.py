@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-rows", type=int, default=256, help="inputs one request may send")
     serve.add_argument("--max-chars", type=int, default=20_000, help="characters one input may have")
     serve.add_argument("--max-length", type=int, default=128, help="tokens per text (default: 128)")
+    serve.add_argument(
+        "--max-loaded", type=int, default=32, help="adapters and fusions kept loaded, least recently used go (0: all)"
+    )
     serve.add_argument("--token", default=None, help="bearer token every request must carry (or ADAFUSE_SERVE_TOKEN)")
     serve.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
     serve.set_defaults(handler=commands.cmd_serve)

@@ -21,12 +21,14 @@ class Predictor:
         self.max_length = max_length
         self.device = device
         self.drop_layers = drop_layers
-        self.kinds: dict[str, str] = {}
+        self.kinds: dict[str, str] = {}  # loaded task -> adapter | fusion, least recently used first
+        self.needs: dict[str, set[str]] = {}  # loaded task -> the adapters it runs (a fusion: its sources)
         opened.model.to(device).eval()  # the backbone is there already; this moves the adapter modules
 
     def add_task(self, name: str, where: str = "") -> None:
-        """Load adapter or fusion ``name`` and the head of the same name."""
+        """Load adapter or fusion ``name`` and the head of the same name (or mark it as just used)."""
         if name in self.kinds:
+            self.kinds[name] = self.kinds.pop(name)  # most recently used last
             return
         library = self.opened.library
         kind = "fusion" if library.find("fusion", name) else "adapter" if library.find("adapter", name) else None
@@ -35,10 +37,29 @@ class Predictor:
             raise UserError(
                 f"{where}task '{name}' is not an adapter or fusion with a head in '{library.root}' (has: {known})"
             )
-        self.opened.load_fusion(name) if kind == "fusion" else self.opened.load_adapter(name)
+        sources = self.opened.load_fusion(name) if kind == "fusion" else self.opened.load_adapter(name)
         self.opened.load_head(name)
         self.opened.model.to(self.device).eval()  # new modules start in training mode
         self.kinds[name] = kind
+        self.needs[name] = set(sources) if kind == "fusion" else {name}
+
+    def trim(self, max_loaded: int) -> list[str]:
+        """Unload the least recently used adapters and fusions (with their heads) beyond ``max_loaded``; an adapter
+        stays while a loaded fusion still runs it. Returns the names unloaded."""
+        model, unloaded = self.opened.model, []
+        while max_loaded > 0 and len(self.kinds) > max_loaded:
+            name = next(iter(self.kinds))
+            kind = self.kinds.pop(name)
+            needs = self.needs.pop(name)
+            if kind == "fusion":
+                model.delete_fusion(name)
+            for adapter in needs - set().union(*self.needs.values()):
+                model.delete_adapter(adapter)
+            del model.heads[name]
+            self.opened.label_names.pop(name, None)
+            self.opened.task_types.pop(name, None)
+            unloaded.append(name)
+        return unloaded
 
     @torch.no_grad()
     def __call__(self, texts: list, tasks: list[str]) -> list[dict]:

@@ -47,11 +47,14 @@ class ServeOptions:
     max_rows: int = 256  # rows one request may send
     max_chars: int = 20_000  # characters of one input (its tokens are truncated at max_length anyway)
     max_length: int = 128
+    max_loaded: int = 32  # adapters and fusions kept loaded (least recently used unloaded first); 0: no limit
     token: str | None = None
     backbone: str | None = None
 
     def check(self) -> None:
         """Refuse options that cannot work, in one line each, before anything loads."""
+        if self.max_loaded < 0:
+            raise UserError(f"serve: --max-loaded {self.max_loaded}: expected >= 0 (0: no limit)")
         for name in ("max_batch_rows", "max_rows", "max_chars", "max_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"serve: --{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
@@ -122,6 +125,7 @@ class Batcher:
                 jobs.append(more)
                 rows += len(more.texts)
             self._run(jobs)
+            self.predictor.trim(self.options.max_loaded)  # after the pass: a pass may need more than the limit
 
     def _run(self, jobs: list[_Job]) -> None:
         ready = []
@@ -296,7 +300,9 @@ def build_app(server: Server):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "library": str(server.opened.library.root), "backbone": server.opened.fingerprint}
+        loaded = list(server.batcher.predictor.kinds)  # least recently used first
+        root, fingerprint = str(server.opened.library.root), server.opened.fingerprint
+        return {"status": "ok", "library": root, "backbone": fingerprint, "loaded": loaded}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
