@@ -124,40 +124,43 @@ class Batcher:
                     break
                 jobs.append(more)
                 rows += len(more.texts)
-            self._run(jobs)
-            self.predictor.trim(self.options.max_loaded)  # after the pass: a pass may need more than the limit
+            answers = self._run(jobs)
+            self.predictor.trim(self.options.max_loaded)  # after the pass (it may need more than the limit)
+            for future, result, failed in answers:  # and before the answers: a request sees the trimmed state
+                future.set_exception(result) if failed else future.set_result(result)
 
-    def _run(self, jobs: list[_Job]) -> None:
-        ready = []
+    def _run(self, jobs: list[_Job]) -> list[tuple[Future, object, bool]]:
+        """(future, outputs or exception, failed) per job."""
+        answers, ready = [], []
         for job in jobs:  # load what is new; each is verified as it loads, and a failure fails its request only
             try:
                 for task in dict.fromkeys(job.tasks):
                     self.predictor.add_task(task)
                 ready.append(job)
             except Exception as err:  # noqa: BLE001 - handed to the request that asked for it
-                job.future.set_exception(err)
+                answers.append((job.future, err, True))
         if not ready:
-            return
+            return answers
         texts = [text for job in ready for text in job.texts]
         tasks = [task for job in ready for task in job.tasks]
         try:
             outputs = self.predictor(texts, tasks)
         except Exception:  # noqa: BLE001 - one request's rows broke the shared pass: answer each request alone
-            for job in ready:
-                self._run_alone(job)
-            return
+            return answers + [self._run_alone(job) for job in ready]
         self.metrics.batch(tasks)
         start = 0
         for job in ready:
-            job.future.set_result(outputs[start : start + len(job.texts)])
+            answers.append((job.future, outputs[start : start + len(job.texts)], False))
             start += len(job.texts)
+        return answers
 
-    def _run_alone(self, job: _Job) -> None:
+    def _run_alone(self, job: _Job) -> tuple[Future, object, bool]:
         try:
-            job.future.set_result(self.predictor(job.texts, job.tasks))
-            self.metrics.batch(job.tasks)
+            outputs = self.predictor(job.texts, job.tasks)
         except Exception as err:  # noqa: BLE001 - handed to the request
-            job.future.set_exception(err)
+            return job.future, err, True
+        self.metrics.batch(job.tasks)
+        return job.future, outputs, False
 
 
 class Server:
