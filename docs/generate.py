@@ -243,9 +243,8 @@ def benchmark_pages() -> dict[str, str]:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             lines.append(f"## {record['title']}\n")
             lines.append(f"- record: `benchmarks/{record['file']}` ({len(rows)} lines)")
-            lines.append(f"- command: `{record['command']}`" if record["command"].startswith(".") else "")
-            if not record["command"].startswith("."):
-                lines[-1] = f"- command: {record['command']}"
+            command = record["command"]  # a shell command is code; a description of one is prose
+            lines.append(f"- command: `{command}`" if command.startswith(".") else f"- command: {command}")
             lines.append(f"- machine: {record['machine']}")
             lines.append(f"- date: {record['date']}\n")
             lines.append(render_records(rows, record["render"]) + "\n")

@@ -135,7 +135,7 @@ class AdapterLibrary:
             manifest["backbone"] = {"fingerprint": fingerprint, **({"config": recorded} if recorded else {})}
             artefacts = [e for e in manifest["artefacts"] if (e["kind"], e["name"]) != (kind, name)]
             manifest["artefacts"] = sorted([*artefacts, entry], key=lambda e: (e["kind"], e["name"]))
-            atomic_write(self.manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+            self._write_manifest(manifest)
         return entry
 
     def record_metrics(self, kind: str, name: str, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -147,8 +147,12 @@ class AdapterLibrary:
             if entry is None:
                 raise UserError(f"library '{self.root}' has no {kind} named '{name}'")
             entry["metrics"] = {**entry.get("metrics", {}), **metrics}
-            atomic_write(self.manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+            self._write_manifest(manifest)
         return entry
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Atomically replace the manifest (callers hold the library's lock)."""
+        atomic_write(self.manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
     def check_backbone(self, fingerprint: str, manifest: dict[str, Any] | None = None) -> None:
         """Refuse a backbone other than the one this library's artefacts were trained on."""

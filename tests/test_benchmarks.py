@@ -1,20 +1,16 @@
 """The benchmark scripts run and report in the documented format (their timings are never asserted)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, tiny_backbone
+from conftest import ROOT, TINY, load_script, tiny_backbone
 
 
 def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / f"{name}.py")
 
 
 SPEED_FIELDS = {

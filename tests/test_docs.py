@@ -1,21 +1,18 @@
 """The documentation: generated pages current, every benchmark table traced to a record, and the project speaking
 of the software only (no development history, work-round or issue numbers, or plans in any tracked file)."""
 
-import importlib.util
 import re
 import subprocess
 from pathlib import Path
 
 import yaml
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "docs" / "generate.py")
 
 
 def test_generated_pages_are_current():

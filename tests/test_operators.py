@@ -2,10 +2,10 @@
 makes every small step slower there. These are the counts of one step on the tiny BERT (2 blocks), forward and
 backward; a change that adds operators must lower them somewhere else or raise the budget knowingly."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = {  # (configuration, step): operators of one step, 2 blocks, embeddings and head included
@@ -21,10 +21,7 @@ BUDGET = {  # (configuration, step): operators of one step, 2 blocks, embeddings
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("benchmark_operators", ROOT / "benchmarks" / "operators.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "operators.py")
 
 
 @pytest.fixture(scope="module")

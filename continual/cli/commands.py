@@ -200,12 +200,8 @@ def cmd_serve(args, _overrides=()) -> int:
     from adafuse.continual.jobs.serve import ServeOptions, run_server
 
     names = ("host", "port", "device", "max_batch_rows", "max_wait_ms", "max_rows", "max_chars", "max_length")
-    names += ("max_loaded",)
-    return run_server(
-        ServeOptions(
-            Path(args.library), token=args.token, backbone=args.backbone, **{n: getattr(args, n) for n in names}
-        )
-    )
+    options = {name: getattr(args, name) for name in (*names, "max_loaded", "token", "backbone")}
+    return run_server(ServeOptions(Path(args.library), **options))
 
 
 def cmd_tasks_list(args, _overrides=()) -> int:

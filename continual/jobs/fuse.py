@@ -288,9 +288,10 @@ class SourceEvaluator:
         keeps the monitor's score in the adapter's entry), where it holds for what this job would measure: the
         same head (sha256; the adapter's own is checked on load) and the same evaluation settings."""
         results = {}
+        heads = {e["name"]: e for e in self.library.entries("head")}
         for entry in self.entries:
             record = entry.get("metrics", {}).get("test") or {}
-            head = self.library.find("head", entry["name"])
+            head = heads.get(entry["name"])
             holds = (
                 entry["name"] in self.loaders
                 and head is not None

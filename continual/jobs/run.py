@@ -188,18 +188,20 @@ def record_test_accuracy(config: RunConfig, library: AdapterLibrary, name: str, 
     entry (with the head's sha256 and the evaluation settings it holds for): ``fuse`` then compares its sources
     after training against this record instead of evaluating them twice. Task-incremental runs only (a
     class-incremental score is not the score of the adapter and its head alone)."""
-    accuracy = metrics.get("accuracy", [[None]])[i][i] if "accuracy" in metrics else None
+    accuracy = metrics["accuracy"][i][i] if "accuracy" in metrics else None
     if config.setting != "task-incremental" or accuracy is None or not is_main():
         return
-    if library.find("adapter", name) is None or library.find("head", name) is None:
+    entries = {(e["kind"], e["name"]): e for e in library.entries()}
+    adapter, head = entries.get(("adapter", name)), entries.get(("head", name))
+    if adapter is None or head is None:
         return
     record = {
         "accuracy": accuracy,
-        "head_sha256": library.get("head", name)["sha256"],
+        "head_sha256": head["sha256"],
         "max_length": config.max_length,
         "eval_batch_size": config.trainer.eval_batch_size,
     }
-    if library.get("adapter", name)["metrics"].get("test") != record:
+    if adapter["metrics"].get("test") != record:
         library.record_metrics("adapter", name, {"test": record})
 
 

@@ -31,9 +31,10 @@ from adafuse.continual.jobs.library_model import LibraryModel
 from adafuse.continual.jobs.predictor import Predictor, device_for
 from adafuse.continual.jobs.serve_metrics import ServeMetrics
 from adafuse.fusion.errors import UserError, VerificationError, first_line
+from adafuse.tasks.types import TASK_TYPES
 
 TOKEN_VARIABLE = "ADAFUSE_SERVE_TOKEN"
-TEXT_TYPES = ("classification", "tagging", "generation")  # what JSON rows carry; images would be server paths
+TEXT_TYPES = tuple(name for name, kind in TASK_TYPES.items() if kind.inputs == "text")  # what JSON rows carry
 
 
 @dataclass
@@ -177,17 +178,18 @@ class Server:
     def rows(self, body: dict) -> tuple[list, list[str], bool]:
         """(inputs, the adapter or fusion of each, whether the rows name their own) of a predict request."""
         names = {key: body.get(key) for key in ("adapter", "fusion", "task") if body.get(key) is not None}
+        entries = {(e["kind"], e["name"]): e for e in self.opened.library.entries()}  # the library as it is now
         if body.get("rows") is not None:
             if names or body.get("inputs") is not None:
                 raise RequestError(422, "give either 'rows' or one of 'adapter', 'fusion', 'task' with 'inputs'")
             texts, tasks = [r["input"] for r in body["rows"]], [r["task"] for r in body["rows"]]
             for task in dict.fromkeys(tasks):
-                self._check_name(task, None)
+                _check_name(entries, task, None)
             return texts, tasks, True
         if len(names) != 1 or body.get("inputs") is None:
             raise RequestError(422, "give exactly one of 'adapter', 'fusion', 'task', with 'inputs' (or 'rows')")
         (key, name), texts = next(iter(names.items())), body["inputs"]
-        self._check_name(name, None if key == "task" else key)
+        _check_name(entries, name, None if key == "task" else key)
         return texts, [name] * len(texts), False
 
     def check_inputs(self, texts: list) -> None:
@@ -202,18 +204,6 @@ class Server:
             if size > self.options.max_chars:
                 raise RequestError(413, f"input {number} has {size} characters; at most {self.options.max_chars}")
 
-    def _check_name(self, name: str, kind: str | None) -> None:
-        library = self.opened.library
-        found = [k for k in ("adapter", "fusion") if (kind in (None, k)) and library.find(k, name) is not None]
-        head = library.find("head", name)
-        if not found or head is None:
-            heads = sorted(e["name"] for e in library.entries("head"))
-            what = kind or "adapter or fusion"
-            raise RequestError(404, f"no {what} named '{name}' with a head in the library (has: {heads})")
-        task_type = head["config"].get("task_type", "classification")
-        if task_type not in TEXT_TYPES:
-            raise RequestError(422, f"'{name}' is a {task_type} task; the server takes {', '.join(TEXT_TYPES)}")
-
     def library_entries(self) -> list[dict]:
         keep = ("name", "kind", "task", "sha256", "metrics", "created")
         entries = []
@@ -222,6 +212,19 @@ class Server:
             extra = {"task_type": config.get("task_type"), "labels": config.get("label_names")}
             entries.append({k: entry.get(k) for k in keep} | {k: v for k, v in extra.items() if v is not None})
         return entries
+
+
+def _check_name(entries: dict[tuple[str, str], dict], name: str, kind: str | None) -> None:
+    """Refuse a name that is not an adapter or fusion (``kind``: that one) with a head, or not a text task."""
+    found = [k for k in ("adapter", "fusion") if kind in (None, k) and (k, name) in entries]
+    head = entries.get(("head", name))
+    if not found or head is None:
+        heads = sorted(n for k, n in entries if k == "head")
+        what = kind or "adapter or fusion"
+        raise RequestError(404, f"no {what} named '{name}' with a head in the library (has: {heads})")
+    task_type = head["config"].get("task_type", "classification")
+    if task_type not in TEXT_TYPES:
+        raise RequestError(422, f"'{name}' is a {task_type} task; the server takes {', '.join(TEXT_TYPES)}")
 
 
 def build_app(server: Server):
@@ -279,10 +282,7 @@ def build_app(server: Server):
     @app.post("/v1/predict")
     async def predict(body: PredictRequest):
         try:
-            data = body.model_dump(exclude_none=True)
-            if "rows" in data:
-                data["rows"] = [row.model_dump() for row in body.rows]
-            texts, tasks, per_row = server.rows(data)
+            texts, tasks, per_row = server.rows(body.model_dump(exclude_none=True))
             server.check_inputs(texts)
             outputs = await asyncio.wrap_future(server.batcher.submit(texts, tasks))
         except RequestError as err:

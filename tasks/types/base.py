@@ -15,6 +15,7 @@ class TaskType:
     primary = ""
     labelled = True  # a label set, read from the train split
     one_label_per_input = False  # one label per example (a pooled head): what source ranking scores
+    inputs = "text"  # what an example is: text (a string, or a list of words) or pixels (an image)
 
     def check_backbone(self, sites, task: str) -> None:
         """Refuse a backbone this type cannot serve (one line naming the task); text types need text."""

@@ -22,6 +22,8 @@ class ImageClassification(Classification):
     name = "image"
     head_type = "image_classification"
 
+    inputs = "pixels"
+
     def check_backbone(self, sites, task: str) -> None:
         if sites.inputs != "pixels":
             raise UserError(f"task '{task}': an image task needs an image backbone (vit); this one reads text")
