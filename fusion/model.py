@@ -365,7 +365,8 @@ class AdaptedModel(nn.Module):
             kwargs["attention_mask"] = attention_mask
         if self.activation_checkpointing and self.training and getattr(self.backbone.config, "use_cache", None):
             kwargs.setdefault("use_cache", False)  # a recomputed block must not add its keys and values twice
-        return encoder(**kwargs).last_hidden_state
+        hidden = encoder(**kwargs).last_hidden_state
+        return hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden  # float32 heads
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
         """Logits of the active head: (B, C) for classification, (B, L, vocab) for language modelling."""

@@ -66,11 +66,18 @@ class AdapterSlot(nn.Module):
     def _adapter_input(self, mode: str, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """What an adapter reads (``AdapterConfig.input``): norm(h + residual), h, or the residual stream."""
         if mode == "normed":
-            return self.layer_norm(h + residual)
+            return in_dtype(self.layer_norm, h + residual)
         return h if mode == "output" else residual
 
     def mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """The slot's output before the block's residual + layer norm: h plus the adapters' contribution."""
+        """The slot's output before the block's residual + layer norm: h plus the adapters' contribution, computed
+        in the adapters' dtype (float32 beside a bfloat16 backbone) and handed back in the backbone's."""
+        dtype = adapter_dtype(self)
+        if h.dtype == dtype or torch.is_autocast_enabled(h.device.type):  # autocast casts on its own
+            return self._mix(h, residual)
+        return self._mix(h.to(dtype), residual.to(dtype)).to(h.dtype)
+
+    def _mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if self.routes:
             return self._routed(h, residual)
         if self.active_fusion is not None:
@@ -214,6 +221,13 @@ class ProjectionSlot(nn.Module):
         out = self.base(x)
         if self.is_bare:
             return out
+        dtype = adapter_dtype(self)
+        if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+            return self._deltas(x, out)
+        # a narrower backbone: the deltas summed in the adapters' dtype, added to the projection in the backbone's
+        return out + self._deltas(x.to(dtype), out.new_zeros(out.shape, dtype=dtype)).to(out.dtype)
+
+    def _deltas(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.routes:
             for name, sources, rows in self.routes:
                 out = out.index_add(0, rows, self._delta(name, sources, x.index_select(0, rows)))
@@ -314,3 +328,19 @@ def _prefix_mask(mask: torch.Tensor | None, parts: list, hidden: torch.Tensor, i
     if additive:
         prefix = torch.zeros_like(prefix, dtype=mask.dtype).masked_fill(~prefix, torch.finfo(mask.dtype).min)
     return torch.cat([prefix, mask.expand(batch, -1, -1, -1)], dim=-1)
+
+
+def adapter_dtype(slot: nn.Module) -> torch.dtype:
+    """The dtype a slot's adapters compute in: their weights' (float32 master weights beside a narrower backbone)."""
+    for module in (*slot.adapters.values(), *slot.fusions.values()):
+        for param in module.parameters():
+            return param.dtype
+    return torch.float32
+
+
+def in_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a backbone module whose weights may be narrower than ``x``: run in theirs, return in x's."""
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.dtype == x.dtype:
+        return module(x)
+    return module(x.to(weight.dtype)).to(x.dtype)

@@ -4,8 +4,9 @@ import sys
 import pytest
 from conftest import TINY, tiny_backbone
 
-from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model, load_tokenizer
+from adafuse.fusion.backbone import BackboneConfig, load_model, load_tokenizer
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.fingerprint import fingerprint
 
 
 def test_loaded_backbone_is_frozen_and_in_eval_mode():
@@ -16,7 +17,7 @@ def test_loaded_backbone_is_frozen_and_in_eval_mode():
 def test_fingerprint_is_stable_across_processes():
     code = (
         "import sys; sys.path.insert(0, 'tests'); from conftest import tiny_backbone; "
-        "from adafuse.fusion.backbone import fingerprint; print(fingerprint(tiny_backbone('bert')))"
+        "from adafuse.fusion.fingerprint import fingerprint; print(fingerprint(tiny_backbone('bert')))"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == fingerprint(tiny_backbone("bert"))

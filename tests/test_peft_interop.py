@@ -31,7 +31,8 @@ def _hidden(module, batch) -> torch.Tensor:
 def test_adafuse_lora_loads_in_peft_with_the_same_outputs(saved_backbone, tmp_path):
     from transformers import AutoModel
 
-    from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model
+    from adafuse.fusion.backbone import BackboneConfig, load_model
+    from adafuse.fusion.fingerprint import fingerprint
     from adafuse.fusion.library import AdapterLibrary
     from adafuse.fusion.model import AdaptedModel
 

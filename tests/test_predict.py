@@ -11,7 +11,8 @@ from adafuse.continual.cli import main
 from adafuse.continual.config import load_config
 from adafuse.continual.jobs.library_model import LibraryModel
 from adafuse.fusion.attention import FusionConfig
-from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model
+from adafuse.fusion.backbone import BackboneConfig, load_model
+from adafuse.fusion.fingerprint import fingerprint
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.model import AdaptedModel

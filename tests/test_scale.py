@@ -15,7 +15,8 @@ import yaml
 
 from adafuse.continual.cli import main
 from adafuse.continual.config import load_config
-from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model
+from adafuse.fusion.backbone import BackboneConfig, load_model
+from adafuse.fusion.fingerprint import fingerprint
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary
 from adafuse.fusion.model import AdaptedModel

@@ -14,8 +14,10 @@ import torch
 
 from adafuse.continual.config import HeadConfig, JobConfig
 from adafuse.continual.runtime.distributed import is_main
-from adafuse.fusion.backbone import check_max_length, fingerprint, load_model, load_tokenizer
+from adafuse.continual.runtime.hardware import check_backbone_dtype
+from adafuse.fusion.backbone import check_max_length, load_model, load_tokenizer
 from adafuse.fusion.errors import UserError
+from adafuse.fusion.fingerprint import fingerprint
 from adafuse.fusion.heads import build_head
 from adafuse.fusion.library import RUN_LOCK
 from adafuse.fusion.model import AdaptedModel
@@ -39,6 +41,7 @@ def prepare_environment(config, tasks=()) -> Environment:
     if config.trainer.threads:
         torch.set_num_threads(config.trainer.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
+    check_backbone_dtype(config.backbone.dtype, config.trainer.accelerator)
     tokenizer = load_tokenizer(config.backbone)
     backbone = load_model(config.backbone)
     check_max_length(backbone, config.max_length)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from adafuse.continual.config import build, load_config
 from adafuse.fusion.attention import FusionConfig
-from adafuse.fusion.backbone import BackboneConfig, fingerprint, load_model, load_tokenizer
+from adafuse.fusion.backbone import BackboneConfig, load_model, load_tokenizer
 from adafuse.fusion.errors import UserError, VerificationError
+from adafuse.fusion.fingerprint import fingerprint
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary, changed_sources
 from adafuse.fusion.model import AdaptedModel

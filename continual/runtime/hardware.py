@@ -7,6 +7,7 @@ every matmul converts through float32 and runs slower than float32 itself.
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 from adafuse.fusion.errors import UserError
@@ -38,4 +39,17 @@ def check_hardware(accelerator: str, precision: str) -> None:
         raise UserError(
             f"trainer.precision: '{precision}' needs a CPU with bf16 instructions ({' or '.join(BF16_FLAGS)}); "
             "this CPU has neither: use 32-true"
+        )
+
+
+def check_backbone_dtype(dtype: str, accelerator: str) -> None:
+    """Refuse float16 weights off CUDA; say in one line that bfloat16 weights run slower on a CPU without bf16
+    instructions (they are still allowed there: they halve the backbone's memory)."""
+    on_cuda = accelerator in ("gpu", "cuda")
+    if dtype == "float16" and not on_cuda:
+        raise UserError("backbone.dtype: float16 needs a CUDA device (trainer.accelerator: gpu); on a CPU use bfloat16")
+    if dtype == "bfloat16" and not on_cuda and not cpu_has_bf16():
+        print(
+            "warning: backbone.dtype bfloat16 on a CPU without bf16 instructions: half the memory, slower steps",
+            file=sys.stderr,
         )

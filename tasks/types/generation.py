@@ -223,25 +223,42 @@ def split_rows(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[list[list
     return prompts, targets
 
 
-def decode(model, prompts: list[list[int]], max_new_tokens: int, end: int, head: str | None = None) -> list[list[int]]:
+def decode(
+    model, prompts: list[list[int]], max_new_tokens: int, end: int, head: str | None = None, cache: bool = True
+) -> list[list[int]]:
     """Greedy continuation of each prompt on the backbone's layout, stopping at ``end`` (which it leaves out);
-    ``head``: the LM head that reads the hidden states (default: the model's active head)."""
-    return DECODERS[model.sites.lm](model, prompts, max_new_tokens, end, head or model.active_head)
+    ``head``: the LM head that reads the hidden states (default: the model's active head). With ``cache`` the
+    keys and values of the positions already read are kept (transformers' KV cache), so every step after the
+    first reads one new token per row; without it every step reads the whole sequence again. Both give the
+    same tokens: every adapter kind and the fusion act on each position alone."""
+    cache = cache and not _prefix_active(model)
+    return DECODERS[model.sites.lm](model, prompts, max_new_tokens, end, head or model.active_head, cache)
+
+
+def _prefix_active(model) -> bool:
+    """An active prefix adapter's slot reads its keys and values without a cache (the BERT family's layout)."""
+    return any(location == "prefix" and not slot.is_bare for _, location, slot in model.slots())
 
 
 @torch.no_grad()
-def greedy_causal(model, prompts: list[list[int]], max_new_tokens: int, end: int, head: str) -> list[list[int]]:
-    """Batched greedy decoding on a decoder: prompts left-padded, positions counted from each row's first token.
+def greedy_causal(
+    model, prompts: list[list[int]], max_new_tokens: int, end: int, head: str, cache: bool = True
+) -> list[list[int]]:
+    """Batched greedy decoding on a decoder: prompts left-padded, positions counted from each row's first token;
+    with ``cache``, each step feeds only the positions the key/value cache has not read yet."""
+    from transformers import DynamicCache
 
-    Every step runs the whole sequence again (no key/value cache): simple, exact, and cheap at the lengths
-    tasks here use."""
     width = max(map(len, prompts))
     ids = _padded([[0] * (width - len(p)) + p for p in prompts], 0).to(model.device)  # (B, L)
     mask = _padded([[0] * (width - len(p)) + [1] * len(p) for p in prompts], 0).to(model.device)
+    past = DynamicCache(config=model.backbone.config) if cache else None
 
     def following(state):  # (B,) the most likely next token of every row
         ids, mask = state
-        hidden = model.encode(ids, mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0))  # (B, L, d)
+        seen = past.get_seq_length() if past is not None else 0
+        positions = (mask.cumsum(1) - 1).clamp_min(0)[:, seen:]
+        options = {"cache": past, "use_cache": True} if past is not None else {"use_cache": False}
+        hidden = model.encode(ids[:, seen:], mask, position_ids=positions, **options)  # (B, L - seen, d)
         return model.heads[head](hidden[:, -1:])[:, -1].argmax(-1)
 
     def extend(state, tokens):
@@ -252,15 +269,24 @@ def greedy_causal(model, prompts: list[list[int]], max_new_tokens: int, end: int
 
 
 @torch.no_grad()
-def greedy_seq2seq(model, prompts: list[list[int]], max_new_tokens: int, end: int, head: str) -> list[list[int]]:
-    """Batched greedy decoding on an encoder-decoder: the encoder reads the (right-padded) prompts, the decoder
-    grows from the start token (encoder and decoder rerun each step, as in :func:`greedy_causal`)."""
+def greedy_seq2seq(
+    model, prompts: list[list[int]], max_new_tokens: int, end: int, head: str, cache: bool = True
+) -> list[list[int]]:
+    """Batched greedy decoding on an encoder-decoder: the encoder reads the (right-padded) prompts once, the
+    decoder grows from the start token (with ``cache`` it reads only the newest token at each step)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
     ids = _padded(prompts, model.backbone.config.pad_token_id or 0).to(model.device)  # (B, L)
     mask = _padded([[1] * len(p) for p in prompts], 0).to(model.device)
     start = torch.full((len(prompts), 1), model.backbone.config.decoder_start_token_id, device=model.device)
+    encoded = BaseModelOutput(last_hidden_state=model.encode(ids, mask))  # (B, L, d), read by every step
+    past = EncoderDecoderCache(DynamicCache(), DynamicCache()) if cache else None
 
     def following(decoded):
-        hidden = model.encode(ids, mask, decoder_input_ids=decoded)  # (B, T, d) decoder states
+        seen = past.get_seq_length() if past is not None else 0
+        options = {"cache": past, "use_cache": True} if past is not None else {"use_cache": False}
+        hidden = model.encode(None, mask, decoder_input_ids=decoded[:, seen:], encoder_outputs=encoded, **options)
         return model.heads[head](hidden[:, -1:])[:, -1].argmax(-1)
 
     def extend(decoded, tokens):

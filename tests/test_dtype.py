@@ -1,0 +1,145 @@
+"""``backbone.dtype``: frozen weights in bfloat16 beside float32 adapters, fusion and heads; one fingerprint for
+every dtype of the same weights; float16 refused off CUDA."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import ROOT, TINY, bare_hidden, tiny_batch
+
+from adafuse.continual.cli import main
+from adafuse.fusion.attention import FusionConfig
+from adafuse.fusion.backbone import BackboneConfig, load_model
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.fingerprint import fingerprint
+from adafuse.fusion.kinds import AdapterConfig
+from adafuse.fusion.model import AdaptedModel
+
+KINDS = {
+    "bottleneck": AdapterConfig(reduction_factor=2),
+    "parallel": AdapterConfig(kind="parallel", reduction_factor=2),
+    "compacter": AdapterConfig(kind="compacter", reduction_factor=2, phm_dim=2),
+    "lora": AdapterConfig(kind="lora", r=4),
+    "prefix": AdapterConfig(kind="prefix", prefix_length=3),
+}
+CASES = [("bert", kind) for kind in KINDS] + [("bert", "fusion")]
+CASES += [(m, s) for m in ("gpt2", "llama", "t5") for s in ("bottleneck", "fusion")] + [("llama", "lora")]
+
+
+def _config(model_type: str, dtype: str) -> BackboneConfig:
+    return BackboneConfig(random_init={"model_type": model_type, **TINY[model_type]}, dtype=dtype)
+
+
+def _model(model_type: str, setup: str, dtype: str) -> AdaptedModel:
+    model = AdaptedModel(load_model(_config(model_type, dtype)))
+    torch.manual_seed(0)
+    sources = ["s0", "s1", "s2"] if setup == "fusion" else ["a"]
+    for name in sources:
+        model.add_adapter(name, KINDS.get(setup, KINDS["bottleneck"]))
+    if setup == "fusion":
+        model.add_fusion("f", sources, FusionConfig())
+    model.add_head("h", 3)
+    with torch.no_grad():  # trained-looking: every delta non-zero
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.activate(**({"fusion": "f"} if setup == "fusion" else {"adapters": ["a"]}), head="h")
+    model.set_trainable(**({"fusions": ["f"]} if setup == "fusion" else {"adapters": ["a"]}), heads=["h"])
+    return model
+
+
+@pytest.mark.parametrize(("model_type", "setup"), CASES)
+def test_bfloat16_weights_give_the_float32_outputs_within_bf16_rounding(model_type, setup):
+    wide, narrow = (_model(model_type, setup, dtype) for dtype in ("float32", "bfloat16"))
+    added = (".adapters.", ".fusions.", "heads.")
+    frozen = {p.dtype for n, p in narrow.named_parameters() if not any(a in n for a in added)}
+    assert frozen == {torch.bfloat16}
+    assert {p.dtype for n, p in narrow.named_parameters() if any(a in n for a in added)} == {torch.float32}
+    batch = tiny_batch()
+    wide.eval(), narrow.eval()
+    with torch.no_grad():
+        expected, got = wide(**batch), narrow(**batch)
+    assert got.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: every weight and activation rounded at 2^-9 relative, a few layers deep
+    assert (got - expected).norm() <= 0.05 * expected.norm()
+
+    narrow.train()
+    loss = torch.nn.functional.cross_entropy(narrow(**batch), torch.tensor([0, 1, 2]))
+    loss.backward()
+    graded = {n for n, p in narrow.named_parameters() if p.grad is not None}
+    assert graded and graded <= {n for n, p in narrow.named_parameters() if p.requires_grad}  # (W_K's bias cancels)
+    assert all(any(a in n for a in added) for n in graded)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_a_new_adapter_on_a_bfloat16_backbone_is_inert(model_type):
+    model = AdaptedModel(load_model(_config(model_type, "bfloat16")))
+    batch = tiny_batch()
+    expected = bare_hidden(model.backbone, batch).float()
+    model.add_adapter("a", AdapterConfig(reduction_factor=2))
+    model.activate(adapters=["a"])
+    with torch.no_grad():
+        assert torch.equal(model.encode(**batch), expected)
+
+
+def test_the_fingerprint_names_the_weights_not_their_dtype(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for model_type in ("roberta", "llama", "t5"):
+        built = fingerprint(load_model(_config(model_type, "float32")))
+        assert fingerprint(load_model(_config(model_type, "bfloat16"))) == built  # random init: hashed at build
+        saved = tmp_path / model_type
+        load_model(_config(model_type, "float32")).save_pretrained(saved)
+        for dtype in ("float32", "bfloat16"):
+            assert fingerprint(load_model(BackboneConfig(name=str(saved), dtype=dtype))) == built, (model_type, dtype)
+    other = load_model(_config("llama", "float32"))
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert fingerprint(other) != built
+
+
+def test_the_checkpoint_fingerprint_is_cached_and_read_again_when_a_file_changes(tmp_path, monkeypatch):
+    from adafuse.fusion import fingerprint as module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    saved = tmp_path / "saved"
+    load_model(_config("llama", "float32")).save_pretrained(saved)
+    config = BackboneConfig(name=str(saved), dtype="bfloat16")
+    first = fingerprint(load_model(config))
+    reads = []
+    original = module._stored_tensors
+    monkeypatch.setattr(module, "_stored_tensors", lambda *a: reads.append(1) or original(*a))
+    assert fingerprint(load_model(config)) == first and reads == []  # from the cache
+    weights = saved / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert fingerprint(load_model(config)) == first and reads == [1]  # same bytes, read again
+
+
+def test_float16_off_cuda_and_an_unknown_dtype_are_refused(capsys, tmp_path):
+    with pytest.raises(UserError, match="float16 needs a CUDA device"):
+        load_model(_config("bert", "float16"))
+    smoke = str(ROOT / "configs" / "sequence" / "smoke.yaml")
+    for value, message in (("float16", "float16 needs a CUDA device"), ("float8", "is not one of")):
+        out = tmp_path / value
+        assert main(["run", smoke, "--out", str(out), "--backbone.dtype", value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "backbone.dtype" in err[0] and message in err[0]
+        assert not out.exists()
+
+
+def test_a_bfloat16_sequence_measures_bwt_zero_and_its_library_loads_in_float32(tmp_path):
+    from adafuse.continual.jobs.library_model import LibraryModel
+
+    smoke = str(ROOT / "configs" / "sequence" / "smoke.yaml")
+    out = tmp_path / "run"
+    args = ["--tasks", "[bbc-business, bbc-tech]", "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "1"]
+    assert main(["run", smoke, "--out", str(out), "--backbone.dtype", "bfloat16", *args]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["bwt"] == 0.0 and metrics["forgetting"] == 0.0
+    manifest = json.loads((out / "library" / "manifest.json").read_text())
+    assert manifest["backbone"]["config"]["dtype"] == "bfloat16"
+    wide = tmp_path / "float32.yaml"
+    wide.write_text(json.dumps({**manifest["backbone"]["config"], "dtype": "float32"}))
+    opened = LibraryModel.open(out / "library", backbone=str(wide))  # the fingerprint check passes
+    opened.load_adapter("bbc-business")
+    assert opened.model.backbone.dtype == torch.float32
