@@ -209,8 +209,11 @@ def main() -> int:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--work", default="runs/fusion-peer")
     parser.add_argument("--out", default="runs/fusion-peer.jsonl")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of every job (OMP_NUM_THREADS)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     work = Path(args.work).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.child:

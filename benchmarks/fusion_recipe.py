@@ -26,6 +26,10 @@ FUSION = ROOT / "configs/fusion/bbc-topic5-fewshot.yaml"
 STEPS_150 = ["--trainer.max_epochs", "30", "--trainer.early_stopping_patience", "null"]  # 5 steps an epoch
 
 
+ADAPTERHUB = ["--backbone.dropout", "true", "--fusion.dropout", "0.1", "--trainer.warmup_ratio", "0"]
+ADAPTERHUB += ["--trainer.val_every_n_epochs", "30"]
+
+
 def _lr(rate: str) -> list[str]:
     return ["--trainer.lr", rate, "--trainer.head_lr", rate]
 
@@ -47,6 +51,14 @@ RECIPES = {
     ],
     "150-steps-lr1e-3-no-regularizer": [*STEPS_150, *_lr("1e-3"), "--fusion.regularization", "false"],
     "150-steps-lr1e-3-no-value": [*STEPS_150, *_lr("1e-3"), "--fusion.value", "false"],
+    # AdapterHub's training semantics on the default budget: the backbone's dropout on, dropout on the fusion
+    # scores (its attention_probs_dropout_prob), no warm-up, the last step's weights kept (validated once)
+    "adapterhub": [*ADAPTERHUB],
+    # each of those alone, on the default config
+    "backbone-dropout": ["--backbone.dropout", "true"],
+    "score-dropout": ["--fusion.dropout", "0.1"],
+    "no-warmup": ["--trainer.warmup_ratio", "0"],
+    "last-step": ["--trainer.val_every_n_epochs", "30"],
 }
 BASELINE = {"fusion": [], "single-adapter": ["--baseline", "single-adapter"]}
 

@@ -8,7 +8,15 @@ Starts a server on 127.0.0.1 over a library, then sends a fixed number of reques
 * ``one-at-a-time``: one client, one request at a time, the adapter switched per request (the server never has
   two requests to batch: what a user of one model with ``set_active_adapters`` per request gets);
 * ``predict``: ``adafuse predict --task-column`` over the same rows as a file (the offline bound), loading
-  included.
+  included;
+* ``half-load`` (``--half-load``): requests sent at half the concurrent scenario's measured rate (open loop,
+  one thread per request), for the p99/p50 ratio below saturation;
+* ``soak`` (``--soak N``): N requests of short rows (the first ``--soak-words`` words of test articles) from
+  ``--clients`` threads against a copy of the library, while ``--hot-add`` adapters are imported into it
+  (``adafuse library import --name hot-<i>`` of an exported one): each new name is asked for before its import
+  (it must be refused) and after it (it must be served), and later requests use it. The server's RSS is read
+  every second; the record holds it after warm-up (a tenth of the requests) and at the end, and the count of
+  failed requests.
 
 Prints a Markdown table and writes one JSONL record per scenario: rows/s, p50/p99 latency, the rows of each
 forward pass (from ``/metrics``).
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -28,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -49,6 +59,22 @@ def _post(port: int, body: dict) -> float:
     with urllib.request.urlopen(request, timeout=300) as response:
         json.loads(response.read())
     return time.perf_counter() - started
+
+
+def _status(port: int, body: dict) -> int:
+    """The HTTP status of one predict request (errors included)."""
+    try:
+        _post(port, body)
+        return 200
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _batches(port: int) -> tuple[int, float]:
@@ -99,6 +125,105 @@ def load(port: int, bodies: list[dict], clients: int) -> dict:
     }  # fmt: skip
 
 
+def half_load(port: int, bodies: list[dict], rate: float) -> dict:
+    """Open loop: request i starts at i / (rate / 2) seconds, whatever the answers do; latency quantiles."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def one(body: dict) -> None:
+        seconds = _post(port, body)
+        with lock:
+            latencies.append(seconds)
+
+    interval = 2 * statistics.mean(len(b["inputs"]) for b in bodies) / rate  # seconds between requests
+    threads, started = [], time.perf_counter()
+    for i, body in enumerate(bodies):
+        time.sleep(max(0.0, started + i * interval - time.perf_counter()))
+        threads.append(threading.Thread(target=one, args=(body,)))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    latencies.sort()
+    p50, p99 = statistics.median(latencies), latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    return {
+        "requests": len(bodies), "rows": sum(len(b["inputs"]) for b in bodies), "clients": "open loop",
+        "rows_per_s": round(rate / 2, 2), "p50_ms": round(1000 * p50, 1), "p99_ms": round(1000 * p99, 1),
+        "p99_over_p50": round(p99 / p50, 2),
+    }  # fmt: skip
+
+
+def soak(port: int, pid: int, library: Path, bodies: list[dict], clients: int, hot: int) -> dict:
+    """``bodies`` from ``clients`` threads while ``hot`` adapters are imported; RSS sampled every second."""
+    export = library.parent / "hot-export"
+    from adafuse.fusion.library import AdapterLibrary
+
+    source = sorted(e["name"] for e in AdapterLibrary(library).entries("adapter"))[0]
+    cli = [sys.executable, "-m", "adafuse.continual.cli", "library"]
+    subprocess.run([*cli, "export", source, "--library", str(library), "--out", str(export)], check=True,
+                   capture_output=True)  # fmt: skip
+    names = sorted({b["task"] for b in bodies})
+    pending, landed, failures, early = list(bodies), [], [0], [0]
+    lock, done = threading.Lock(), threading.Event()
+    rss: list[tuple[int, float]] = []
+    rng = random.Random(1)
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                body = pending.pop()
+                if landed and rng.random() < 0.2:
+                    body = {**body, "task": rng.choice(landed)}
+            if _status(port, body) != 200:
+                with lock:
+                    failures[0] += 1
+
+    def importer() -> None:
+        for i in range(hot):
+            with lock:
+                left = len(pending)
+            while left > len(bodies) * (1 - (i + 1) / (hot + 1)) and not done.is_set():
+                time.sleep(0.2)
+                with lock:
+                    left = len(pending)
+            name, probe = f"hot-{i}", bodies[0]["inputs"]
+            if _status(port, {"task": name, "inputs": probe}) == 200:
+                early[0] += 1  # served before it landed: must not happen
+            subprocess.run([*cli, "import", str(export), "--library", str(library), "--name", name], check=True,
+                           capture_output=True)  # fmt: skip
+            if _status(port, {"task": name, "inputs": probe}) != 200:
+                failures[0] += 1
+            with lock:
+                landed.append(name)
+
+    def sampler() -> None:
+        while not done.is_set():
+            with lock:
+                rss.append((len(bodies) - len(pending), _rss_mb(pid)))
+            time.sleep(1.0)
+
+    started = time.perf_counter()
+    helpers = [threading.Thread(target=importer), threading.Thread(target=sampler)]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in helpers + threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    helpers[0].join()
+    done.set()
+    helpers[1].join()
+    wall = time.perf_counter() - started
+    warm = next(mb for sent, mb in rss if sent >= len(bodies) // 10)
+    return {
+        "requests": len(bodies), "rows": sum(len(b["inputs"]) for b in bodies), "clients": clients,
+        "wall_s": round(wall, 1), "rows_per_s": round(sum(len(b["inputs"]) for b in bodies) / wall, 2),
+        "names": len(names), "hot_added": len(landed), "served_before_landing": early[0],
+        "failed_requests": failures[0], "rss_warm_mb": round(warm, 1), "rss_end_mb": round(rss[-1][1], 1),
+        "rss_max_mb": round(max(mb for _, mb in rss), 1), "rss_growth": round(rss[-1][1] / warm - 1, 4),
+    }  # fmt: skip
+
+
 def predict_file(library: Path, bodies: list[dict]) -> dict:
     """The offline bound: the same rows through ``adafuse predict --task-column`` (loading included)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -118,13 +243,19 @@ def predict_file(library: Path, bodies: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", required=True)
+    choices = "concurrent, one-at-a-time, half-load (after concurrent), predict, soak"
+    parser.add_argument("--scenarios", default="concurrent,one-at-a-time,predict", help=f"comma-separated: {choices}")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-batch-rows", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--soak", type=int, default=20000, help="requests of the soak scenario")
+    parser.add_argument("--soak-words", type=int, default=32, help="words per row in the soak scenario")
+    parser.add_argument("--hot-add", type=int, default=20, help="adapters imported during the soak")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSONL of records")
     args = parser.parse_args(argv)
+    scenarios = args.scenarios.split(",")
 
     from adafuse.fusion.library import AdapterLibrary
     from adafuse.tasks.builtin import load_builtin
@@ -134,35 +265,52 @@ def main(argv: list[str] | None = None) -> int:
     names = sorted(e["name"] for e in library.entries() if e["kind"] in ("adapter", "fusion") and e["name"] in heads)
     texts = load_builtin("bbc-topic5").splits["test"].texts
     bodies = plan(names, texts, args.requests, args.seed)
-    port = _free_port()
-    command = [sys.executable, "-m", "adafuse.continual.cli", "serve", "--library", args.library, "--port", str(port)]
-    command += ["--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms)]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    common = {"library": args.library, "names": len(names), "max_batch_rows": args.max_batch_rows,
+              "max_wait_ms": args.max_wait_ms}  # fmt: skip
     records = []
-    try:
-        for _ in range(600):
-            try:
-                _batches(port)
-                break
-            except OSError:
-                time.sleep(0.2)
-        load(port, plan(names, texts, min(20, args.requests), args.seed + 1), args.clients)  # warm-up: every name
-        common = {"library": args.library, "names": len(names), "max_batch_rows": args.max_batch_rows,
-                  "max_wait_ms": args.max_wait_ms}  # fmt: skip
-        records.append({"scenario": "concurrent", **common, **load(port, bodies, args.clients)})
-        records.append({"scenario": "one-at-a-time", **common, **load(port, bodies, 1)})
-    finally:
-        server.terminate()
-        server.wait(timeout=120)
-    records.append(
-        {"scenario": "predict (file job)", "library": args.library, **predict_file(Path(args.library), bodies)}
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / "library"  # the soak imports into it; the library itself is only read
+        shutil.copytree(args.library, copy, ignore=shutil.ignore_patterns("*.lock", ".lock"))
+        port = _free_port()
+        command = [sys.executable, "-m", "adafuse.continual.cli", "serve", "--library", str(copy), "--port", str(port)]
+        command += ["--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms)]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(600):
+                try:
+                    _batches(port)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            load(port, plan(names, texts, min(20, args.requests), args.seed + 1), args.clients)  # warm-up: every name
+            if "concurrent" in scenarios:
+                records.append({"scenario": "concurrent", **common, **load(port, bodies, args.clients)})
+            if "half-load" in scenarios and records:
+                rate = records[0]["rows_per_s"]
+                records.append({"scenario": "half-load", **common, **half_load(port, bodies, rate)})
+            if "one-at-a-time" in scenarios:
+                records.append({"scenario": "one-at-a-time", **common, **load(port, bodies, 1)})
+            if "soak" in scenarios:
+                short = [" ".join(t.split()[: args.soak_words]) for t in texts]
+                many = plan(names, short, args.soak, args.seed + 2)
+                result = soak(port, server.pid, copy, many, args.clients, args.hot_add)
+                records.append({"scenario": "soak", **common, **result})
+        finally:
+            server.terminate()
+            server.wait(timeout=120)
+    if "predict" in scenarios:
+        records.append(
+            {"scenario": "predict (file job)", "library": args.library, **predict_file(Path(args.library), bodies)}
+        )
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
     columns = ["scenario", "requests", "rows", "clients", "rows_per_s", "p50_ms", "p99_ms", "rows_per_pass"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for record in records:
         print("| " + " | ".join(str(record.get(c, "–")) for c in columns) + " |")
+    for record in records:
+        if record["scenario"] == "soak":
+            print(json.dumps({k: v for k, v in record.items() if k not in common}))
     return 0
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from adafuse.fusion.errors import UserError, first_line
 from adafuse.fusion.fingerprint import record_built
+from adafuse.fusion.quantize import QUANTIZATIONS, quantize
 
 EMBEDDED = "embedded"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +40,9 @@ class BackboneConfig:
             a CPU without bf16 instructions) or ``float16`` (CUDA only). Saved weights are loaded in it, not cast
             after a float32 load. Adapters, fusion and heads keep float32 weights and compute in float32 (or in
             the trainer's mixed precision); the library's fingerprint is the same for every dtype.
+        quantization: ``none``, ``int8`` (int8 weights, a scale per output channel) or ``nf4`` (QLoRA's 4-bit
+            NormalFloat): every linear projection of the frozen backbone quantized through torchao, computing in
+            ``dtype`` (needs ``pip install torchao``; :mod:`adafuse.fusion.quantize`).
     """
 
     name: str = EMBEDDED
@@ -47,10 +51,13 @@ class BackboneConfig:
     seed: int = 0
     dropout: bool = False
     dtype: str = "float32"
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise UserError(f"backbone.dtype: '{self.dtype}' is not one of {', '.join(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise UserError(f"backbone.quantization: '{self.quantization}' is not one of {', '.join(QUANTIZATIONS)}")
 
 
 def embedded_model_dir() -> Path:
@@ -169,7 +176,7 @@ def load_model(config: BackboneConfig, device: torch.device | str | None = None)
             torch.manual_seed(config.seed)
             model = AutoModel.from_config(hf_config, dtype=torch.float32)
         if dtype != torch.float32:
-            record_built(model)
+            record_built(model)  # in float32, before the cast
         model.to(device=device or "cpu", dtype=dtype)
     else:
         on_device = {"device_map": str(device)} if device is not None and torch.device(device).type != "cpu" else {}
@@ -177,4 +184,7 @@ def load_model(config: BackboneConfig, device: torch.device | str | None = None)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
+    if config.quantization != "none":
+        record_built(model)  # the fingerprint of the weights themselves, before they are quantized
+        quantize(model, config.quantization)
     return model

@@ -13,6 +13,7 @@ Where the fingerprint comes from:
 
 * a float32 model: its tensors in memory (no files needed);
 * a random-init model (``backbone.random_init``): its float32 tensors, hashed when it is built, before any cast;
+* a quantized model (``backbone.quantization``): recorded when it is loaded, before quantizing, as above;
 * a saved checkpoint loaded in another dtype: its safetensors files, each tensor read as stored and widened to
   float32 (exact: float32 holds every bfloat16 and float16 value), one tensor at a time. The result is cached
   under the files' paths, sizes and modification times (``$XDG_CACHE_HOME/adafuse/fingerprints.json``), so a
@@ -37,17 +38,18 @@ BUILT = "_adafuse_fingerprint"  # attribute a random-init model carries: its flo
 
 
 def fingerprint(model: nn.Module) -> str:
-    """The model's fingerprint (module docstring): from memory in float32, else recorded at build, else files."""
-    if all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point()):
-        return _digest(model.config, ((n, t) for n, t in sorted(model.state_dict().items())))
+    """The model's fingerprint (module docstring): recorded at load, else from memory in float32, else files."""
     recorded = getattr(model, BUILT, None)
     if recorded is not None:
         return recorded
+    if all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point()):
+        return _digest(model.config, ((n, t) for n, t in sorted(model.state_dict().items())))
     return checkpoint_fingerprint(model)
 
 
 def record_built(model: nn.Module) -> None:
-    """Hash a just-built float32 model now, so that its fingerprint survives a cast to a narrower dtype."""
+    """Hash a just-loaded model now, so that its fingerprint survives a cast to a narrower dtype or quantization
+    (``load_model`` does this; the backbone is frozen, so the recorded value stays true)."""
     setattr(model, BUILT, fingerprint(model))
 
 

@@ -203,6 +203,8 @@ class AdaptedModel(nn.Module):
         with torch.no_grad():
             for _, _, slot in self.slots():
                 if name in slot.adapters:
+                    if type(slot.base.weight) is not nn.Parameter and type(slot.base.weight) is not torch.Tensor:
+                        raise UserError(f"adapter '{name}' cannot be merged into quantized projections")
                     slot.base.weight += slot.adapters[name].delta_weight().to(slot.base.weight.dtype)
         self.delete_adapter(name)
         self.merged.add(name)

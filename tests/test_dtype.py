@@ -143,3 +143,51 @@ def test_a_bfloat16_sequence_measures_bwt_zero_and_its_library_loads_in_float32(
     opened = LibraryModel.open(out / "library", backbone=str(wide))  # the fingerprint check passes
     opened.load_adapter("bbc-business")
     assert opened.model.backbone.dtype == torch.float32
+
+
+QUANTIZED = [("llama", "int8", kind) for kind in ("bottleneck", "lora", "fusion")]
+QUANTIZED += [("llama", "nf4", kind) for kind in ("bottleneck", "lora", "fusion")] + [("bert", "int8", "prefix")]
+
+
+@pytest.mark.parametrize(("model_type", "mode", "setup"), QUANTIZED)
+def test_quantized_backbones_train_every_kind_and_keep_the_fingerprint(model_type, mode, setup):
+    pytest.importorskip("torchao")
+    config = BackboneConfig(random_init={"model_type": model_type, **TINY[model_type]}, quantization=mode)
+    backbone = load_model(config)
+    assert fingerprint(backbone) == fingerprint(load_model(_config(model_type, "float32")))
+    projections = [m for m in backbone.modules() if isinstance(m, torch.nn.Linear)]
+    assert projections and all(type(m.weight) not in (torch.nn.Parameter, torch.Tensor) for m in projections)
+    wide, narrow = _model(model_type, setup, "float32"), AdaptedModel(backbone)
+    torch.manual_seed(0)
+    sources = ["s0", "s1", "s2"] if setup == "fusion" else ["a"]
+    for name in sources:
+        narrow.add_adapter(name, KINDS.get(setup, KINDS["bottleneck"]))
+    if setup == "fusion":
+        narrow.add_fusion("f", sources, FusionConfig())
+    narrow.add_head("h", 3)
+    narrow.load_state_dict({k: v for k, v in wide.state_dict().items() if not k.startswith("backbone.") or
+                            ".adapters." in k or ".fusions." in k}, strict=False)  # fmt: skip
+    narrow.activate(**({"fusion": "f"} if setup == "fusion" else {"adapters": ["a"]}), head="h")
+    narrow.set_trainable(**({"fusions": ["f"]} if setup == "fusion" else {"adapters": ["a"]}), heads=["h"])
+    batch = tiny_batch()
+    wide.eval(), narrow.eval()
+    with torch.no_grad():
+        expected, got = wide(**batch), narrow(**batch)
+    assert (got - expected).norm() <= (0.05 if mode == "int8" else 0.5) * expected.norm()  # nf4: 16 levels
+    narrow.train()
+    torch.nn.functional.cross_entropy(narrow(**batch), torch.tensor([0, 1, 2])).backward()
+    graded = {n for n, p in narrow.named_parameters() if p.grad is not None}
+    assert graded and graded <= {n for n, p in narrow.named_parameters() if p.requires_grad}
+
+
+def test_quantization_refusals_are_one_line(capsys, tmp_path):
+    pytest.importorskip("torchao")
+    with pytest.raises(UserError, match="Conv1D"):
+        load_model(BackboneConfig(random_init={"model_type": "gpt2", **TINY["gpt2"]}, quantization="int8"))
+    with pytest.raises(UserError, match="is not one of"):
+        BackboneConfig(quantization="int3")
+    model = AdaptedModel(load_model(BackboneConfig(random_init={"model_type": "llama", **TINY["llama"]},
+                                                   quantization="int8")))  # fmt: skip
+    model.add_adapter("a", KINDS["lora"])
+    with pytest.raises(UserError, match="quantized"):
+        model.merge_adapter("a")

@@ -1,0 +1,156 @@
+"""Memory and step time of a frozen backbone at real sizes: float32, bfloat16 weights, bfloat16 with activation
+checkpointing, int8 and nf4 weights, with one bottleneck adapter or a fusion over four.
+
+    python benchmarks/memory.py --sizes qwen2.5-0.5b,tiny --variants float32,bfloat16,bfloat16+checkpointing,int8 \
+        --setups adapter,fusion -B 4 -L 512 --steps 1 --work runs/memory --out runs/memory.jsonl
+
+Each size is a random-init Llama-family config with its model's published config.json values (speed and memory
+do not depend on the weights' values), saved once in float32 under ``--work`` so that every variant loads it as
+a user loads a checkpoint: straight into its dtype (``backbone.dtype``) or quantized (``backbone.quantization``).
+Every (size, variant, setup) runs in a fresh process: load, add the adapter (or four sources and a fusion) and a
+classification head, then ``--steps`` timed training steps (AdamW, B × L random tokens) after one warm-up step.
+The record holds the peak RSS, the RSS after loading and the median step time. The model's share of the memory
+is the peak minus the same variant's peak on the ``tiny`` config; the activations' share is the peak minus the
+RSS after loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = {  # published config.json values (Hugging Face model cards)
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+    "llama-3.2-1b": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, head_dim=64,
+    ),
+    "tiny": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048,
+    ),
+}  # fmt: skip
+VARIANTS = {  # backbone.dtype, backbone.quantization, activation checkpointing
+    "float32": ("float32", "none", False),
+    "bfloat16": ("bfloat16", "none", False),
+    "bfloat16+checkpointing": ("bfloat16", "none", True),
+    "float32+checkpointing": ("float32", "none", True),
+    "int8": ("bfloat16", "int8", False),
+    "nf4": ("bfloat16", "nf4", False),
+}
+
+
+def saved(work: Path, size: str) -> Path:
+    """The size's random-init model, saved once in float32."""
+    folder = work / size
+    if not (folder / "config.json").is_file():
+        from adafuse.fusion.backbone import BackboneConfig, load_model
+
+        load_model(BackboneConfig(random_init=SIZES[size])).save_pretrained(folder)
+    return folder
+
+
+def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps: int) -> dict:
+    import torch
+
+    from adafuse.fusion.attention import FusionConfig
+    from adafuse.fusion.backbone import BackboneConfig, load_model
+    from adafuse.fusion.kinds import AdapterConfig
+    from adafuse.fusion.model import AdaptedModel
+
+    dtype, quantization, checkpointing = VARIANTS[variant]
+    model = AdaptedModel(load_model(BackboneConfig(name=str(folder), dtype=dtype, quantization=quantization)))
+    sources = ["s0", "s1", "s2", "s3"] if setup == "fusion" else ["a"]
+    for name in sources:
+        model.add_adapter(name, AdapterConfig(reduction_factor=16))
+    if setup == "fusion":
+        model.add_fusion("f", sources, FusionConfig())
+    model.add_head("h", 2)
+    model.activate(**({"fusion": "f"} if setup == "fusion" else {"adapters": sources}), head="h")
+    model.set_trainable(**({"fusions": ["f"]} if setup == "fusion" else {"adapters": sources}), heads=["h"])
+    model.set_activation_checkpointing(checkpointing)
+    model.train()
+    loaded_mb = _rss_mb()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, model.backbone.config.vocab_size, (batch, length), generator=generator)
+    mask, labels = torch.ones_like(ids), torch.zeros(batch, dtype=torch.long)
+    times = []
+    for _ in range(1 + steps):
+        started = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"loaded_rss_mb": round(loaded_mb, 1), "peak_rss_mb": round(peak, 1),
+            "step_s": round(statistics.median(times[1:]), 3), "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="qwen2.5-0.5b,tiny", help=f"comma-separated: {', '.join(SIZES)}")
+    parser.add_argument("--variants", default="float32,bfloat16,bfloat16+checkpointing,int8")
+    parser.add_argument("--setups", default="adapter,fusion")
+    parser.add_argument("-B", type=int, default=4)
+    parser.add_argument("-L", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step")
+    parser.add_argument("--work", type=Path, default=Path("runs/memory"))
+    parser.add_argument("--out", type=Path, default=Path("runs/memory.jsonl"))
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        folder, variant, setup = args.child
+        print(json.dumps(child(Path(folder), variant, setup, args.B, args.L, args.steps)))
+        return 0
+    records = []
+    for size in args.sizes.split(","):
+        folder = saved(args.work, size)
+        for setup in args.setups.split(","):
+            for variant in args.variants.split(","):
+                command = [sys.executable, __file__, "--child", str(folder), variant, setup]
+                command += ["-B", str(args.B), "-L", str(args.L), "--steps", str(args.steps)]
+                result = subprocess.run(command, check=True, capture_output=True, text=True)
+                record = {"size": size, "variant": variant, "setup": setup, "B": args.B, "L": args.L}
+                records.append(record | json.loads(result.stdout.strip().splitlines()[-1]))
+                print(json.dumps(records[-1]), flush=True)
+    tiny = {(r["variant"], r["setup"]): r["peak_rss_mb"] for r in records if r["size"] == "tiny"}
+    for record in records:
+        if (record["variant"], record["setup"]) in tiny:
+            record["model_share_mb"] = round(record["peak_rss_mb"] - tiny[(record["variant"], record["setup"])], 1)
+        record["activation_mb"] = round(record["peak_rss_mb"] - record["loaded_rss_mb"], 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = ["| size | setup | variant | B | L | peak RSS MB | model share MB | activations MB | step s |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        lines.append(
+            f"| {r['size']} | {r['setup']} | {r['variant']} | {r['B']} | {r['L']} | {r['peak_rss_mb']:.0f} | "
+            f"{r.get('model_share_mb', '–')} | {r['activation_mb']:.0f} | {r['step_s']:.2f} |"
+        )
+    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
