@@ -169,6 +169,28 @@ class FusionLayer(nn.Module):
         out = mixed @ values[:, :r].reshape(k * r, d) + weights @ values[:, r]  # (B, L, d)
         return self.add_residual(out, residual), weights
 
+    def forward_per_token(
+        self, x: torch.Tensor, g: torch.Tensor, up: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same fusion associated per token, for steps with few tokens (arguments as :meth:`forward`).
+
+        a_n = g~_n U~_n, p = q W_K, score_n = p . a_n, o = (sum_n s_n a_n) W_V^T: about 3 d^2 + 2 K(r+1) d
+        multiply-adds per token and no per-step weight products, where :meth:`forward` spends 3 d^2 K(r+1) per
+        step on M and V~ and 2 K(r+1) d per token. Below N = K(r+1) tokens a step this form is cheaper.
+        """
+        q = self.query(x) if self.query is not None else x  # (B, L, d)
+        p = q @ self.key.weight if self.key is not None else q  # (B, L, d): q . k_n = p . a_n + q . b_K
+        ones = torch.ones_like(g[..., :1])
+        adapted = torch.cat([g, ones], -1).unsqueeze(-2) @ up  # (B, L, K, 1, d): a_n = g~_n U~_n
+        adapted = adapted.squeeze(-2)  # (B, L, K, d)
+        scores = (adapted @ p.unsqueeze(-1)).squeeze(-1)  # (B, L, K)
+        if self.drops_scores:
+            scores = self.score_dropout(scores + self._common_score(x, residual))
+        weights = torch.softmax(scores / self.temperature, dim=-1)  # (B, L, K)
+        mixed = (weights.unsqueeze(-2) @ adapted).squeeze(-2)  # (B, L, d): sum_n s_n a_n
+        out = self.value(mixed) if self.value is not None else mixed
+        return self.add_residual(out, residual), weights
+
     def _common_score(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """q . b_K (+ p . h with ``residual_before``): equal for every adapter, (B, L, 1)."""
         q = self.query(x) if self.query is not None else x  # (B, L, d)

@@ -108,7 +108,9 @@ class AdapterSlot(nn.Module):
         source_params = [p for adapter in adapters for p in adapter.parameters()]  # read once: the hot path
         sources_frozen = not any(p.requires_grad for p in source_params)
         fast = not fusion.config.query_before_ln and not fusion.drops_scores and sources_frozen
-        if fast:  # the common case: one hand-differentiated pass (adafuse.fusion.fastpath)
+        # a training step with fewer tokens than the K(r+1) rows of the per-step weight products: per token
+        per_token = torch.is_grad_enabled() and x.shape[:-1].numel() < sum(a.down.bias.numel() + 1 for a in adapters)
+        if fast and not per_token:  # the common case: one hand-differentiated pass (adafuse.fusion.fastpath)
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
             act = adapters[-1].config.non_linearity
@@ -122,7 +124,7 @@ class AdapterSlot(nn.Module):
             query = h if fusion.config.query_before_ln else x
             down_w, down_b, up = stack_adapters(adapters)
             g = fused_activations(x, down_w, down_b, len(adapters), adapters[-1].activation)  # (B, L, K, r)
-            out, weights = fusion(query, g, up, h)
+            out, weights = (fusion.forward_per_token if per_token else fusion)(query, g, up, h)
         if self.attention_recorder is not None:
             self.attention_recorder.append(weights.detach())
         return out

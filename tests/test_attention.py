@@ -240,6 +240,41 @@ def test_which_path_runs(config, fast, monkeypatch):
     assert not calls
 
 
+@pytest.mark.parametrize("config_index", range(len(CONFIGS)))
+def test_few_tokens_train_through_the_per_token_form_with_the_same_results(config_index, monkeypatch):
+    """Below K(r+1) tokens a training step takes FusionLayer.forward_per_token (no per-step weight products);
+    at inference, and above, the re-associated form: both equal the loop of Eq. 2-5."""
+    from adafuse.fusion.attention import FusionLayer
+
+    calls = []
+    original = FusionLayer.forward_per_token
+    monkeypatch.setattr(FusionLayer, "forward_per_token", lambda *a: calls.append(1) or original(*a))
+    model = fused_model(2, "pfeiffer", CONFIGS[config_index]).double()  # K(r+1) = 2 * (4 + 1) = 10 rows
+    few = {k: v[:1, :5] for k, v in tiny_batch().items()}  # 5 tokens
+    for batch, per_token in ((few, True), (tiny_batch(), False)):  # 5 and 21 tokens
+        calls.clear()
+        model.train()
+        torch.manual_seed(0)
+        fast = model(**batch)
+        fast.pow(2).sum().backward()
+        fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert bool(calls) == per_token
+        model.zero_grad(set_to_none=True)
+        with monkeypatch.context() as patch:
+            patch.setattr(AdapterSlot, "_fuse", naive_fuse)
+            torch.manual_seed(0)
+            naive = model(**batch)
+            naive.pow(2).sum().backward()
+        torch.testing.assert_close(fast, naive, rtol=0, atol=1e-10)
+        for name, grad in fast_grads.items():
+            torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-8, atol=1e-10, msg=name)
+        model.zero_grad(set_to_none=True)
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(**few)
+    assert not calls  # inference: the memoised maps
+
+
 def test_inference_maps_are_memoised_until_a_weight_changes(monkeypatch):
     model = fused_model(3, "pfeiffer", FusionConfig())
     model.eval()
