@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     for category in (UserWarning, FutureWarning, DeprecationWarning):  # Lightning's advice is not for our users
         warnings.filterwarnings("ignore", category=category, module="lightning")
+    # transformers imports torchao wherever it is installed: its optional CUDA kernels and its type registrations
+    # log a line each on import, about nothing a user of this command can act on
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         args, extra = build_parser().parse_known_args(argv)
         if extra and args.command not in ("run", "fuse"):
