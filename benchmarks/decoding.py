@@ -44,6 +44,7 @@ def build(backbone: Path, setup: str) -> AdaptedModel:
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.02)
     model.activate(**({"fusion": "f"} if setup == "fusion" else {"adapters": sources}), head="lm")
+    model.requires_grad_(False)  # as predict and serve load them: frozen (the fusion's inference maps memoised)
     return model
 
 

@@ -9,7 +9,9 @@ Starts a server on 127.0.0.1 over a library, then sends a fixed number of reques
   two requests to batch: what a user of one model with ``set_active_adapters`` per request gets);
 * ``predict``: ``adafuse predict --task-column`` over the same rows as a file (the offline bound), loading
   included;
-* ``half-load`` (``--half-load``): requests sent at half the concurrent scenario's measured rate (open loop,
+* ``adapter-rows`` / ``fusion-rows``: the concurrent load with every request naming an adapter, then with every
+  request naming a fusion (same rows): what a fusion row costs against an adapter row under load;
+* ``half-load``: requests sent at half the concurrent scenario's measured rate (open loop,
   one thread per request), for the p99/p50 ratio below saturation;
 * ``soak`` (``--soak N``): N requests of short rows (the first ``--soak-words`` words of test articles) from
   ``--clients`` threads against a copy of the library, while ``--hot-add`` adapters are imported into it
@@ -123,6 +125,14 @@ def load(port: int, bodies: list[dict], clients: int) -> dict:
         "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
         "forward_passes": passes, "rows_per_pass": round((after[1] - before[1]) / max(passes, 1), 2),
     }  # fmt: skip
+
+
+def _same_kind(name: str, kind: str, kinds: dict[str, str], index: int) -> str:
+    """``name`` if it is of ``kind``, else one of that kind's names (in turn)."""
+    if kinds[name] == kind:
+        return name
+    of_kind = sorted(n for n, k in kinds.items() if k == kind)
+    return of_kind[index % len(of_kind)]
 
 
 def half_load(port: int, bodies: list[dict], rate: float) -> dict:
@@ -243,7 +253,7 @@ def predict_file(library: Path, bodies: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", required=True)
-    choices = "concurrent, one-at-a-time, half-load (after concurrent), predict, soak"
+    choices = "concurrent, one-at-a-time, adapter-rows, fusion-rows, half-load (after concurrent), predict, soak"
     parser.add_argument("--scenarios", default="concurrent,one-at-a-time,predict", help=f"comma-separated: {choices}")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=16)
@@ -285,8 +295,14 @@ def main(argv: list[str] | None = None) -> int:
             load(port, plan(names, texts, min(20, args.requests), args.seed + 1), args.clients)  # warm-up: every name
             if "concurrent" in scenarios:
                 records.append({"scenario": "concurrent", **common, **load(port, bodies, args.clients)})
-            if "half-load" in scenarios and records:
-                rate = records[0]["rows_per_s"]
+            kinds = {e["name"]: e["kind"] for e in library.entries() if e["kind"] in ("adapter", "fusion")}
+            for kind in ("adapter", "fusion"):
+                if f"{kind}-rows" in scenarios:
+                    only = [{**b, "task": _same_kind(b["task"], kind, kinds, i)} for i, b in enumerate(bodies)]
+                    records.append({"scenario": f"{kind}-rows", **common, **load(port, only, args.clients)})
+            saturated = [r["rows_per_s"] for r in records if r["scenario"] == "concurrent"]
+            if "half-load" in scenarios and saturated:
+                rate = saturated[0]
                 records.append({"scenario": "half-load", **common, **half_load(port, bodies, rate)})
             if "one-at-a-time" in scenarios:
                 records.append({"scenario": "one-at-a-time", **common, **load(port, bodies, 1)})
