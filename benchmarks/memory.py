@@ -36,6 +36,11 @@ SIZES = {  # published config.json values (Hugging Face model cards)
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=True, head_dim=64,
     ),
+    "llama-3.1-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
     "tiny": dict(
         model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048,
@@ -61,7 +66,7 @@ def saved(work: Path, size: str) -> Path:
     return folder
 
 
-def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps: int) -> dict:
+def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps: int, device: str) -> dict:
     import torch
 
     from adafuse.fusion.attention import FusionConfig
@@ -70,7 +75,8 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
     from adafuse.fusion.model import AdaptedModel
 
     dtype, quantization, checkpointing = VARIANTS[variant]
-    model = AdaptedModel(load_model(BackboneConfig(name=str(folder), dtype=dtype, quantization=quantization)))
+    backbone = BackboneConfig(name=str(folder), dtype=dtype, quantization=quantization)
+    model = AdaptedModel(load_model(backbone, device if device != "cpu" else None))
     sources = ["s0", "s1", "s2", "s3"] if setup == "fusion" else ["a"]
     for name in sources:
         model.add_adapter(name, AdapterConfig(reduction_factor=16))
@@ -80,12 +86,12 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
     model.activate(**({"fusion": "f"} if setup == "fusion" else {"adapters": sources}), head="h")
     model.set_trainable(**({"fusions": ["f"]} if setup == "fusion" else {"adapters": sources}), heads=["h"])
     model.set_activation_checkpointing(checkpointing)
-    model.train()
+    model.to(device).train()
     loaded_mb = _rss_mb()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, model.backbone.config.vocab_size, (batch, length), generator=generator)
-    mask, labels = torch.ones_like(ids), torch.zeros(batch, dtype=torch.long)
+    ids = torch.randint(10, model.backbone.config.vocab_size, (batch, length), generator=generator).to(device)
+    mask, labels = torch.ones_like(ids), torch.zeros(batch, dtype=torch.long, device=device)
     times = []
     for _ in range(1 + steps):
         started = time.perf_counter()
@@ -93,9 +99,12 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device != "cpu":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"loaded_rss_mb": round(loaded_mb, 1), "peak_rss_mb": round(peak, 1),
+    cuda = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if device != "cpu" else {}
+    return {"loaded_rss_mb": round(loaded_mb, 1), "peak_rss_mb": round(peak, 1), **cuda, "device": device,
             "step_s": round(statistics.median(times[1:]), 3), "threads": torch.get_num_threads()}  # fmt: skip
 
 
@@ -114,13 +123,14 @@ def main() -> int:
     parser.add_argument("-B", type=int, default=4)
     parser.add_argument("-L", type=int, default=512)
     parser.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (then the peak CUDA memory is recorded too)")
     parser.add_argument("--work", type=Path, default=Path("runs/memory"))
     parser.add_argument("--out", type=Path, default=Path("runs/memory.jsonl"))
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         folder, variant, setup = args.child
-        print(json.dumps(child(Path(folder), variant, setup, args.B, args.L, args.steps)))
+        print(json.dumps(child(Path(folder), variant, setup, args.B, args.L, args.steps, args.device)))
         return 0
     records = []
     for size in args.sizes.split(","):
@@ -128,7 +138,7 @@ def main() -> int:
         for setup in args.setups.split(","):
             for variant in args.variants.split(","):
                 command = [sys.executable, __file__, "--child", str(folder), variant, setup]
-                command += ["-B", str(args.B), "-L", str(args.L), "--steps", str(args.steps)]
+                command += ["-B", str(args.B), "-L", str(args.L), "--steps", str(args.steps), "--device", args.device]
                 result = subprocess.run(command, check=True, capture_output=True, text=True)
                 record = {"size": size, "variant": variant, "setup": setup, "B": args.B, "L": args.L}
                 records.append(record | json.loads(result.stdout.strip().splitlines()[-1]))
@@ -140,12 +150,15 @@ def main() -> int:
         record["activation_mb"] = round(record["peak_rss_mb"] - record["loaded_rss_mb"], 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in records))
-    lines = ["| size | setup | variant | B | L | peak RSS MB | model share MB | activations MB | step s |"]
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines = [
+        "| size | setup | variant | B | L | peak RSS MB | model share MB | activations MB | peak CUDA MB | step s |"
+    ]  # noqa: E501
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         lines.append(
             f"| {r['size']} | {r['setup']} | {r['variant']} | {r['B']} | {r['L']} | {r['peak_rss_mb']:.0f} | "
-            f"{r.get('model_share_mb', '–')} | {r['activation_mb']:.0f} | {r['step_s']:.2f} |"
+            f"{r.get('model_share_mb', '–')} | {r['activation_mb']:.0f} | {r.get('peak_cuda_mb', '–')} | "
+            f"{r['step_s']:.2f} |"
         )
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
