@@ -101,9 +101,10 @@ def count(model, configuration: str, batch_size: int, length: int, train: bool) 
     return counter.total
 
 
-def measure(backbone: str, batch_size: int, length: int) -> list[dict]:
+def measure(backbone: str, batch_size: int, length: int, only: str = "") -> list[dict]:
+    """Every configuration (or those whose name starts with ``only``), training and inference steps."""
     records = []
-    for configuration in CONFIGURATIONS:
+    for configuration in (c for c in CONFIGURATIONS if c.startswith(only)):
         model = build(backbone, configuration)
         config = model.backbone.config
         blocks = getattr(config, "num_hidden_layers", None) or config.n_layer

@@ -122,7 +122,10 @@ class AdapterSlot(nn.Module):
             out = fusion.add_residual(out, h)
         else:
             query = h if fusion.config.query_before_ln else x
-            down_w, down_b, up = stack_adapters(adapters)
+            if sources_frozen:  # stacked once and kept (as the fast path does), K concatenations fewer per step
+                down_w, down_b, up = self._memo(("sources", name), source_params, lambda: _stacked(adapters))
+            else:
+                down_w, down_b, up = stack_adapters(adapters)
             g = fused_activations(x, down_w, down_b, len(adapters), adapters[-1].activation)  # (B, L, K, r)
             out, weights = (fusion.forward_per_token if per_token else fusion)(query, g, up, h)
         if self.attention_recorder is not None:
