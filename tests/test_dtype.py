@@ -115,15 +115,21 @@ def test_the_checkpoint_fingerprint_is_cached_and_read_again_when_a_file_changes
     assert fingerprint(load_model(config)) == first and reads == [1]  # same bytes, read again
 
 
-def test_float16_off_cuda_and_an_unknown_dtype_are_refused(capsys, tmp_path):
+def test_float16_off_cuda_unknown_values_and_sharding_are_refused_in_one_line(capsys, tmp_path):
     with pytest.raises(UserError, match="float16 needs a CUDA device"):
         load_model(_config("bert", "float16"))
     smoke = str(ROOT / "configs" / "sequence" / "smoke.yaml")
-    for value, message in (("float16", "float16 needs a CUDA device"), ("float8", "is not one of")):
+    cases = [
+        ("backbone.dtype", "float16", "float16 needs a CUDA device"),
+        ("backbone.dtype", "float8", "is not one of"),
+        ("backbone.quantization", "int3", "is not one of"),
+        ("trainer.strategy", "fsdp", "sharding the frozen backbone is not supported"),
+    ]
+    for key, value, message in cases:
         out = tmp_path / value
-        assert main(["run", smoke, "--out", str(out), "--backbone.dtype", value]) == 2
+        assert main(["run", smoke, "--out", str(out), f"--{key}", value]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "backbone.dtype" in err[0] and message in err[0]
+        assert len(err) == 1 and key in err[0] and message in err[0]
         assert not out.exists()
 
 
