@@ -168,12 +168,9 @@ def run_ours(library: Path, work: Path, recipe: str, method: str, seed: int) -> 
     return accuracy | {"train_wall_time_s": metrics["train_wall_time_s"]}
 
 
-def stat(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {spread:.4f}"
-
-
 def table(records: list[dict]) -> str:
+    from fusion_recipe import stat
+
     lines = [
         "| side | recipe | method | seeds | validation accuracy | test accuracy | training s |",
         "|---|---|---|---|---|---|---|",

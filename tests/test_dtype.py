@@ -32,7 +32,16 @@ def _config(model_type: str, dtype: str) -> BackboneConfig:
 
 
 def _model(model_type: str, setup: str, dtype: str) -> AdaptedModel:
-    model = AdaptedModel(load_model(_config(model_type, dtype)))
+    model = _adapted(AdaptedModel(load_model(_config(model_type, dtype))), setup)
+    with torch.no_grad():  # trained-looking: every delta non-zero, the sources' too
+        for name, param in model.named_parameters():
+            if any(part in name for part in (".adapters.", ".fusions.", "heads.")):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def _adapted(model: AdaptedModel, setup: str) -> AdaptedModel:
+    """An adapter of ``setup``'s kind (or three sources and a fusion) and a head, active and training."""
     torch.manual_seed(0)
     sources = ["s0", "s1", "s2"] if setup == "fusion" else ["a"]
     for name in sources:
@@ -40,10 +49,6 @@ def _model(model_type: str, setup: str, dtype: str) -> AdaptedModel:
     if setup == "fusion":
         model.add_fusion("f", sources, FusionConfig())
     model.add_head("h", 3)
-    with torch.no_grad():  # trained-looking: every delta non-zero
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.1)
     model.activate(**({"fusion": "f"} if setup == "fusion" else {"adapters": ["a"]}), head="h")
     model.set_trainable(**({"fusions": ["f"]} if setup == "fusion" else {"adapters": ["a"]}), heads=["h"])
     return model
@@ -163,18 +168,9 @@ def test_quantized_backbones_train_every_kind_and_keep_the_fingerprint(model_typ
     assert fingerprint(backbone) == fingerprint(load_model(_config(model_type, "float32")))
     projections = [m for m in backbone.modules() if isinstance(m, torch.nn.Linear)]
     assert projections and all(type(m.weight) not in (torch.nn.Parameter, torch.Tensor) for m in projections)
-    wide, narrow = _model(model_type, setup, "float32"), AdaptedModel(backbone)
-    torch.manual_seed(0)
-    sources = ["s0", "s1", "s2"] if setup == "fusion" else ["a"]
-    for name in sources:
-        narrow.add_adapter(name, KINDS.get(setup, KINDS["bottleneck"]))
-    if setup == "fusion":
-        narrow.add_fusion("f", sources, FusionConfig())
-    narrow.add_head("h", 3)
+    wide, narrow = _model(model_type, setup, "float32"), _adapted(AdaptedModel(backbone), setup)
     narrow.load_state_dict({k: v for k, v in wide.state_dict().items() if not k.startswith("backbone.") or
                             ".adapters." in k or ".fusions." in k}, strict=False)  # fmt: skip
-    narrow.activate(**({"fusion": "f"} if setup == "fusion" else {"adapters": ["a"]}), head="h")
-    narrow.set_trainable(**({"fusions": ["f"]} if setup == "fusion" else {"adapters": ["a"]}), heads=["h"])
     batch = tiny_batch()
     wide.eval(), narrow.eval()
     with torch.no_grad():
