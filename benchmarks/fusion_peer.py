@@ -73,7 +73,8 @@ def peer_job(work: Path, method: str, seed: int) -> dict:
     labels = len(splits["label_names"])
     if method == "fusion":
         for name in SOURCES:
-            model.load_adapter(str(work / "peer-sources" / name), load_as=name, with_head=False)
+            source = str(work / "peer-sources" / name)
+            model.load_adapter(source, load_as=name, with_head=False, use_safetensors=True)
         setup = Fuse(*SOURCES)
         model.add_adapter_fusion(setup)
         model.add_classification_head("target", num_labels=labels)
