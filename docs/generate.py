@@ -224,6 +224,7 @@ def render_records(records: list[dict], render) -> str:
         "speed": lambda: "\n".join(_script("speed").ratio_table(group) for group in speed_groups(records)),
         "accuracy": lambda: _script("accuracy").render_table(records),
         "recipe": lambda: _script("fusion_recipe").table(records),
+        "peer": lambda: _script("fusion_peer").table(records),
         "library-scale": lambda: _script("library_scale").table(records),
     }
     if render not in renderers:

@@ -196,6 +196,19 @@ def test_fusion_recipe_table():
     assert set(recipe.RECIPES) >= {"default", "150-steps-lr1e-3"}
 
 
+def test_fusion_peer_table_pairs_the_seeds():
+    peer = _module("fusion_peer")
+    rows = [
+        {"side": side, "recipe": recipe, "method": "fusion", "seed": seed, "validation_accuracy": 0.9,
+         "test_accuracy": test, "train_wall_time_s": 10.0}
+        for side, recipe, seed, test in (("adapterhub", "adapterhub", 0, 0.95), ("adapterhub", "adapterhub", 1, 0.96),
+                                         ("adafuse", "default", 0, 0.94), ("adafuse", "default", 1, 0.97))
+    ]  # fmt: skip
+    text = peer.table(rows)
+    assert "| adapterhub | adapterhub | fusion | 2 | 0.9000 ± 0.0000 | 0.9550 ± 0.0071 | 10 |" in text
+    assert "| | default | fusion | 2 | 0.0000 ± 0.0141 |" in text  # -0.01 and +0.01, seed by seed
+
+
 def test_joint_reference_is_the_union_of_the_class_incremental_tasks():
     from adafuse.continual.config import RunConfig, load_config
     from adafuse.tasks.builtin import SEQUENCES, load_builtin
