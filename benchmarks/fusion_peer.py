@@ -208,6 +208,7 @@ def main() -> int:
     parser.add_argument("--work", default="runs/fusion-peer")
     parser.add_argument("--out", default="runs/fusion-peer.jsonl")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of every job (OMP_NUM_THREADS)")
+    parser.add_argument("--collect", action="store_true", help="run nothing: the table of the jobs already done")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -217,19 +218,25 @@ def main() -> int:
     if args.child:
         print(json.dumps(peer_job(work, args.child, seeds[0])))
         return 0
-    library = Path(args.library).resolve()
-    prepare(work, library)
+    library = Path(args.library).resolve() if args.library else None
+    if not args.collect:
+        prepare(work, library)
     records = []
     for method in args.methods.split(","):
         for seed in seeds:
             if "adapterhub" in args.sides:
                 peer_method = "fusion" if method == "fusion" else "single"
-                result = run_peer(args.peer_python, work, peer_method, seed)
-                records.append({"side": "adapterhub", "recipe": "adapterhub", "method": method, "seed": seed, **result})
+                done = (work / "adapterhub" / peer_method / f"seed{seed}.json").is_file()
+                if done or not args.collect:
+                    result = run_peer(args.peer_python, work, peer_method, seed)
+                    records.append({"side": "adapterhub", "recipe": "adapterhub", "method": method, "seed": seed,
+                                    **result})  # fmt: skip
             if "adafuse" in args.sides:
                 for recipe in args.recipes.split(","):
-                    result = run_ours(library, work, recipe, method, seed)
-                    records.append({"side": "adafuse", "recipe": recipe, "method": method, "seed": seed, **result})
+                    done = (work / "adafuse" / recipe / method / f"seed{seed}" / "metrics.json").is_file()
+                    if done or not args.collect:
+                        result = run_ours(library, work, recipe, method, seed)
+                        records.append({"side": "adafuse", "recipe": recipe, "method": method, "seed": seed, **result})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -43,13 +43,15 @@ def check_hardware(accelerator: str, precision: str) -> None:
 
 
 def check_backbone_dtype(dtype: str, accelerator: str) -> None:
-    """Refuse float16 weights off CUDA; say in one line that bfloat16 weights run slower on a CPU without bf16
-    instructions (they are still allowed there: they halve the backbone's memory)."""
+    """Refuse float16 weights off CUDA; say in one line what bfloat16 weights cost on a CPU without bf16 instructions
+    (allowed there: they halve the loaded backbone, but a training step peaks above float32's; benchmarks: Real
+    sizes)."""
     on_cuda = accelerator in ("gpu", "cuda")
     if dtype == "float16" and not on_cuda:
         raise UserError("backbone.dtype: float16 needs a CUDA device (trainer.accelerator: gpu); on a CPU use bfloat16")
     if dtype == "bfloat16" and not on_cuda and not cpu_has_bf16():
         print(
-            "warning: backbone.dtype bfloat16 on a CPU without bf16 instructions: half the memory, slower steps",
+            "warning: backbone.dtype bfloat16 on a CPU without bf16 instructions: half the memory at rest, but its "
+            "matmuls run through float32 here, so training steps are slower and peak higher than in float32",
             file=sys.stderr,
         )
