@@ -42,8 +42,9 @@ def fingerprint(model: nn.Module) -> str:
     recorded = getattr(model, BUILT, None)
     if recorded is not None:
         return recorded
-    if all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point()):
-        return _digest(model.config, ((n, t) for n, t in sorted(model.state_dict().items())))
+    state = model.state_dict()
+    if all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point()):
+        return _digest(model.config, sorted(state.items()))
     return checkpoint_fingerprint(model)
 
 
@@ -107,30 +108,26 @@ def _stored_tensors(model: nn.Module, files: list[Path]):
     the file keeps them under; a name the files lack is refused (the fingerprint would not be the float32 one)."""
     from safetensors import safe_open
 
-    where: dict[str, tuple[Path, str]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                where[key] = (path, key)
     state = model.state_dict()
     by_storage: dict[int, list[str]] = {}
     for name, tensor in state.items():
         by_storage.setdefault(tensor.data_ptr(), []).append(name)
     prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
-    located = {}
-    for name, tensor in state.items():
-        candidates = [c for n in by_storage[tensor.data_ptr()] for c in (n, prefix + n)]
-        found = next((where[c] for c in candidates if c in where), None)
-        if found is None:
-            raise UserError(
-                f"backbone '{model.config._name_or_path}': tensor '{name}' is not in its checkpoint files, so its "
-                f"float32 fingerprint cannot be read from them; load it with backbone.dtype: float32"
-            )
-        located[name] = found
-    for name in sorted(state):
-        path, key = located[name]
-        with safe_open(str(path), framework="pt") as handle:
-            yield name, handle.get_tensor(key)
+    with contextlib.ExitStack() as stack:  # each file opened once, its tensors read one at a time
+        handles = [stack.enter_context(safe_open(str(path), framework="pt")) for path in files]
+        where = {key: handle for handle in handles for key in handle.keys()}  # noqa: SIM118 (no __iter__)
+        located = {}
+        for name, tensor in state.items():
+            candidates = [c for n in by_storage[tensor.data_ptr()] for c in (n, prefix + n)]
+            found = next((c for c in candidates if c in where), None)
+            if found is None:
+                raise UserError(
+                    f"backbone '{model.config._name_or_path}': tensor '{name}' is not in its checkpoint files, so "
+                    f"its float32 fingerprint cannot be read from them; load it with backbone.dtype: float32"
+                )
+            located[name] = found
+        for name in sorted(state):
+            yield name, where[located[name]].get_tensor(located[name])
 
 
 def _cache_path() -> Path:
