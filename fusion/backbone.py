@@ -150,8 +150,15 @@ def check_max_length(model: nn.Module, max_length: int, key: str = "max_length")
             )
 
 
+def check_dtype_device(dtype: str, on_cuda: bool) -> None:
+    """Refuse float16 weights where they will not run on CUDA."""
+    if dtype == "float16" and not on_cuda:
+        raise UserError("backbone.dtype: float16 needs a CUDA device (trainer.accelerator: gpu); on a CPU use bfloat16")
+
+
 def load_model(config: BackboneConfig, device: torch.device | str | None = None) -> nn.Module:
-    """Load (or randomly build) the base model on ``device`` in ``config.dtype`` and freeze every parameter.
+    """Load (or randomly build) the base model on ``device`` in ``config.dtype`` and freeze every parameter
+    (``device`` None: on the CPU, for a trainer to move; float16 is then checked against its accelerator).
 
     Saved weights go straight to the device and dtype (no full float32 copy in CPU memory first). A random-init
     model is built in float32 on the CPU, so that its seeded weights, and with them the fingerprint, are the
@@ -160,9 +167,8 @@ def load_model(config: BackboneConfig, device: torch.device | str | None = None)
     from transformers import AutoConfig, AutoModel
 
     dtype = DTYPES[config.dtype]
-    on_cuda = device is not None and torch.device(device).type == "cuda"
-    if dtype == torch.float16 and not on_cuda:
-        raise UserError("backbone.dtype: float16 needs a CUDA device (trainer.accelerator: gpu); on a CPU use bfloat16")
+    if device is not None:  # else the caller moves it (a training job, checked against its accelerator)
+        check_dtype_device(config.dtype, torch.device(device).type == "cuda")
     if config.random_init is not None:
         spec = dict(config.random_init)
         model_type = spec.pop("model_type", None)

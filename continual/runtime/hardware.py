@@ -10,6 +10,7 @@ import functools
 import sys
 from pathlib import Path
 
+from adafuse.fusion.backbone import check_dtype_device
 from adafuse.fusion.errors import UserError
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -47,8 +48,7 @@ def check_backbone_dtype(dtype: str, accelerator: str) -> None:
     (allowed there: they halve the loaded backbone, but a training step peaks above float32's; benchmarks: Real
     sizes)."""
     on_cuda = accelerator in ("gpu", "cuda")
-    if dtype == "float16" and not on_cuda:
-        raise UserError("backbone.dtype: float16 needs a CUDA device (trainer.accelerator: gpu); on a CPU use bfloat16")
+    check_dtype_device(dtype, on_cuda)
     if dtype == "bfloat16" and not on_cuda and not cpu_has_bf16():
         print(
             "warning: backbone.dtype bfloat16 on a CPU without bf16 instructions: half the memory at rest, but its "
