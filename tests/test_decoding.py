@@ -56,6 +56,23 @@ def test_cached_decoding_gives_the_uncached_tokens(model_type, setup):
     assert len({tuple(row) for row in plain}) > 1 and max(map(len, plain)) > 4  # rows differ and decode far
 
 
+@pytest.mark.parametrize("model_type", ["llama", "t5"])
+def test_decoding_runs_on_a_bfloat16_backbone_with_float32_adapters(model_type):
+    """The encoder's states reach T5's cross-attention in the backbone's dtype; cached = uncached there too."""
+    from conftest import TINY
+
+    from adafuse.fusion.backbone import BackboneConfig, load_model
+
+    model = AdaptedModel(load_model(BackboneConfig(random_init={"model_type": model_type, **TINY[model_type]},
+                                                   dtype="bfloat16")))  # fmt: skip
+    model.add_adapter("a", KINDS["bottleneck"])
+    model.add_head("lm", head_type=model.sites.lm)
+    model.activate(adapters=["a"], head="lm")
+    model.eval()
+    cached = decode(model, PROMPTS, 6, end=3)
+    assert cached == decode(model, PROMPTS, 6, end=3, cache=False) and len(cached) == len(PROMPTS)
+
+
 def test_the_cache_reads_one_new_token_per_step():
     model = _model("gpt2", "bottleneck")
     widths = []

@@ -255,9 +255,8 @@ def greedy_causal(
 
     def following(state):  # (B,) the most likely next token of every row
         ids, mask = state
-        seen = past.get_seq_length() if past is not None else 0
+        seen, options = _cache_options(past)
         positions = (mask.cumsum(1) - 1).clamp_min(0)[:, seen:]
-        options = {"cache": past, "use_cache": True} if past is not None else {"use_cache": False}
         hidden = model.encode(ids[:, seen:], mask, position_ids=positions, **options)  # (B, L - seen, d)
         return model.heads[head](hidden[:, -1:])[:, -1].argmax(-1)
 
@@ -280,12 +279,12 @@ def greedy_seq2seq(
     ids = _padded(prompts, model.backbone.config.pad_token_id or 0).to(model.device)  # (B, L)
     mask = _padded([[1] * len(p) for p in prompts], 0).to(model.device)
     start = torch.full((len(prompts), 1), model.backbone.config.decoder_start_token_id, device=model.device)
-    encoded = BaseModelOutput(last_hidden_state=model.encode(ids, mask))  # (B, L, d), read by every step
+    narrow = model.backbone.get_input_embeddings().weight.dtype  # encode() widens; cross-attention reads these
+    encoded = BaseModelOutput(last_hidden_state=model.encode(ids, mask).to(narrow))  # (B, L, d), read every step
     past = EncoderDecoderCache(DynamicCache(), DynamicCache()) if cache else None
 
     def following(decoded):
-        seen = past.get_seq_length() if past is not None else 0
-        options = {"cache": past, "use_cache": True} if past is not None else {"use_cache": False}
+        seen, options = _cache_options(past)
         hidden = model.encode(None, mask, decoder_input_ids=decoded[:, seen:], encoder_outputs=encoded, **options)
         return model.heads[head](hidden[:, -1:])[:, -1].argmax(-1)
 
@@ -293,6 +292,13 @@ def greedy_seq2seq(
         return torch.cat([decoded, tokens.unsqueeze(1)], 1)
 
     return _greedy(following, extend, start, len(prompts), max_new_tokens, end)
+
+
+def _cache_options(past) -> tuple[int, dict]:
+    """(positions the cache holds, the keyword arguments that make the backbone read and extend it)."""
+    if past is None:
+        return 0, {"use_cache": False}
+    return past.get_seq_length(), {"cache": past, "use_cache": True}
 
 
 def _greedy(following, extend, state, rows: int, max_new_tokens: int, end: int) -> list[list[int]]:
