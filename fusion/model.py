@@ -19,6 +19,7 @@ from adafuse.fusion.composition import WeightedSum
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.heads import build_head
 from adafuse.fusion.kinds import AdapterConfig, build_adapter
+from adafuse.fusion.quantize import is_quantized
 from adafuse.fusion.sites import LOCATIONS, SiteSpec, get_path, set_path, sites_for
 from adafuse.fusion.slot import AdapterSlot, PrefixSlot, ProjectionSlot, ResidualTap
 
@@ -203,7 +204,7 @@ class AdaptedModel(nn.Module):
         with torch.no_grad():
             for _, _, slot in self.slots():
                 if name in slot.adapters:
-                    if type(slot.base.weight) is not nn.Parameter and type(slot.base.weight) is not torch.Tensor:
+                    if is_quantized(slot.base.weight):
                         raise UserError(f"adapter '{name}' cannot be merged into quantized projections")
                     slot.base.weight += slot.adapters[name].delta_weight().to(slot.base.weight.dtype)
         self.delete_adapter(name)

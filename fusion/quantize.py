@@ -14,12 +14,18 @@ taken before quantizing, so a library trained on the quantized backbone names th
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from adafuse.fusion.errors import UserError
 
 QUANTIZATIONS = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # values per scale, as QLoRA
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A weight held as a quantized tensor subclass (torchao's), not plain values that can be added to."""
+    return type(weight) not in (nn.Parameter, torch.Tensor)
 
 
 def quantize(model: nn.Module, mode: str) -> int:
