@@ -20,6 +20,7 @@ from adafuse.continual.runtime.hardware import check_hardware
 from adafuse.continual.strategies import STRATEGY_METHODS, StrategyConfig
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import BackboneConfig
+from adafuse.fusion.compiling import check_mode
 from adafuse.fusion.errors import UserError, first_line
 from adafuse.fusion.heads import POOLINGS
 from adafuse.fusion.kinds import AdapterConfig
@@ -48,6 +49,10 @@ class TrainerConfig:
         gradient_clip_val: clip the gradient norm at this value (null: no clipping).
         activation_checkpointing: recompute each frozen block's forward (its adapters and fusion included) in the
             backward pass instead of keeping its activations: less memory for more compute, the same gradients.
+        compile: ``torch.compile`` the training step (forward and loss) and the forward of evaluation, the
+            monitor and ranking: ``off``, ``default``, ``reduce-overhead`` (CUDA graphs on CUDA), ``max-autotune``,
+            or ``auto`` (times eager and compiled steps and keeps compiling where the steps left repay the
+            compile time; prints its decision). Pair it with ``pad_to_multiple_of`` so a few shapes cover a run.
         precision: Lightning precision: ``32-true``, ``bf16-mixed`` (refused on a CPU without bf16
             instructions), ``16-mixed`` (CUDA).
         accelerator: ``cpu``, ``gpu`` (refused without a visible CUDA device) or ``auto``.
@@ -76,6 +81,7 @@ class TrainerConfig:
     warmup_ratio: float = 0.1
     gradient_clip_val: float | None = 1.0
     activation_checkpointing: bool = False
+    compile: str = "off"
     precision: str = "32-true"
     accelerator: str = "cpu"
     devices: int | str = 1
@@ -108,6 +114,7 @@ class TrainerConfig:
         check_range("trainer.weight_decay", self.weight_decay, minimum=0)
         check_range("trainer.num_workers", self.num_workers, minimum=0)
         check_range("trainer.warmup_ratio", self.warmup_ratio, minimum=0, maximum=1)
+        check_mode("trainer.compile", self.compile)
         if self.strategy not in TRAINER_STRATEGIES:
             sharding = " (sharding the frozen backbone is not supported: use backbone.dtype or backbone.quantization)"
             raise UserError(

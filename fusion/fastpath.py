@@ -40,10 +40,38 @@ def _activation_backward(act: str, grad: torch.Tensor, z: torch.Tensor) -> None:
 def _mix(g: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """[s_n g_n, s_n] for every adapter: (N, K, r), (N, K) -> (N, K(r+1))."""
     n, k, r = g.shape
+    if torch.compiler.is_compiling():  # no out= into a slice there; the compiler fuses product and concatenation
+        return torch.cat([g * weights.unsqueeze(-1), weights.unsqueeze(-1)], dim=-1).view(n, k * (r + 1))
     mixed = g.new_empty(n, k, r + 1)
     torch.mul(g, weights.unsqueeze(-1), out=mixed[..., :r])
     mixed[..., r] = weights
     return mixed.view(n, k * (r + 1))
+
+
+def fused_attention(x, weight, bias, values, k: int, temperature: float, act: str, dtype=None):
+    """:class:`FusedAttention`: o (B, L, d) and s (B, L, K). In compiled code its forward as plain differentiable
+    operations: the compiler derives the backward and fuses both (the hand-written backward writes into slices
+    of one buffer, which dynamo does not trace)."""
+    if torch.compiler.is_compiling():
+        out, weights, _ = _forward(x, weight, bias, values, k, temperature, act, dtype)
+        return out, weights
+    return FusedAttention.apply(x, weight, bias, values, k, temperature, act, dtype)
+
+
+def _forward(x, weight, bias, values, k: int, temperature: float, act: str, dtype):
+    """The forward pass; also returns what the backward reads: the flat input, z and the two dtypes."""
+    mm = dtype or x.dtype
+    acc = torch.promote_types(x.dtype, torch.float32)
+    flat = x.reshape(-1, x.shape[-1]).to(mm)  # (N, d)
+    z = torch.addmm(bias.to(mm), flat, weight.to(mm).t())  # (N, K r + K(r+1))
+    rows = weight.shape[0] - values.shape[0]  # K r
+    n, r = flat.shape[0], rows // k
+    g = ACTIVATIONS[act](z[:, :rows].to(acc)).reshape(n, k, r)  # (N, K, r)
+    proj = z[:, rows:].to(acc).view(n, k, r + 1)  # (N, K, r+1)
+    scores = torch.linalg.vecdot(proj[..., :r], g) + proj[..., r]  # (N, K)
+    weights = torch.softmax(scores / temperature, dim=-1)  # (N, K)
+    out = _mix(g, weights).to(mm) @ values.to(mm)  # (N, d)
+    return out.view(x.shape), weights.view(*x.shape[:-1], k), (flat, z, mm, acc)
 
 
 class FusedAttention(torch.autograd.Function):
@@ -62,22 +90,12 @@ class FusedAttention(torch.autograd.Function):
 
         Returns o (B, L, d) without the residual (in the matmul dtype), and the attention weights s (B, L, K).
         """
-        mm = dtype or x.dtype
-        acc = torch.promote_types(x.dtype, torch.float32)
-        flat = x.reshape(-1, x.shape[-1]).to(mm)  # (N, d)
-        z = torch.addmm(bias.to(mm), flat, weight.to(mm).t())  # (N, K r + K(r+1))
-        rows = weight.shape[0] - values.shape[0]  # K r
-        n, r = flat.shape[0], rows // k
-        g = ACTIVATIONS[act](z[:, :rows].to(acc)).reshape(n, k, r)  # (N, K, r)
-        proj = z[:, rows:].to(acc).view(n, k, r + 1)  # (N, K, r+1)
-        scores = torch.linalg.vecdot(proj[..., :r], g) + proj[..., r]  # (N, K)
-        weights = torch.softmax(scores / temperature, dim=-1)  # (N, K)
-        out = _mix(g, weights).to(mm) @ values.to(mm)  # (N, d)
-        ctx.save_for_backward(flat, weight, values, z, weights)
+        out, weights, (flat, z, mm, acc) = _forward(x, weight, bias, values, k, temperature, act, dtype)
+        ctx.save_for_backward(flat, weight, values, z, weights.view(-1, k))
         ctx.shape, ctx.k, ctx.temperature, ctx.act = x.shape, k, temperature, act
         ctx.x_dtype, ctx.mm, ctx.acc = x.dtype, mm, acc
         ctx.mark_non_differentiable(weights)
-        return out.view(x.shape), weights.view(*x.shape[:-1], k)
+        return out, weights
 
     @staticmethod
     @torch.autograd.function.once_differentiable

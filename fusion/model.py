@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from adafuse.fusion.attention import COMPOSITIONS, FusionConfig, FusionLayer
+from adafuse.fusion.compiling import compiled
 from adafuse.fusion.composition import WeightedSum
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.heads import build_head
@@ -38,6 +39,7 @@ class AdaptedModel(nn.Module):
         ]
         self.blocks = [block for _, _, block in blocks]  # the backbone's own modules (a plain list: not registered)
         self.activation_checkpointing = False
+        self.compile_mode = "off"  # forward through torch.compile (adafuse.fusion.compiling) unless "off"
         for index, (stack, i, block) in enumerate(blocks):
             for name, path in stack.projections.items():  # first: a projection may sit inside a replaced sub-layer
                 self._slots[(index, name)] = ProjectionSlot(get_path(block, path))
@@ -59,10 +61,27 @@ class AdaptedModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.adapter_configs: dict[str, AdapterConfig] = {}
         self.fusion_sources: dict[str, tuple[str, ...]] = {}
+        self._head: tuple[nn.Module, ...] = ()  # the active head's module: what forward reads (see AdapterSlot)
         self.active_head: str | None = None
         self.merged: set[str] = set()  # LoRA adapters folded into the backbone's weights (merge_adapter)
         for param in self.backbone.parameters():
             param.requires_grad_(False)
+
+    @property
+    def active_head(self) -> str | None:
+        return self._active_head
+
+    @active_head.setter
+    def active_head(self, name: str | None) -> None:
+        self._active_head = name
+        self._head = () if name is None else (self.heads[name],)
+
+    @property
+    def head_module(self) -> nn.Module:
+        """The active head."""
+        if len(self._head) == 0:
+            raise UserError("no active head: call activate(head=...) first")
+        return self._head[0]
 
     # ---- structure -------------------------------------------------------------------------------------
     def slots(self) -> Iterator[tuple[int, str, AdapterSlot]]:
@@ -221,6 +240,7 @@ class AdaptedModel(nn.Module):
     def _delete_from_slots(self, name: str, kind: str) -> None:
         for _, _, slot in self.slots():
             slot.forget_maps()  # memoised fusion maps may hold the deleted tensors
+            slot.drop(name)
             container = getattr(slot, kind)
             if name in container:
                 del container[name]
@@ -356,27 +376,21 @@ class AdaptedModel(nn.Module):
     # ---- forward --------------------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
         """Last hidden states (B, L, d). An encoder-decoder without ``decoder_input_ids`` runs its encoder
-        (``features`` in the sites table): that is what a classification head reads."""
-        encoder = self.backbone
-        if self.sites.features is not None and "decoder_input_ids" not in kwargs:
-            encoder = get_path(self.backbone, self.sites.features)
-        if not getattr(self.backbone.config, "type_vocab_size", 0):  # a BERT tokenizer's segment ids: not used here
-            kwargs.pop("token_type_ids", None)
-        if input_ids is not None:
-            kwargs["input_ids"] = input_ids
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        if self.activation_checkpointing and self.training and getattr(self.backbone.config, "use_cache", None):
-            kwargs.setdefault("use_cache", False)  # a recomputed block must not add its keys and values twice
-        hidden = encoder(**kwargs).last_hidden_state
-        return hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden  # float32 heads
+        (``features`` in the sites table): that is what a classification head reads. Compiled unless
+        ``compile_mode`` is ``off``/``auto``; decoding steps (a key/value cache passed) run eagerly, as their
+        shapes change with every token."""
+        eager = self.compile_mode in ("off", "auto") or torch.compiler.is_compiling()
+        if eager or "past_key_values" in kwargs or "encoder_outputs" in kwargs:
+            return encoded(self, input_ids, attention_mask, **kwargs)
+        return compiled(encoded, self.compile_mode)(self, input_ids, attention_mask, **kwargs)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Logits of the active head: (B, C) for classification, (B, L, vocab) for language modelling."""
-        if self.active_head is None:
-            raise UserError("no active head: call activate(head=...) first")
-        hidden = self.encode(input_ids, attention_mask, **kwargs)  # (B, L, d)
-        return self.heads[self.active_head](hidden, attention_mask)
+        """Logits of the active head: (B, C) for classification, (B, L, vocab) for language modelling; compiled
+        unless ``compile_mode`` is ``off`` (or ``auto``, before a training run decided to compile)."""
+        self.head_module  # noqa: B018 - refuses a model without an active head, in one line
+        if self.compile_mode in ("off", "auto") or torch.compiler.is_compiling():
+            return logits(self, input_ids, attention_mask, **kwargs)
+        return compiled(logits, self.compile_mode)(self, input_ids, attention_mask, **kwargs)
 
     # ---- artefact tensors -------------------------------------------------------------------------------
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
@@ -419,6 +433,29 @@ class AdaptedModel(nn.Module):
                 prefix = f"{index}.{location}."
                 part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                 _strict_load(container[name], part, f"{kind[:-1]} '{name}'")
+
+
+def encoded(model: AdaptedModel, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor:
+    """What :meth:`AdaptedModel.encode` computes, compiled or not."""
+    encoder = model.backbone
+    if model.sites.features is not None and "decoder_input_ids" not in kwargs:
+        encoder = get_path(model.backbone, model.sites.features)
+    if not getattr(model.backbone.config, "type_vocab_size", 0):  # a BERT tokenizer's segment ids: not used here
+        kwargs.pop("token_type_ids", None)
+    if input_ids is not None:
+        kwargs["input_ids"] = input_ids
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if model.activation_checkpointing and model.training and getattr(model.backbone.config, "use_cache", None):
+        kwargs.setdefault("use_cache", False)  # a recomputed block must not add its keys and values twice
+    hidden = encoder(**kwargs).last_hidden_state
+    return hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden  # float32 heads
+
+
+def logits(model: AdaptedModel, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor:
+    """The active head over the encoded batch (what :meth:`AdaptedModel.forward` runs, compiled or not)."""
+    hidden = encoded(model, input_ids, attention_mask, **kwargs)  # (B, L, d)
+    return model.head_module(hidden, attention_mask)
 
 
 _WHERE = {"slot": "sites", "projection": "projections", "prefix": "self-attention site (prefix tuning)"}

@@ -14,36 +14,108 @@ import torch
 import torch.nn as nn
 
 from adafuse.fusion.attention import fused_activations, stack_adapters
-from adafuse.fusion.fastpath import FusedAttention
+from adafuse.fusion.fastpath import fused_attention
 from adafuse.fusion.memo import stamp, unchanged
 from adafuse.fusion.sites import SiteSpec
 
 
-class AdapterSlot(nn.Module):
-    def __init__(self, base: nn.Module, spec: SiteSpec, norm: nn.Module | None = None) -> None:
+class _Slot(nn.Module):
+    """What every slot shares: named adapters and fusions, and which of them run.
+
+    ``active`` (adapter names), ``active_fusion`` ((fusion, its sources)) and ``routes`` ((name, sources, rows)
+    per route) say what runs. Setting one also keeps the modules it names, and ``forward`` reads only those:
+    compiled code (``torch.compile``) then guards on the modules' kinds and shapes, not on their names, and
+    switching from one task's adapter to another's reuses it.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
+        self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()
+        self.attention_recorder: list[torch.Tensor] | None = None
+        self._active: tuple[str, ...] = ()
+        self._active_fusion: tuple[str, tuple[str, ...]] | None = None
+        self._routes: list[tuple[str, tuple[str, ...], torch.Tensor]] | None = None
+        self._running: tuple[nn.Module, ...] = ()  # the active adapters
+        self._fusion_running: tuple[nn.Module, tuple[nn.Module, ...]] | None = None  # (fusion, its sources)
+        self._routes_running: list[tuple[nn.Module, tuple[nn.Module, ...], torch.Tensor]] | None = None
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self._active
+
+    @active.setter
+    def active(self, names: tuple[str, ...]) -> None:
+        self._active = tuple(names)
+        self._running = tuple(self.adapters[name] for name in self._active)
+
+    @property
+    def active_fusion(self) -> tuple[str, tuple[str, ...]] | None:
+        return self._active_fusion
+
+    @active_fusion.setter
+    def active_fusion(self, fusion: tuple[str, tuple[str, ...]] | None) -> None:
+        self._active_fusion = fusion
+        self._fusion_running = None if fusion is None else self._resolve(*fusion)
+
+    @property
+    def routes(self) -> list[tuple[str, tuple[str, ...], torch.Tensor]] | None:
+        return self._routes
+
+    @routes.setter
+    def routes(self, routes: list[tuple[str, tuple[str, ...], torch.Tensor]] | None) -> None:
+        self._routes = routes
+        self._routes_running = None if routes is None else [(*self._resolve(n, s), rows) for n, s, rows in routes]
+
+    def _resolve(self, name: str, sources: tuple[str, ...]) -> tuple[nn.Module, tuple[nn.Module, ...]]:
+        """Adapter ``name`` (no sources) or fusion ``name`` with its source adapters."""
+        if sources:
+            return self.fusions[name], tuple(self.adapters[s] for s in sources)
+        return self.adapters[name], ()
+
+    def drop(self, name: str) -> None:
+        """Stop running adapter or fusion ``name`` (it is being deleted); a fusion over it stops too."""
+        self.active = tuple(a for a in self._active if a != name)
+        if self._active_fusion is not None and name in (self._active_fusion[0], *self._active_fusion[1]):
+            self.active_fusion = None
+        if self._routes is not None:
+            self.routes = [r for r in self._routes if name not in (r[0], *r[1])] or None
+
+    @property
+    def is_bare(self) -> bool:
+        # len(): dynamo traces no `not` of a tuple of modules (a graph break)
+        return len(self._running) == 0 and self._fusion_running is None and not self._routes_running
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype the running adapters compute in: their weights' (float32 master weights beside a narrower
+        backbone)."""
+        running = [*self._running, *(module for module, _, _ in self._routes_running or ())]
+        if self._fusion_running is not None:
+            running.append(self._fusion_running[0])
+        for module in running:
+            for param in module.parameters():
+                return param.dtype
+        return torch.float32
+
+    def forget_maps(self) -> None:
+        """Drop memoised values made of the weights (only :class:`AdapterSlot` keeps any)."""
+
+
+class AdapterSlot(_Slot):
+    def __init__(self, base: nn.Module, spec: SiteSpec, norm: nn.Module | None = None) -> None:
+        super().__init__(base)
         self.mode = spec.mode
         # The block owns its norm (None: the adapter input is h + residual, as AdapterHub has it for pre-LN
         # blocks); a tuple keeps it out of this module's parameters and state dict.
         self._norm = (norm if norm is not None else nn.Identity(),)
         self._residual: torch.Tensor | None = None  # pre_ln: handed over by the ResidualTap, used once
-        self.adapters = nn.ModuleDict()
-        self.fusions = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.active_fusion: tuple[str, tuple[str, ...]] | None = None  # (fusion name, source names)
-        # Per-row routing (mixed-task batches): (adapter or fusion name, its sources or (), batch row indices).
-        self.routes: list[tuple[str, tuple[str, ...], torch.Tensor]] | None = None
-        self.attention_recorder: list[torch.Tensor] | None = None
-        self._maps_memo: dict[tuple[str, str], tuple] = {}  # ("sources"|"maps", fusion) -> (key, value)
+        self._maps_memo: dict[tuple[str, nn.Module], tuple] = {}  # ("sources"|"maps", fusion) -> (key, value)
 
     @property
     def layer_norm(self) -> nn.Module:
         return self._norm[0]
-
-    @property
-    def is_bare(self) -> bool:
-        return not self.active and self.active_fusion is None and not self.routes
 
     def forward(self, *args, **kwargs):
         if self.is_bare:
@@ -72,38 +144,34 @@ class AdapterSlot(nn.Module):
     def mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The slot's output before the block's residual + layer norm: h plus the adapters' contribution, computed
         in the adapters' dtype (float32 beside a bfloat16 backbone) and handed back in the backbone's."""
-        dtype = adapter_dtype(self)
+        dtype = self.adapter_dtype
         if h.dtype == dtype or torch.is_autocast_enabled(h.device.type):  # autocast casts on its own
             return self._mix(h, residual)
         return self._mix(h.to(dtype), residual.to(dtype)).to(h.dtype)
 
     def _mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if self.routes:
+        if self._routes_running is not None:
             return self._routed(h, residual)
-        if self.active_fusion is not None:
-            name, sources = self.active_fusion
-            return self._fuse(name, [self.adapters[s] for s in sources], h, residual)
+        if self._fusion_running is not None:
+            return self._fuse(*self._fusion_running, h, residual)
         out = h
-        for name in self.active:
-            adapter = self.adapters[name]
+        for adapter in self._running:
             out = out + adapter(self._adapter_input(adapter.config.input, h, residual))
         return out
 
     def _routed(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Each route's rows through its own adapter or fusion; rows without a route keep h."""
         out = h.clone()
-        for name, sources, rows in self.routes:
+        for module, sources, rows in self._routes_running:
             h_rows, residual_rows = h.index_select(0, rows), residual.index_select(0, rows)
             if sources:
-                mixed = self._fuse(name, [self.adapters[s] for s in sources], h_rows, residual_rows)
+                mixed = self._fuse(module, sources, h_rows, residual_rows)
             else:
-                adapter = self.adapters[name]
-                mixed = h_rows + adapter(self._adapter_input(adapter.config.input, h_rows, residual_rows))
+                mixed = h_rows + module(self._adapter_input(module.config.input, h_rows, residual_rows))
             out = out.index_copy(0, rows, mixed)
         return out
 
-    def _fuse(self, name: str, adapters: list[nn.Module], h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        fusion = self.fusions[name]
+    def _fuse(self, fusion: nn.Module, adapters: tuple[nn.Module, ...], h: torch.Tensor, residual: torch.Tensor):
         x = self._adapter_input(adapters[-1].config.input, h, residual)
         source_params = [p for adapter in adapters for p in adapter.parameters()]  # read once: the hot path
         sources_frozen = not any(p.requires_grad for p in source_params)
@@ -115,15 +183,13 @@ class AdapterSlot(nn.Module):
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
             act = adapters[-1].config.non_linearity
             with torch.autocast(device, enabled=False):  # maps in the weights' dtype; FusedAttention casts
-                weight, bias, values = self._fusion_maps(name, fusion, adapters, source_params)
-                out, weights = FusedAttention.apply(
-                    x, weight, bias, values, len(adapters), fusion.temperature, act, dtype
-                )
+                weight, bias, values = self._fusion_maps(fusion, adapters, source_params)
+                out, weights = fused_attention(x, weight, bias, values, len(adapters), fusion.temperature, act, dtype)
             out = fusion.add_residual(out, h)
         else:
             query = h if fusion.config.query_before_ln else x
             if sources_frozen:  # stacked once and kept (as the fast path does), K concatenations fewer per step
-                down_w, down_b, up = self._memo(("sources", name), source_params, lambda: _stacked(adapters))
+                down_w, down_b, up = self._memo(("sources", fusion), source_params, lambda: _stacked(adapters))
             else:
                 down_w, down_b, up = stack_adapters(adapters)
             g = fused_activations(x, down_w, down_b, len(adapters), adapters[-1].activation)  # (B, L, K, r)
@@ -132,7 +198,7 @@ class AdapterSlot(nn.Module):
             self.attention_recorder.append(weights.detach())
         return out
 
-    def _fusion_maps(self, name: str, fusion: nn.Module, adapters: list[nn.Module], source_params: list):
+    def _fusion_maps(self, fusion: nn.Module, adapters: tuple[nn.Module, ...], source_params: list):
         """[D; M^T], [e; b] and V~ for the fast path, from the weights.
 
         The stacked (frozen) sources are memoised per slot and fusion, and so are the maps without autograd
@@ -140,14 +206,18 @@ class AdapterSlot(nn.Module):
         ``.to()``): the key holds each tensor with its version counter and storage. In training only the maps'
         few products with the fusion's own weights run every step.
         """
-        sources = self._memo(("sources", name), source_params, lambda: _stacked(adapters))
+        sources = self._memo(("sources", fusion), source_params, lambda: _stacked(adapters))
         if torch.is_grad_enabled():  # the fusion's weights change every step
-            self._maps_memo.pop(("maps", name), None)
+            self._maps_memo.pop(("maps", fusion), None)
             return _maps(fusion, *sources)
-        return self._memo(("maps", name), [*fusion.parameters(), *sources], lambda: _maps(fusion, *sources))
+        return self._memo(("maps", fusion), [*fusion.parameters(), *sources], lambda: _maps(fusion, *sources))
 
-    def _memo(self, key: tuple[str, str], tensors: list[torch.Tensor], make):
-        """``make()``, kept under ``key`` while every one of ``tensors`` is unchanged."""
+    def _memo(self, key: tuple[str, nn.Module], tensors: list[torch.Tensor], make):
+        """``make()``, kept under ``key`` while every one of ``tensors`` is unchanged. Compiled code computes it
+        every call (the compiler cannot keep Python state between calls; inside one graph it costs a few fused
+        kernels)."""
+        if torch.compiler.is_compiling():
+            return make()
         now = stamp(tensors)
         memo = self._maps_memo.get(key)
         if memo is None or not unchanged(memo[0], now):
@@ -190,7 +260,7 @@ class ResidualTap(nn.Module):
         return self.base(hidden_states, *args, **kwargs)
 
 
-class ProjectionSlot(nn.Module):
+class ProjectionSlot(_Slot):
     """Replaces one linear projection; the active adapters (LoRA) add their deltas to its output.
 
     The same attributes as :class:`AdapterSlot` (``adapters``, ``active``, ``routes``, ``fusions``: here weighted
@@ -199,15 +269,8 @@ class ProjectionSlot(nn.Module):
     """
 
     def __init__(self, base: nn.Linear) -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.adapters = nn.ModuleDict()
-        self.fusions = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.active_fusion = None
-        self.routes: list[tuple[str, tuple[str, ...], torch.Tensor]] | None = None
-        self.attention_recorder = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -218,42 +281,34 @@ class ProjectionSlot(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    @property
-    def is_bare(self) -> bool:
-        return not self.active and self.active_fusion is None and not self.routes
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.is_bare:
             return out
-        dtype = adapter_dtype(self)
+        dtype = self.adapter_dtype
         if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
             return self._deltas(x, out)
         # a narrower backbone: the deltas summed in the adapters' dtype, added to the projection in the backbone's
         return out + self._deltas(x.to(dtype), out.new_zeros(out.shape, dtype=dtype)).to(out.dtype)
 
     def _deltas(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.routes:
-            for name, sources, rows in self.routes:
-                out = out.index_add(0, rows, self._delta(name, sources, x.index_select(0, rows)))
+        if self._routes_running is not None:
+            for module, sources, rows in self._routes_running:
+                out = out.index_add(0, rows, self._delta(module, sources, x.index_select(0, rows)))
             return out
-        if self.active_fusion is not None:
-            return out + self._delta(*self.active_fusion, x)
-        for name in self.active:
-            out = out + self.adapters[name](x)
+        if self._fusion_running is not None:
+            return out + self._delta(*self._fusion_running, x)
+        for adapter in self._running:
+            out = out + adapter(x)
         return out
 
-    def _delta(self, name: str, sources: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
-        """Adapter ``name``'s delta, or composition ``name``'s over its ``sources``."""
-        if sources:
-            return self.fusions[name](x, [self.adapters[s] for s in sources])
-        return self.adapters[name](x)
-
-    def forget_maps(self) -> None:
-        """Nothing memoised here (the protocol of :meth:`AdapterSlot.forget_maps`)."""
+    @staticmethod
+    def _delta(module: nn.Module, sources: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
+        """An adapter's delta, or a composition's over its ``sources``."""
+        return module(x, list(sources)) if sources else module(x)
 
 
-class PrefixSlot(nn.Module):
+class PrefixSlot(_Slot):
     """Replaces a self-attention module; the active adapters (prefix tuning) prepend keys and values to its own.
 
     The module reads its keys and values through ``cache.update(k, v, layer)`` (transformers' KV cache); the slot
@@ -263,19 +318,8 @@ class PrefixSlot(nn.Module):
     """
 
     def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.base = base
-        self.heads = base.num_attention_heads
-        self.adapters = nn.ModuleDict()
-        self.fusions = nn.ModuleDict()  # stays empty: prefixes are not fused
-        self.active: tuple[str, ...] = ()
-        self.active_fusion = None
-        self.routes: list[tuple[str, tuple[str, ...], torch.Tensor]] | None = None
-        self.attention_recorder = None
-
-    @property
-    def is_bare(self) -> bool:
-        return not self.active and not self.routes
+        super().__init__(base)
+        self.heads = base.num_attention_heads  # self.fusions stays empty: prefixes are not fused
 
     def forward(self, hidden_states: torch.Tensor, *args, attention_mask=None, cache=None, **kwargs):
         if self.is_bare:
@@ -283,19 +327,16 @@ class PrefixSlot(nn.Module):
         if cache is not None:
             raise RuntimeError("prefix tuning runs without a KV cache (the BERT family's self-attention)")
         batch = hidden_states.shape[0]
-        parts = [(self.adapters[name](), None) for name in self.active]  # (2, P, d), all rows
-        for name, _, rows in self.routes or ():
+        parts = [(adapter(), None) for adapter in self._running]  # (2, P, d), all rows
+        for adapter, _, rows in self._routes_running or ():
             seen = torch.zeros(batch, dtype=torch.bool, device=hidden_states.device)
-            parts.append((self.adapters[name](), seen.index_fill(0, rows, True)))
+            parts.append((adapter(), seen.index_fill(0, rows, True)))
         prefix = torch.cat([p for p, _ in parts], dim=1)  # (2, P, d)
         key, value = (
             p.view(p.shape[0], self.heads, -1).transpose(0, 1).expand(batch, -1, -1, -1) for p in prefix
         )  # (B, H, P, d/H)
         mask = _prefix_mask(attention_mask, parts, hidden_states, self.base.config._attn_implementation)
         return self.base(hidden_states, *args, attention_mask=mask, cache=_Prepend(key, value), **kwargs)
-
-    def forget_maps(self) -> None:
-        """Nothing memoised here (the protocol of :meth:`AdapterSlot.forget_maps`); prefixes fold themselves."""
 
 
 class _Prepend:
@@ -333,14 +374,6 @@ def _prefix_mask(mask: torch.Tensor | None, parts: list, hidden: torch.Tensor, i
     if additive:
         prefix = torch.zeros_like(prefix, dtype=mask.dtype).masked_fill(~prefix, torch.finfo(mask.dtype).min)
     return torch.cat([prefix, mask.expand(batch, -1, -1, -1)], dim=-1)
-
-
-def adapter_dtype(slot: nn.Module) -> torch.dtype:
-    """The dtype a slot's adapters compute in: their weights' (float32 master weights beside a narrower backbone)."""
-    for module in (*slot.adapters.values(), *slot.fusions.values()):
-        for param in module.parameters():
-            return param.dtype
-    return torch.float32
 
 
 def in_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

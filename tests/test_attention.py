@@ -10,9 +10,8 @@ from adafuse.fusion.model import AdaptedModel
 from adafuse.fusion.slot import AdapterSlot
 
 
-def naive_fuse(self, name, adapters, h, residual):
+def naive_fuse(self, fusion, adapters, h, residual):
     """Pfeiffer et al. 2021, Eq. 2-5 as written: one full d x d projection per adapter for keys and values."""
-    fusion = self.fusions[name]
     x = self._adapter_input(adapters[-1].config.input, h, residual)
     query_input = h if fusion.config.query_before_ln else x
     q = fusion.query(query_input) if fusion.query is not None else query_input
@@ -320,7 +319,9 @@ def test_each_fusion_keeps_its_own_maps_and_deleting_drops_them(monkeypatch):
         first = model(**batch)
         model.activate(fusion="g", head="f")
         model(**batch)
-        assert all({name for _, name in slot._maps_memo} == {"f", "g"} for slot in slots)
+        assert all(
+            {fusion for _, fusion in slot._maps_memo} == {slot.fusions["f"], slot.fusions["g"]} for slot in slots
+        )
         model.activate(fusion="f", head="f")
         assert torch.equal(model(**batch), first)  # f's maps survived g's pass
     model.delete_fusion("g")

@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--merge", action="store_true", help="fold the LoRA --adapter into the weights first (the bare model's speed)"
     )
+    predict.add_argument(
+        "--compile",
+        default="off",
+        help="torch.compile the forward: off (default), default, reduce-overhead, max-autotune",
+    )
     predict.set_defaults(handler=commands.cmd_predict)
 
     serve = sub.add_parser("serve", help="serve every adapter and fusion of a library over HTTP, batched across tasks")

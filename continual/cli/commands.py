@@ -188,7 +188,7 @@ def cmd_predict(args, _overrides=()) -> int:
     from adafuse.continual.jobs.predict import run_predict
 
     options = ("adapter", "fusion", "task_column", "task", "text_column", "batch_size", "max_length", "device")
-    options += ("drop_layers", "backbone", "merge")  # run_predict's keyword arguments, named as the flags are
+    options += ("drop_layers", "backbone", "merge", "compile")  # run_predict keyword arguments, named as the flags
     count = run_predict(
         Path(args.library), Path(args.input), Path(args.out), **{name: getattr(args, name) for name in options}
     )

@@ -24,6 +24,7 @@ from adafuse.continual.jobs.library_model import LibraryModel
 from adafuse.continual.jobs.predictor import Predictor, device_for
 from adafuse.continual.routing.lda import LdaRouter
 from adafuse.continual.routing.trained import TrainedRouter, stored_router
+from adafuse.fusion.compiling import MODES
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.storage import staged_file
@@ -147,17 +148,21 @@ def run_predict(
     drop_layers: int = 0,
     backbone: str | None = None,
     merge: bool = False,
+    compile: str = "off",
 ) -> int:
     """Predict every row of ``input_path`` into ``out_path`` (JSONL); returns the number of rows.
 
     ``merge`` folds a LoRA ``adapter`` into the backbone's weights first (the bare backbone's speed).
-    ``task="auto"`` identifies each row's task with the library's routers (:mod:`.router`)."""
+    ``task="auto"`` identifies each row's task with the library's routers (:mod:`.router`). ``compile`` runs the
+    forward through ``torch.compile`` in that mode (generation's decoding steps stay eager)."""
     if sum(x is not None for x in (adapter, fusion, task_column, task)) != 1:
         raise UserError(
             "predict: give exactly one of --adapter NAME, --fusion NAME, --task-column COLUMN or --task auto"
         )
     if merge and adapter is None:
         raise UserError("predict --merge: needs --adapter NAME (one LoRA adapter folds into the weights)")
+    if compile not in MODES or compile == "auto":
+        raise UserError(f"predict --compile '{compile}': expected one of off, default, reduce-overhead, max-autotune")
     if batch_size < 1 or max_length < 2:
         raise UserError(f"predict: --batch-size ({batch_size}) must be >= 1 and --max-length ({max_length}) >= 2")
     input_path, out_path = Path(input_path), Path(out_path)
@@ -173,6 +178,7 @@ def run_predict(
     router = Router(predictor) if task == "auto" else None
     if merge:
         predictor.opened.model.merge_adapter(adapter)
+    predictor.opened.model.compile_mode = compile
     count = 0
     with staged_file(out_path, "w", encoding="utf-8") as out, tqdm(unit=" rows", desc="predict", disable=None) as bar:
         for batch in _batches(read_rows(input_path, text_column, task_column), batch_size):

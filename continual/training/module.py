@@ -14,6 +14,7 @@ import torch
 
 from adafuse.continual.config import TrainerConfig
 from adafuse.continual.strategies import Strategy
+from adafuse.fusion.compiling import AutoCompile, StepTimer, compiled
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.faults import fault_point
 from adafuse.fusion.model import AdaptedModel
@@ -54,6 +55,8 @@ class AdapterTaskModule(L.LightningModule):
         }
         self.train_metrics = self.task_type.metrics(num_labels, "train_")
         self.val_metrics = self.task_type.metrics(num_labels, "val_")
+        self._auto: AutoCompile | None = None  # compile: auto's measurements and decision
+        self._timer: StepTimer | None = None
         self.prepare()
 
     def prepare(self) -> None:
@@ -63,6 +66,31 @@ class AdapterTaskModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.prepare()
+        mode = self.config.compile
+        self.model.compile_mode = mode
+        self._auto = AutoCompile(int(self.trainer.estimated_stepping_batches)) if mode == "auto" else None
+        self._timer = None
+
+    def _step_function(self):
+        """The training step's forward and loss: compiled, eager, or (``auto``) whichever it decided."""
+        mode = self.config.compile
+        if self._auto is not None:
+            if not self._auto.use_compiled():
+                return step_outputs
+            mode = "default"
+        return step_outputs if mode == "off" else compiled(step_outputs, mode)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._auto is not None and self._auto.decision is None:
+            self._timer = StepTimer(self.device).__enter__()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._timer is not None:
+            self._timer.__exit__(None, None, None)
+            self._auto.record(self._timer.seconds)
+            self._timer = None
+            if self._auto.decision is not None:  # evaluation follows the decision
+                self.model.compile_mode = "default" if self._auto.decision == "compiled" else "off"
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**self.task_type.model_batch(self.model, batch)[0])
@@ -73,9 +101,7 @@ class AdapterTaskModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         fault_point("train-step")
         inputs, labels = self.task_type.model_batch(self.model, batch)  # the backbone's layout (generation)
-        hidden = self.model.encode(**inputs)  # (B, L, d), for the head and the strategy
-        logits = self.model.heads[self.head](hidden, inputs.get("attention_mask"))
-        loss = self.task_type.loss(logits, labels)
+        hidden, logits, loss = self._step_function()(self.model, self.task_type, inputs, labels)
         total = self.strategy.loss(self.model, batch, hidden, loss, self.global_step)
         extra = self.extra_loss()
         total = total if extra is None else total + extra
@@ -150,6 +176,7 @@ class FusionModule(AdapterTaskModule):
         return self.model.fusion_regularization().to(self.device)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         fusion = self.selection["fusion"]
         layer = next(slot.fusions[fusion] for _, _, slot in self.model.slots() if fusion in slot.fusions)
         if layer.config.temperature:
@@ -160,3 +187,11 @@ class FusionModule(AdapterTaskModule):
 
     def on_train_end(self) -> None:
         self.model.set_fusion_temperature(1.0)
+
+
+def step_outputs(model: AdaptedModel, task_type, inputs: dict, labels: torch.Tensor):
+    """A training step's forward and loss (compiled as one graph under ``trainer.compile``): the hidden states
+    (B, L, d) for the strategy, the active head's logits, the task type's loss."""
+    hidden = model.encode(**inputs)
+    logits = model.head_module(hidden, inputs.get("attention_mask"))
+    return hidden, logits, task_type.loss(logits, labels)
