@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One unattended run on a GPU machine without internet (docs: Benchmarks, "On a GPU"):
 #   1. `make install` offline into the machine's own Python environment (VENV=its prefix: it has CUDA torch),
-#   2. benchmarks/speed.py on random-init MiniLM (B=64, L=128) and bert-base (B=32, L=256), bf16-mixed,
+#   2. benchmarks/speed.py on random-init MiniLM (B=64, L=128) and bert-base (B=32, L=256), bf16-mixed, eager and
+#      compiled (COMPILE, default reduce-overhead: CUDA graphs) interleaved,
 #   3. AdapterHub `adapters` 1.3.0 on the same card and configurations (../shared/bench/peer_adapters.py),
 #   4. `ACCELERATOR=gpu PRECISION=bf16-mixed make demo` on the embedded MiniLM (when its weights are there),
 #   5. benchmarks/memory.py at a real size (bf16, checkpointing, int8, nf4), then `make test` (the CUDA-marked
@@ -55,7 +56,8 @@ fi
 # 2.-3. speed, ours and the peer's, in the same run on the same card (run below)
 speed() {  # speed NAME B L
     "$VENV/bin/python" benchmarks/speed.py --backbone "/tmp/bb/$1" --device "$DEVICE" --precision bf16-mixed \
-        -B "$2" -L "$3" --fusion-k 2,4,8,16 --warmup 5 --steps "$STEPS" --rss-steps 0 --threads 8 --out "$RESULTS/ours.jsonl" &&
+        -B "$2" -L "$3" --fusion-k 2,4,8,16 --warmup 5 --steps "$STEPS" --rss-steps 0 --threads 8 \
+        --compile "${COMPILE:-reduce-overhead}" --out "$RESULTS/ours.jsonl" &&
     "$VENV/bin/python" benchmarks/speed.py --backbone "/tmp/bb/$1" --device "$DEVICE" --precision bf16-mixed \
         -B "$2" -L "$3" --methods single_train,fusion_train --fusion-k 8 --warmup 2 --steps 3 --rss-steps 3 --threads 8 \
         --out "$RESULTS/ours.jsonl"
@@ -68,7 +70,7 @@ peer() {  # peer NAME B L
 # 1. install: offline, into the environment that holds the CUDA torch; pip's resolver first, else the
 # wheels without their declared version ranges (the machine's own versions may lie outside them)
 export PIP_NO_INDEX=1 PIP_FIND_LINKS=$wheels VENV=${VENV:-$(python3 -c 'import sys; print(sys.prefix)')}
-export RESULTS KEEP DEVICE STEPS
+export RESULTS KEEP DEVICE STEPS COMPILE
 py=$VENV/bin/python
 if ! step install 120 make install TORCH_SPEC=torch; then
     $py -m pip install -q --no-deps "$wheels"/*.whl

@@ -69,6 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--malloc", default="tuned", choices=["tuned", "default"], help="glibc thresholds as the adafuse CLI sets them"
     )
+    p.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "default", "reduce-overhead", "max-autotune"],
+        help="also time every method compiled in this mode, interleaved with eager (records carry `compile`)",
+    )
     p.add_argument("--child", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
     p.add_argument("--child-interleaved", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -121,9 +127,26 @@ def build(args, configs: list[tuple[str, int]]):
     return model.to(args.device)
 
 
-def make_step(args, model, method: str, k: int, batch):
-    """A function that runs one timed step of this configuration and returns (ms, loss or None)."""
+def train_loss(model, ids, mask, labels, floor: bool):
+    """A training step's forward and loss (compiled as one graph under --compile): the hidden states and the
+    cross-entropy of the active head. ``floor``: the bare backbone, backward all the way to the embeddings."""
     import torch
+
+    if floor:
+        embeds = model.backbone.get_input_embeddings()(ids).detach().requires_grad_(True)
+        hidden = model.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    else:
+        hidden = model.encode(ids, mask)
+    logits = model.head_module(hidden, mask).float()  # (B, C), or (B, L, vocab) with --head lm
+    return hidden, torch.nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten())
+
+
+def make_step(args, model, method: str, k: int, batch, mode: str = "off"):
+    """A function that runs one timed step of this configuration (eager, or compiled in ``mode``) and returns
+    (ms, loss or None)."""
+    import torch
+
+    from adafuse.fusion.compiling import compiled
 
     ids, mask, labels = batch
     head = f"{method}{k}"  # the name of this configuration's head, adapter or fusion
@@ -141,7 +164,7 @@ def make_step(args, model, method: str, k: int, batch):
     model.set_trainable(**what, heads=[head])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if train else None  # as the product trains
-    embeddings = model.backbone.get_input_embeddings()
+    forward_loss = train_loss if mode == "off" else compiled(train_loss, mode)
     autocast = torch.autocast(
         device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"
     )
@@ -152,17 +175,13 @@ def make_step(args, model, method: str, k: int, batch):
 
     def run():
         if not train:
+            model.compile_mode = mode
             with torch.inference_mode(), autocast:
                 return model(ids, mask).float().sum().item()
+        model.compile_mode = "off"  # the whole step's function is compiled instead
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            if method == "floor_train":  # backward all the way to the (frozen) embeddings
-                embeds = embeddings(ids).detach().requires_grad_(True)
-                hidden = model.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-            else:
-                hidden = model.encode(ids, mask)
-            logits = model.heads[head](hidden, mask).float()  # (B, C), or (B, L, vocab) with --head lm
-            task_loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten())
+            hidden, task_loss = forward_loss(model, ids, mask, labels, method == "floor_train")
             if strategy is not None:  # as AdapterTaskModule.training_step
                 loss = strategy.loss(model, rows, hidden, task_loss, next(counter))
             else:
@@ -244,7 +263,9 @@ def measure(args, configs: list[tuple[str, int]], layout: str) -> list[dict]:
     torch.set_num_threads(args.threads)
     model = build(args, configs)
     batch = fixed_batch(args, model)
-    steps = [make_step(args, model, method, k, batch) for method, k in configs]
+    modes = ["off"] if args.compile == "off" or layout == "process" else ["off", args.compile]
+    configs = [(method, k, mode) for mode in modes for method, k in configs]
+    steps = [make_step(args, model, method, k, batch, mode) for method, k, mode in configs]
     times = [[] for _ in configs]
     losses = [[] for _ in configs]
     rounds = args.warmup + (args.steps if layout == "interleaved" else args.rss_steps)
@@ -256,7 +277,7 @@ def measure(args, configs: list[tuple[str, int]], layout: str) -> list[dict]:
                 times[index].append(ms)
                 losses[index].append(loss)
     records = []
-    for (method, k), (_, trainable), ms, loss in zip(configs, steps, times, losses, strict=True):
+    for (method, k, mode), (_, trainable), ms, loss in zip(configs, steps, times, losses, strict=True):
         median = statistics.median(ms)
         records.append(
             {
@@ -271,6 +292,7 @@ def measure(args, configs: list[tuple[str, int]], layout: str) -> list[dict]:
                 "kind": args.kind,
                 "skip_layers": args.skip_layers,
                 "precision": args.precision,
+                "compile": mode,
                 "malloc": malloc,
                 "step_ms_median": round(median, 3),
                 "samples_per_s": round(args.batch_size / median * 1000, 3),
@@ -312,7 +334,8 @@ def paired_ratio(a: dict, b: dict) -> float:
 
 
 def ratio_table(records: list[dict]) -> str:
-    timed = {(r["method"], r["K"]): r for r in records if r.get("layout", "interleaved") == "interleaved"}
+    interleaved = [r for r in records if r.get("layout", "interleaved") == "interleaved"]
+    modes = list(dict.fromkeys(r.get("compile", "off") for r in interleaved))
     memory = {(r["method"], r["K"]): r for r in records if r.get("layout") == "process"}
     pairs = [
         ("single_train", 1, "floor_train", 0),
@@ -320,13 +343,22 @@ def ratio_table(records: list[dict]) -> str:
         ("merged_infer", 1, "floor_fwd", 0),
     ]
     pairs += [(name, 1, "single_train", 1) for name in STRATEGY_STEPS]
-    for k in sorted({k for method, k in timed if method.startswith("fusion")}):
+    for k in sorted({r["K"] for r in interleaved if r["method"].startswith("fusion")}):
         pairs += [("fusion_train", k, "single_train", 1), ("fusion_infer", k, "single_infer", 1)]
     rows = []
-    for method, k, base, base_k in pairs:
-        a, b = timed.get((method, k)), timed.get((base, base_k))
-        if a and b:
-            rows.append((f"{method}{f' K={k}' if k > 1 else ''} / {base}", paired_ratio(a, b)))
+    for mode in modes:
+        timed = {(r["method"], r["K"]): r for r in interleaved if r.get("compile", "off") == mode}
+        suffix = "" if mode == "off" else f" (compiled, {mode})"
+        for method, k, base, base_k in pairs:
+            a, b = timed.get((method, k)), timed.get((base, base_k))
+            if a and b:
+                rows.append((f"{method}{f' K={k}' if k > 1 else ''} / {base}{suffix}", paired_ratio(a, b)))
+    eager = {(r["method"], r["K"]): r for r in interleaved if r.get("compile", "off") == "off"}
+    for r in interleaved:  # what compiling saves: eager step / compiled step, paired by round
+        if r.get("compile", "off") != "off" and (r["method"], r["K"]) in eager:
+            k = r["K"]
+            name = r["method"] + (f" K={k}" if k > 1 else "")
+            rows.append((f"{name} eager / compiled ({r['compile']})", paired_ratio(eager[(r["method"], k)], r)))
     for method, k in sorted(memory):
         if method == "fusion_train" and ("single_train", 1) in memory:
             rss = memory[(method, k)]["peak_rss_mb"] / memory[("single_train", 1)]["peak_rss_mb"]
@@ -334,7 +366,7 @@ def ratio_table(records: list[dict]) -> str:
             if memory[(method, k)].get("peak_cuda_mb"):
                 gpu = memory[(method, k)]["peak_cuda_mb"] / memory[("single_train", 1)]["peak_cuda_mb"]
                 rows.append((f"peak GPU memory fusion_train K={k} / single_train", gpu))
-    first = (list(timed.values()) or records)[0]
+    first = (interleaved or records)[0]
     header = (
         f"\n### adafuse speed ratios — {first['backbone']}, B={first['B']}, L={first['L']}, "
         f"{first['device']}, threads={first['threads']}, precision={first['precision']}, "
@@ -344,7 +376,9 @@ def ratio_table(records: list[dict]) -> str:
         f"{len(first['step_ms_all'])} interleaved rounds\n\n| ratio | value |\n|---|---|\n"
     )
     medians = "\n".join(
-        f"| {r['method']} K={r['K']} step ms (median) | {r['step_ms_median']:.1f} |" for r in timed.values()
+        f"| {r['method']} K={r['K']}{'' if r.get('compile', 'off') == 'off' else ' compiled'} step ms (median) | "
+        f"{r['step_ms_median']:.1f} |"
+        for r in interleaved
     )
     medians += "".join(
         f"\n| {m} K={r['K']} peak RSS MB (own process) | {r['peak_rss_mb']:.0f} |" for (m, _), r in memory.items()
@@ -376,7 +410,7 @@ def main(argv=None) -> int:
     for record in records:
         print(
             f"{record['method']:<13} K={record['K']:<3} {record['step_ms_median']:9.1f} ms  "
-            f"{record['samples_per_s']:8.1f} samples/s  (interleaved)",
+            f"{record['samples_per_s']:8.1f} samples/s  (interleaved, compile {record['compile']})",
             flush=True,
         )
     if args.rss_steps > 0:

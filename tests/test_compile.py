@@ -169,3 +169,22 @@ def test_auto_keeps_compiling_only_where_the_steps_left_repay_it():
     assert probe(100, eager_s=0.10, compile_s=20.0, compiled_s=0.05) == "eager"  # 93 steps left do not
     assert probe(10**6, eager_s=0.10, compile_s=1.0, compiled_s=0.12) == "eager"  # slower compiled
     assert "no faster than eager" in said[-1]
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_mode_equals_eager_on_cuda():
+    model = AdaptedModel(tiny_backbone("bert"))
+    for name in ("s0", "s1"):
+        model.add_adapter(name, AdapterConfig(reduction_factor=4))
+    model.add_fusion("f", ["s0", "s1"], FusionConfig())
+    model.add_head("f", 3)
+    randomize(model, std=0.2)
+    model = model.cuda().eval()
+    batch = {k: v.cuda() for k, v in tiny_batch().items()}
+    with torch.no_grad():
+        model.activate(fusion="f", head="f")
+        eager = model(**batch)
+        model.compile_mode = "reduce-overhead"
+        for _ in range(3):  # recorded, then replayed
+            fast = model(**batch).clone()
+    assert torch.allclose(fast, eager, atol=1e-5)
