@@ -37,6 +37,14 @@ def compiled(fn: Callable, mode: str) -> Callable:
     return torch.compile(fn, backend=backend, **options)
 
 
+def without_grad(model):
+    """The no-autograd context for evaluating ``model``: ``torch.inference_mode`` eagerly; ``torch.no_grad`` when
+    it runs compiled, as validation inside training does, so both share one compilation (inference tensors
+    would not pass the other's guards)."""
+    eager = getattr(model, "compile_mode", "off") in ("off", "auto")  # auto: eager until a training run decides
+    return torch.inference_mode() if eager else torch.no_grad()
+
+
 def graphs_compiled() -> int:
     """How many graphs dynamo has compiled in this process (a recompile adds one)."""
     from torch._dynamo.utils import counters

@@ -32,6 +32,7 @@ from adafuse.continual.training.module import AdapterTaskModule, FusionModule
 from adafuse.continual.training.search import search_weights
 from adafuse.continual.training.trainer import LibraryWriter, fit, make_trainer
 from adafuse.fusion.attention import COMPOSITIONS
+from adafuse.fusion.compiling import without_grad
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.fusion.library import AdapterLibrary, check_name
@@ -333,7 +334,7 @@ def fusion_attention(model: AdaptedModel, loader) -> list[list[float]]:
         for slot in slots:
             slot.attention_recorder = []
         inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}  # batches move, not the model
-        with torch.inference_mode():
+        with without_grad(model):
             model(**inputs)
         # a site the task does not run records nothing (T5's decoder when classifying)
         recorded = [(index, slot.attention_recorder[0]) for index, slot in enumerate(slots) if slot.attention_recorder]

@@ -12,11 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from adafuse.continual.runtime.distributed import gather_tensors, shard
+from adafuse.fusion.compiling import without_grad
 from adafuse.fusion.model import AdaptedModel
 from adafuse.tasks.types import TASK_TYPES
 
 
-@torch.inference_mode()
 def predict_logits(
     model: AdaptedModel, loader, device: torch.device | str | None = None, gather=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +25,11 @@ def predict_logits(
     ``gather(model, inputs, labels)`` turns each batch into outputs and targets (a task type's: tagging keeps the
     scored words, generation decodes).
     The batches move to ``device`` (default: where the model is); the model does not move."""
+    with without_grad(model):
+        return _predict_logits(model, loader, device, gather)
+
+
+def _predict_logits(model: AdaptedModel, loader, device, gather) -> tuple[torch.Tensor, torch.Tensor]:
     device = device or model.device
     was_training = model.training
     model.eval()
