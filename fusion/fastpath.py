@@ -54,12 +54,13 @@ def fused_attention(x, weight, bias, values, k: int, temperature: float, act: st
     of one buffer, which dynamo does not trace)."""
     if torch.compiler.is_compiling():
         out, weights, _ = _forward(x, weight, bias, values, k, temperature, act, dtype)
-        return out, weights
+        return out.view(x.shape), weights.view(*x.shape[:-1], k)
     return FusedAttention.apply(x, weight, bias, values, k, temperature, act, dtype)
 
 
 def _forward(x, weight, bias, values, k: int, temperature: float, act: str, dtype):
-    """The forward pass; also returns what the backward reads: the flat input, z and the two dtypes."""
+    """The forward pass over the N = B*L rows; also returns what the backward reads: the flat input, z and the
+    two dtypes."""
     mm = dtype or x.dtype
     acc = torch.promote_types(x.dtype, torch.float32)
     flat = x.reshape(-1, x.shape[-1]).to(mm)  # (N, d)
@@ -71,7 +72,7 @@ def _forward(x, weight, bias, values, k: int, temperature: float, act: str, dtyp
     scores = torch.linalg.vecdot(proj[..., :r], g) + proj[..., r]  # (N, K)
     weights = torch.softmax(scores / temperature, dim=-1)  # (N, K)
     out = _mix(g, weights).to(mm) @ values.to(mm)  # (N, d)
-    return out.view(x.shape), weights.view(*x.shape[:-1], k), (flat, z, mm, acc)
+    return out, weights, (flat, z, mm, acc)  # (N, d), (N, K)
 
 
 class FusedAttention(torch.autograd.Function):
@@ -91,11 +92,11 @@ class FusedAttention(torch.autograd.Function):
         Returns o (B, L, d) without the residual (in the matmul dtype), and the attention weights s (B, L, K).
         """
         out, weights, (flat, z, mm, acc) = _forward(x, weight, bias, values, k, temperature, act, dtype)
-        ctx.save_for_backward(flat, weight, values, z, weights.view(-1, k))
+        ctx.save_for_backward(flat, weight, values, z, weights)
         ctx.shape, ctx.k, ctx.temperature, ctx.act = x.shape, k, temperature, act
         ctx.x_dtype, ctx.mm, ctx.acc = x.dtype, mm, acc
         ctx.mark_non_differentiable(weights)
-        return out, weights
+        return out.view(x.shape), weights.view(*x.shape[:-1], k)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
