@@ -20,6 +20,7 @@ import torch.nn as nn
 from adafuse.fusion.errors import UserError, first_line
 from adafuse.fusion.fingerprint import record_built
 from adafuse.fusion.quantize import QUANTIZATIONS, quantize
+from adafuse.fusion.widen import widen_bf16_linears
 
 EMBEDDED = "embedded"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -193,4 +194,5 @@ def load_model(config: BackboneConfig, device: torch.device | str | None = None)
     if config.quantization != "none":
         record_built(model)  # the fingerprint of the weights themselves, before they are quantized
         quantize(model, config.quantization)
+    widen_bf16_linears(model)  # bfloat16 projections multiply in float32 on a CPU without bf16 instructions
     return model

@@ -51,7 +51,7 @@ def test_each_adapter_kind_traces_without_graph_breaks(kind):
 
 
 @pytest.mark.parametrize(
-    ("arch", "k"), [("bert", 2), ("bert", 16), ("distilbert", 2), ("gpt2", 2), ("llama", 2), ("t5", 2)]
+    ("arch", "k"), [("bert", 2), ("bert", 8), ("distilbert", 2), ("gpt2", 2), ("llama", 2), ("t5", 2)]
 )
 def test_fusion_traces_without_graph_breaks_on_each_architecture(arch, k):
     model = AdaptedModel(tiny_backbone(arch))
@@ -62,9 +62,7 @@ def test_fusion_traces_without_graph_breaks_on_each_architecture(arch, k):
     model.add_head("f", 2)
     model.activate(fusion="f", head="f")
     model.set_trainable(fusions=["f"], heads=["f"])
-    assert explain_breaks(model.train(), tiny_batch()) == []  # a training step
-    with torch.no_grad():
-        assert explain_breaks(model.eval(), tiny_batch()) == []  # evaluation (memoised maps are not used)
+    assert explain_breaks(model.train(), tiny_batch()) == []  # a training step (evaluation: one graph, below)
 
 
 def test_evaluating_five_tasks_of_one_kind_compiles_once(graph_backend):
@@ -123,12 +121,12 @@ def test_compiled_training_step_equals_eager_outputs_and_gradients():
 
 
 def test_a_compiled_sequence_killed_and_resumed_measures_what_an_eager_one_does(graph_backend, tmp_path):
-    args = ["run", SMOKE, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4"]
+    args = ["run", SMOKE, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
     args += ["--trainer.pad_to_multiple_of", "16"]
     assert main([*args, "--out", str(tmp_path / "eager")]) == 0
     compiled_run = [*args, "--out", str(tmp_path / "compiled"), "--trainer.compile", "default"]
     env = {"ADAFUSE_COMPILE_BACKEND": "eager"}
-    killed = run_cli(*compiled_run, env={**env, "ADAFUSE_FAULT": "train-step:6"})  # task 2 of 3, mid-epoch
+    killed = run_cli(*compiled_run, env={**env, "ADAFUSE_FAULT": "train-step:3"})  # task 2 of 3, mid-epoch
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = run_cli(*compiled_run, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

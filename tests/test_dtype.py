@@ -196,3 +196,22 @@ def test_quantization_refusals_are_one_line(capsys, tmp_path):
     model.add_adapter("a", KINDS["lora"])
     with pytest.raises(UserError, match="quantized"):
         model.merge_adapter("a")
+
+
+def test_bf16_projections_multiply_in_float32_on_a_cpu_without_bf16(monkeypatch):
+    import torch.nn.functional as F
+
+    from adafuse.fusion import widen
+
+    monkeypatch.setattr(widen, "CPU_WIDENS", True)
+    linear = torch.nn.Linear(16, 8).to(torch.bfloat16).requires_grad_(False)
+    assert widen.widen_bf16_linears(torch.nn.Sequential(linear)) == 1
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    out = linear(x)
+    assert out.dtype == torch.bfloat16
+    exact = F.linear(x.detach().float(), linear.weight.float(), linear.bias.float())
+    assert torch.equal(out, exact.to(torch.bfloat16))  # the float32 product, rounded once
+    out.float().sum().backward()
+    assert torch.equal(x.grad, linear.weight.float().sum(0).expand(3, -1).to(torch.bfloat16))
+    monkeypatch.setattr(widen, "CPU_WIDENS", False)  # hardware with bf16 matmuls: the projection's own
+    assert torch.equal(linear(x.detach()), F.linear(x.detach(), linear.weight, linear.bias))

@@ -6,27 +6,11 @@ every matmul converts through float32 and runs slower than float32 itself.
 
 from __future__ import annotations
 
-import functools
 import sys
-from pathlib import Path
 
 from adafuse.fusion.backbone import check_dtype_device
 from adafuse.fusion.errors import UserError
-
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True where the CPU has native bf16 matmul instructions (Linux: /proc/cpuinfo's flags; elsewhere oneDNN's
-    own check, which also counts emulated support)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        import torch
-
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return any(flag in flags for flag in BF16_FLAGS)
+from adafuse.fusion.widen import BF16_FLAGS, cpu_has_bf16
 
 
 def check_hardware(accelerator: str, precision: str) -> None:
