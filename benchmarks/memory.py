@@ -9,17 +9,19 @@ do not depend on the weights' values), saved once in float32 under ``--work`` so
 a user loads a checkpoint: straight into its dtype (``backbone.dtype``) or quantized (``backbone.quantization``).
 Every (size, variant, setup) runs in a fresh process: load, add the adapter (or four sources and a fusion) and a
 classification head, then ``--steps`` timed training steps (AdamW, B × L random tokens) after one warm-up step.
-The record holds the peak RSS and the median step time; float32 weights, which safetensors maps from the file,
-are read once after loading, so that they are resident as a narrower dtype's converted weights are. The model's
-share of the memory is the peak minus the same variant's peak on the ``tiny`` config; what activation
-checkpointing saves is the difference between the peaks of a variant with and without it.
+The record holds the peak RSS of loading (``load_peak_rss_mb``: loading a narrower dtype from this float32 file
+maps the file's pages as it converts them; a checkpoint published in bfloat16 does not), the peak of the training
+steps (``peak_rss_mb``: Linux's VmHWM, started afresh after loading) and the median step time; float32
+weights, which safetensors maps from the file, are read once after loading, so that they are resident as a
+narrower dtype's converted weights are. The model's share of the memory is the steps' peak minus the same
+variant's on the ``tiny`` config; what activation checkpointing saves is the difference between the peaks of a
+variant with and without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,7 +94,8 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
         for param in model.parameters():
             if param.dtype == torch.float32:
                 param.sum()
-    loaded_mb = _rss_mb()
+    loaded_mb, load_peak = _rss_mb(), _status_mb("VmHWM:")
+    _reset_peak()  # from here VmHWM is the training steps' peak (loading a float32 file maps its pages first)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(10, model.backbone.config.vocab_size, (batch, length), generator=generator).to(device)
@@ -107,17 +110,30 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
         if device != "cpu":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM:")
     cuda = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if device != "cpu" else {}
-    return {"loaded_rss_mb": round(loaded_mb, 1), "peak_rss_mb": round(peak, 1), **cuda, "device": device,
+    return {"loaded_rss_mb": round(loaded_mb, 1), "load_peak_rss_mb": round(load_peak, 1),
+            "peak_rss_mb": round(peak, 1), **cuda, "device": device,
             "step_s": round(statistics.median(times[1:] or times), 3), "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def _rss_mb() -> float:
+    return _status_mb("VmRSS:")
+
+
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _reset_peak() -> None:
+    """Start VmHWM (the peak RSS) afresh at the current RSS (Linux: /proc/self/clear_refs, 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def main() -> int:
@@ -149,19 +165,20 @@ def main() -> int:
                 records.append(record | json.loads(result.stdout.strip().splitlines()[-1]))
                 print(json.dumps(records[-1]), flush=True)
     tiny = {(r["variant"], r["setup"]): r["peak_rss_mb"] for r in records if r["size"] == "tiny"}
-    for record in records:
+    for record in records:  # the training steps' peak, less the same run's on the tiny config
         if (record["variant"], record["setup"]) in tiny:
             record["model_share_mb"] = round(record["peak_rss_mb"] - tiny[(record["variant"], record["setup"])], 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in records))
     lines = [
-        "| size | setup | variant | B | L | peak RSS MB | model share MB | activations MB | peak CUDA MB | step s |"
-    ]  # noqa: E501
+        "| size | setup | variant | B | L | loading's peak RSS MB | steps' peak RSS MB | model share MB "
+        "| peak CUDA MB | step s |"
+    ]
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         lines.append(
-            f"| {r['size']} | {r['setup']} | {r['variant']} | {r['B']} | {r['L']} | {r['peak_rss_mb']:.0f} | "
-            f"{r.get('model_share_mb', '–')} | {r.get('peak_cuda_mb', '–')} | "
+            f"| {r['size']} | {r['setup']} | {r['variant']} | {r['B']} | {r['L']} | {r['load_peak_rss_mb']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {r.get('model_share_mb', '–')} | {r.get('peak_cuda_mb', '–')} | "
             f"{r['step_s']:.2f} |"
         )
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")

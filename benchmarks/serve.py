@@ -231,6 +231,7 @@ def soak(port: int, pid: int, library: Path, bodies: list[dict], clients: int, h
         "names": len(names), "hot_added": len(landed), "served_before_landing": early[0],
         "failed_requests": failures[0], "rss_warm_mb": round(warm, 1), "rss_end_mb": round(rss[-1][1], 1),
         "rss_max_mb": round(max(mb for _, mb in rss), 1), "rss_growth": round(rss[-1][1] / warm - 1, 4),
+        "rss_series": [[sent, round(mb, 1)] for sent, mb in rss[:: max(1, len(rss) // 40)]],  # (requests sent, MB)
     }  # fmt: skip
 
 

@@ -20,12 +20,13 @@ from adafuse.fusion.composition import WeightedSum
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.heads import build_head
 from adafuse.fusion.kinds import AdapterConfig, build_adapter
+from adafuse.fusion.model_state import ArtefactTensors
 from adafuse.fusion.quantize import is_quantized
 from adafuse.fusion.sites import LOCATIONS, SiteSpec, get_path, set_path, sites_for
 from adafuse.fusion.slot import AdapterSlot, PrefixSlot, ProjectionSlot, ResidualTap
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(ArtefactTensors, nn.Module):
     def __init__(self, backbone: nn.Module, backbone_dropout: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
@@ -392,48 +393,6 @@ class AdaptedModel(nn.Module):
             return logits(self, input_ids, attention_mask, **kwargs)
         return compiled(logits, self.compile_mode)(self, input_ids, attention_mask, **kwargs)
 
-    # ---- artefact tensors -------------------------------------------------------------------------------
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return self._slot_state(name, "adapters")
-
-    def fusion_state(self, name: str) -> dict[str, torch.Tensor]:
-        return self._slot_state(name, "fusions")
-
-    def head_state(self, name: str) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.heads[name].state_dict().items()}
-
-    def _slot_state(self, name: str, kind: str) -> dict[str, torch.Tensor]:
-        state = {}
-        for index, location, slot in self.slots():
-            container = getattr(slot, kind)
-            if name in container:
-                for key, value in container[name].state_dict().items():
-                    state[f"{index}.{location}.{key}"] = value.detach().clone()
-        return state
-
-    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        self._load_slot_state(name, "adapters", state)
-
-    def load_fusion_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        self._load_slot_state(name, "fusions", state)
-
-    def load_head_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        _strict_load(self.heads[name], state, f"head '{name}'")
-
-    def _load_slot_state(self, name: str, kind: str, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self._slot_state(name, kind))
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise UserError(
-                f"{kind[:-1]} '{name}': tensors do not match the model (missing {missing[:3]}, extra {extra[:3]})"
-            )
-        for index, location, slot in self.slots():
-            container = getattr(slot, kind)
-            if name in container:
-                prefix = f"{index}.{location}."
-                part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                _strict_load(container[name], part, f"{kind[:-1]} '{name}'")
-
 
 def encoded(model: AdaptedModel, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor:
     """What :meth:`AdaptedModel.encode` computes, compiled or not."""
@@ -466,13 +425,3 @@ def _site_norm(block: nn.Module, base: nn.Module, spec: SiteSpec) -> nn.Module |
     if spec.norm is None:
         return None
     return get_path(base if spec.mode == "inner" else block, spec.norm)
-
-
-def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    own = module.state_dict()
-    if set(own) != set(state):
-        raise UserError(f"{what}: expected tensors {sorted(own)}, got {sorted(state)}")
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            raise UserError(f"{what}: tensor '{key}' has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
-    module.load_state_dict(state)

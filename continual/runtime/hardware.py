@@ -29,13 +29,13 @@ def check_hardware(accelerator: str, precision: str) -> None:
 
 def check_backbone_dtype(dtype: str, accelerator: str) -> None:
     """Refuse float16 weights off CUDA; say in one line what bfloat16 weights cost on a CPU without bf16 instructions
-    (allowed there: they halve the loaded backbone, but a training step peaks above float32's; benchmarks: Real
-    sizes)."""
+    (allowed there: they halve the backbone's memory, and their projections multiply in float32, which widens every
+    weight for every product: slower steps than float32's; :mod:`adafuse.fusion.widen`)."""
     on_cuda = accelerator in ("gpu", "cuda")
     check_dtype_device(dtype, on_cuda)
     if dtype == "bfloat16" and not on_cuda and not cpu_has_bf16():
         print(
-            "warning: backbone.dtype bfloat16 on a CPU without bf16 instructions: half the memory at rest, but its "
-            "matmuls run through float32 here, so training steps are slower and peak higher than in float32",
+            "warning: backbone.dtype bfloat16 on a CPU without bf16 instructions: half the memory, but each projection "
+            "widens its weights to multiply in float32 here, so steps are slower than in float32",
             file=sys.stderr,
         )
