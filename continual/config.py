@@ -49,8 +49,8 @@ class TrainerConfig:
         gradient_clip_val: clip the gradient norm at this value (null: no clipping).
         activation_checkpointing: recompute each frozen block's forward (its adapters and fusion included) in the
             backward pass instead of keeping its activations: less memory for more compute, the same gradients.
-        compile: ``torch.compile`` the training step (forward and loss) and the forward of evaluation, the
-            monitor and ranking: ``off``, ``default``, ``reduce-overhead`` (CUDA graphs on CUDA), ``max-autotune``,
+        compile: ``torch.compile`` the training step (forward and loss) and the forward of validation and the
+            monitor's evaluations: ``off``, ``default``, ``reduce-overhead`` (CUDA graphs on CUDA), ``max-autotune``,
             or ``auto`` (times eager and compiled steps and keeps compiling where the steps left repay the
             compile time; prints its decision). Pair it with ``pad_to_multiple_of`` so a few shapes cover a run.
         precision: Lightning precision: ``32-true``, ``bf16-mixed`` (refused on a CPU without bf16
