@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak", type=int, default=20000, help="requests of the soak scenario")
     parser.add_argument("--soak-words", type=int, default=32, help="words per row in the soak scenario")
     parser.add_argument("--hot-add", type=int, default=20, help="adapters imported during the soak")
+    parser.add_argument("--release-every", type=int, default=100, help="the server's --release-every (0: never)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSONL of records")
     args = parser.parse_args(argv)
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = load_builtin("bbc-topic5").splits["test"].texts
     bodies = plan(names, texts, args.requests, args.seed)
     common = {"library": args.library, "names": len(names), "max_batch_rows": args.max_batch_rows,
-              "max_wait_ms": args.max_wait_ms}  # fmt: skip
+              "max_wait_ms": args.max_wait_ms, "release_every": args.release_every}  # fmt: skip
     records = []
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "library"  # the soak imports into it; the library itself is only read
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         port = _free_port()
         command = [sys.executable, "-m", "adafuse.continual.cli", "serve", "--library", str(copy), "--port", str(port)]
         command += ["--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms)]
+        command += ["--release-every", str(args.release_every)]
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             for _ in range(600):

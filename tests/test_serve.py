@@ -48,6 +48,7 @@ class Served:
         command = [sys.executable, "-m", "adafuse.continual.cli", "serve", "--library", str(library)]
         command += ["--port", str(self.port), "--token", TOKEN, "--max-wait-ms", "50", "--max-chars", "500"]
         command += ["--max-loaded", "2", *extra]  # fewer than the tests ask for: they run through the LRU
+        command += ["--release-every", "1"]  # malloc's free pages returned after every pass
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -221,6 +222,12 @@ def test_a_public_address_needs_a_token(library):
     result = run_cli("serve", "--library", str(library), "--host", "0.0.0.0", env={"ADAFUSE_SERVE_TOKEN": ""})
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "'0.0.0.0' (not loopback) needs a bearer token" in lines[0]
+
+
+def test_a_negative_release_interval_is_refused(library):
+    result = run_cli("serve", "--library", str(library), "--release-every", "-1")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == ["adafuse: error: serve: --release-every -1: expected >= 0 (0: off)"], lines
 
 
 def test_sigterm_finishes_and_exits_zero(server):

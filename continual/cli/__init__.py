@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-loaded", type=int, default=32, help="adapters and fusions kept loaded, least recently used go (0: all)"
     )
+    serve.add_argument(
+        "--release-every",
+        type=int,
+        default=100,
+        help="forward passes between returns of free memory to the OS (0: off)",
+    )
     serve.add_argument("--token", default=None, help="bearer token every request must carry (or ADAFUSE_SERVE_TOKEN)")
     serve.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
     serve.set_defaults(handler=commands.cmd_serve)

@@ -200,7 +200,7 @@ def cmd_serve(args, _overrides=()) -> int:
     from adafuse.continual.jobs.serve import ServeOptions, run_server
 
     names = ("host", "port", "device", "max_batch_rows", "max_wait_ms", "max_rows", "max_chars", "max_length")
-    options = {name: getattr(args, name) for name in (*names, "max_loaded", "token", "backbone")}
+    options = {name: getattr(args, name) for name in (*names, "max_loaded", "release_every", "token", "backbone")}
     return run_server(ServeOptions(Path(args.library), **options))
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from adafuse.continual.jobs.library_model import LibraryModel
 from adafuse.continual.jobs.predictor import Predictor, device_for
 from adafuse.continual.jobs.serve_metrics import ServeMetrics
+from adafuse.continual.runtime.allocator import release_free_memory
 from adafuse.fusion.errors import UserError, VerificationError, first_line
 from adafuse.tasks.types import TASK_TYPES
 
@@ -49,13 +50,15 @@ class ServeOptions:
     max_chars: int = 20_000  # characters of one input (its tokens are truncated at max_length anyway)
     max_length: int = 128
     max_loaded: int = 32  # adapters and fusions kept loaded (least recently used unloaded first); 0: no limit
+    release_every: int = 100  # forward passes between returns of malloc's free pages to the OS; 0: never
     token: str | None = None
     backbone: str | None = None
 
     def check(self) -> None:
         """Refuse options that cannot work, in one line each, before anything loads."""
-        if self.max_loaded < 0:
-            raise UserError(f"serve: --max-loaded {self.max_loaded}: expected >= 0 (0: no limit)")
+        for name in ("max_loaded", "release_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"serve: --{name.replace('_', '-')} {getattr(self, name)}: expected >= 0 (0: off)")
         for name in ("max_batch_rows", "max_rows", "max_chars", "max_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"serve: --{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
@@ -99,6 +102,7 @@ class Batcher:
         self.options = options
         self.metrics = metrics
         self.queue: queue.Queue[_Job | None] = queue.Queue()
+        self.passes = 0
         self.thread = threading.Thread(target=self._loop, name="adafuse-model", daemon=True)
         self.thread.start()
 
@@ -129,6 +133,9 @@ class Batcher:
             self.predictor.trim(self.options.max_loaded)  # after the pass (it may need more than the limit)
             for future, result, failed in answers:  # and before the answers: a request sees the trimmed state
                 future.set_exception(result) if failed else future.set_result(result)
+            self.passes += 1
+            if self.options.release_every and self.passes % self.options.release_every == 0:  # no request waits
+                release_free_memory()
 
     def _run(self, jobs: list[_Job]) -> list[tuple[Future, object, bool]]:
         """(future, outputs or exception, failed) per job."""

@@ -31,3 +31,20 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):  # not glibc (musl, ...): leave it
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_free_memory() -> bool:
+    """Hand the free pages inside malloc's heaps back to the OS (``malloc_trim(0)``); True if any were.
+
+    The fixed thresholds above keep freed blocks for reuse, which is what a training loop of repeating shapes
+    wants. A server's batches differ in rows, lengths and adapters from one pass to the next, so its free blocks
+    fragment into sizes the next pass may not fit, and the process grows with the variety of its traffic; a
+    periodic trim returns the free pages and keeps the live ones.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))
