@@ -225,12 +225,18 @@ def soak(port: int, pid: int, library: Path, bodies: list[dict], clients: int, h
     helpers[1].join()
     wall = time.perf_counter() - started
     warm = next(mb for sent, mb in rss if sent >= len(bodies) // 10)
+    # RSS rises and falls as the server returns free pages: compare the highest sample after warm-up (10-25 % of
+    # the requests sent) with the highest of the last quarter
+    warm_max = max(mb for sent, mb in rss if len(bodies) // 10 <= sent <= len(bodies) // 4)
+    late_max = max(mb for sent, mb in rss if sent >= len(bodies) * 3 // 4)
     return {
         "requests": len(bodies), "rows": sum(len(b["inputs"]) for b in bodies), "clients": clients,
         "wall_s": round(wall, 1), "rows_per_s": round(sum(len(b["inputs"]) for b in bodies) / wall, 2),
         "names": len(names), "hot_added": len(landed), "served_before_landing": early[0],
         "failed_requests": failures[0], "rss_warm_mb": round(warm, 1), "rss_end_mb": round(rss[-1][1], 1),
         "rss_max_mb": round(max(mb for _, mb in rss), 1), "rss_growth": round(rss[-1][1] / warm - 1, 4),
+        "rss_warm_max_mb": round(warm_max, 1), "rss_late_max_mb": round(late_max, 1),
+        "rss_growth_of_max": round(late_max / warm_max - 1, 4),
         "rss_series": [[sent, round(mb, 1)] for sent, mb in rss[:: max(1, len(rss) // 40)]],  # (requests sent, MB)
     }  # fmt: skip
 
@@ -263,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak", type=int, default=20000, help="requests of the soak scenario")
     parser.add_argument("--soak-words", type=int, default=32, help="words per row in the soak scenario")
     parser.add_argument("--hot-add", type=int, default=20, help="adapters imported during the soak")
-    parser.add_argument("--release-every", type=int, default=100, help="the server's --release-every (0: never)")
+    parser.add_argument("--release-every", type=int, default=1, help="the server's --release-every (0: never)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSONL of records")
     args = parser.parse_args(argv)

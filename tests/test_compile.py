@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 from cli_process import run_cli
-from conftest import randomize, tiny_backbone, tiny_batch
+from conftest import TINY, randomize, tiny_backbone, tiny_batch
 from test_kinds import KIND_CONFIGS
 
 from adafuse.continual.cli import main
@@ -95,9 +95,11 @@ def test_compiled_training_step_equals_eager_outputs_and_gradients():
     """Inductor's code for a fusion step (the fast path's forward, the backward the compiler derives) against
     eager (the hand-written backward). A single adapter's compiled run: the sequence test below."""
     from adafuse.continual.training.module import step_outputs
+    from adafuse.fusion.backbone import BackboneConfig, load_model
     from adafuse.tasks.types import task_type
 
-    model = AdaptedModel(tiny_backbone("bert"))
+    one_block = {"model_type": "bert", **TINY["bert"], "num_hidden_layers": 1}  # inductor's time grows with blocks
+    model = AdaptedModel(load_model(BackboneConfig(random_init=one_block)))
     for name in ("s0", "s1"):
         model.add_adapter(name, AdapterConfig(reduction_factor=4))
     model.add_fusion("f", ["s0", "s1"], FusionConfig())

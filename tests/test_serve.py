@@ -227,7 +227,8 @@ def test_a_public_address_needs_a_token(library):
 def test_a_negative_release_interval_is_refused(library):
     result = run_cli("serve", "--library", str(library), "--release-every", "-1")
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and lines == ["adafuse: error: serve: --release-every -1: expected >= 0 (0: off)"], lines
+    expected = "adafuse: error: serve: --release-every -1: expected >= 0 (0: off)"
+    assert result.returncode == 2 and lines == [expected], lines
 
 
 def test_sigterm_finishes_and_exits_zero(server):

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--release-every",
         type=int,
-        default=100,
+        default=1,
         help="forward passes between returns of free memory to the OS (0: off)",
     )
     serve.add_argument("--token", default=None, help="bearer token every request must carry (or ADAFUSE_SERVE_TOKEN)")

@@ -50,7 +50,7 @@ class ServeOptions:
     max_chars: int = 20_000  # characters of one input (its tokens are truncated at max_length anyway)
     max_length: int = 128
     max_loaded: int = 32  # adapters and fusions kept loaded (least recently used unloaded first); 0: no limit
-    release_every: int = 100  # forward passes between returns of malloc's free pages to the OS; 0: never
+    release_every: int = 1  # forward passes between returns of malloc's free pages to the OS; 0: never
     token: str | None = None
     backbone: str | None = None
 
