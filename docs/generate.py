@@ -192,6 +192,8 @@ def _script(name: str):
 
 def _value(value) -> str:
     if isinstance(value, float):
+        if value != 0 and abs(value) < 5e-4:  # a difference of 1e-7 is not 0.0000
+            return f"{value:.1e}"
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     if isinstance(value, list):
         return ", ".join(_value(v) for v in value)
