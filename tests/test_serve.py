@@ -48,7 +48,6 @@ class Served:
         command = [sys.executable, "-m", "adafuse.continual.cli", "serve", "--library", str(library)]
         command += ["--port", str(self.port), "--token", TOKEN, "--max-wait-ms", "50", "--max-chars", "500"]
         command += ["--max-loaded", "2", *extra]  # fewer than the tests ask for: they run through the LRU
-        command += ["--release-every", "1"]  # malloc's free pages returned after every pass
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -56,9 +56,9 @@ class ServeOptions:
 
     def check(self) -> None:
         """Refuse options that cannot work, in one line each, before anything loads."""
-        for name in ("max_loaded", "release_every"):
+        for name, zero in (("max_loaded", "no limit"), ("release_every", "off")):
             if getattr(self, name) < 0:
-                raise UserError(f"serve: --{name.replace('_', '-')} {getattr(self, name)}: expected >= 0 (0: off)")
+                raise UserError(f"serve: --{name.replace('_', '-')} {getattr(self, name)}: expected >= 0 (0: {zero})")
         for name in ("max_batch_rows", "max_rows", "max_chars", "max_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"serve: --{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")

@@ -14,6 +14,7 @@ reaches the same end with jemalloc or tcmalloc preloaded).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -22,13 +23,23 @@ MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value on 64-bit
 TRIM_THRESHOLD = 2**30
 
 
+@functools.cache
+def _glibc(name: str):
+    """glibc's function ``name``, looked up once; None off Linux or on another C library (musl, ...)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def tune_malloc() -> bool:
     """Fix glibc's mmap and trim thresholds for this process; True if they were set."""
-    if os.environ.get("ADAFUSE_MALLOC", "tuned") == "default" or not sys.platform.startswith("linux"):
+    if os.environ.get("ADAFUSE_MALLOC", "tuned") == "default":
         return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...): leave it
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
@@ -41,10 +52,5 @@ def release_free_memory() -> bool:
     fragment into sizes the next pass may not fit, and the process grows with the variety of its traffic; a
     periodic trim returns the free pages and keeps the live ones.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
+    trim = _glibc("malloc_trim")  # called after every pass of a server: looked up once
+    return trim is not None and bool(trim(0))
