@@ -14,7 +14,9 @@ maps the file's pages as it converts them; a checkpoint published in bfloat16 do
 steps (``peak_rss_mb``: Linux's VmHWM, started afresh after loading) and the median step time; float32
 weights, which safetensors maps from the file, are read once after loading, so that they are resident as a
 narrower dtype's converted weights are. The model's share of the memory is the steps' peak minus the same
-variant's on the ``tiny`` config; what activation checkpointing saves is the difference between the peaks of a
+variant's on the ``tiny`` config (``bfloat16+float32-copies`` is ``bfloat16`` with the float32 copies of norms
+and adapter inputs kept for the backward pass, as autograd alone keeps them: what :mod:`adafuse.fusion.narrow`
+saves); what activation checkpointing saves is the difference between the peaks of a
 variant with and without it.
 """
 
@@ -54,6 +56,7 @@ VARIANTS = {  # backbone.dtype, backbone.quantization, activation checkpointing
     "bfloat16": ("bfloat16", "none", False),
     "bfloat16+checkpointing": ("bfloat16", "none", True),
     "float32+checkpointing": ("float32", "none", True),
+    "bfloat16+float32-copies": ("bfloat16", "none", False),  # what autograd alone keeps (adafuse.fusion.narrow off)
     "int8": ("bfloat16", "int8", False),
     "nf4": ("bfloat16", "nf4", False),
 }
@@ -78,6 +81,8 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
     from adafuse.fusion.model import AdaptedModel
 
     dtype, quantization, checkpointing = VARIANTS[variant]
+    if variant.endswith("+float32-copies"):
+        _keep_float32_copies()
     backbone = BackboneConfig(name=str(folder), dtype=dtype, quantization=quantization)
     model = AdaptedModel(load_model(backbone, device if device != "cpu" else None))
     sources = ["s0", "s1", "s2", "s3"] if setup == "fusion" else ["a"]
@@ -115,6 +120,17 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
     return {"loaded_rss_mb": round(loaded_mb, 1), "load_peak_rss_mb": round(load_peak, 1),
             "peak_rss_mb": round(peak, 1), **cuda, "device": device,
             "step_s": round(statistics.median(times[1:] or times), 3), "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def _keep_float32_copies() -> None:
+    """Switch off :mod:`adafuse.fusion.narrow`: norms and slots keep their float32 copies, as autograd alone does."""
+    import adafuse.fusion.narrow as narrow
+    import adafuse.fusion.slot as slot
+
+    def plain(function, *args):
+        return function(*args)
+
+    narrow.recompute_in_backward = slot.recompute_in_backward = plain
 
 
 def _rss_mb() -> float:

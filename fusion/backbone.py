@@ -20,6 +20,7 @@ import torch.nn as nn
 from adafuse.fusion.errors import UserError, first_line
 from adafuse.fusion.fingerprint import record_built
 from adafuse.fusion.quantize import QUANTIZATIONS, quantize
+from adafuse.fusion.narrow import narrow_norms
 from adafuse.fusion.widen import widen_bf16_linears
 
 EMBEDDED = "embedded"
@@ -195,4 +196,5 @@ def load_model(config: BackboneConfig, device: torch.device | str | None = None)
         record_built(model)  # the fingerprint of the weights themselves, before they are quantized
         quantize(model, config.quantization)
     widen_bf16_linears(model)  # bfloat16 projections multiply in float32 on a CPU without bf16 instructions
+    narrow_norms(model)  # RMS norms keep their narrow input for the backward pass, not its float32 copy
     return model

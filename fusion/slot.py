@@ -16,6 +16,7 @@ import torch.nn as nn
 from adafuse.fusion.attention import fused_activations, stack_adapters
 from adafuse.fusion.fastpath import fused_attention
 from adafuse.fusion.memo import stamp, unchanged
+from adafuse.fusion.narrow import recompute_in_backward
 from adafuse.fusion.sites import SiteSpec
 
 
@@ -144,9 +145,12 @@ class AdapterSlot(_Slot):
     def mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The slot's output before the block's residual + layer norm: h plus the adapters' contribution, computed
         in the adapters' dtype (float32 beside a bfloat16 backbone) and handed back in the backbone's."""
-        dtype = self.adapter_dtype
-        if h.dtype == dtype or torch.is_autocast_enabled(h.device.type):  # autocast casts on its own
+        if h.dtype == self.adapter_dtype or torch.is_autocast_enabled(h.device.type):  # autocast casts on its own
             return self._mix(h, residual)
+        return recompute_in_backward(self._widened_mix, h, residual)  # keeps h and residual, not their copies
+
+    def _widened_mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        dtype = self.adapter_dtype
         return self._mix(h.to(dtype), residual.to(dtype)).to(h.dtype)
 
     def _mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -289,7 +293,12 @@ class ProjectionSlot(_Slot):
         if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
             return self._deltas(x, out)
         # a narrower backbone: the deltas summed in the adapters' dtype, added to the projection in the backbone's
-        return out + self._deltas(x.to(dtype), out.new_zeros(out.shape, dtype=dtype)).to(out.dtype)
+        return out + recompute_in_backward(self._widened_deltas, x)  # keeps x, not its float32 copy
+
+    def _widened_deltas(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.adapter_dtype
+        zeros = x.new_zeros((*x.shape[:-1], self.out_features), dtype=dtype)
+        return self._deltas(x.to(dtype), zeros).to(x.dtype)
 
     def _deltas(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self._routes_running is not None:

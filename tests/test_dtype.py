@@ -32,7 +32,7 @@ def _config(model_type: str, dtype: str) -> BackboneConfig:
     return BackboneConfig(random_init={"model_type": model_type, **TINY[model_type]}, dtype=dtype)
 
 
-def _model(model_type: str, setup: str, dtype: str) -> AdaptedModel:
+def adapted_model(model_type: str, setup: str, dtype: str) -> AdaptedModel:
     model = _adapted(AdaptedModel(load_model(_config(model_type, dtype))), setup)
     with torch.no_grad():  # trained-looking: every delta non-zero, the sources' too
         for name, param in model.named_parameters():
@@ -57,7 +57,7 @@ def _adapted(model: AdaptedModel, setup: str) -> AdaptedModel:
 
 @pytest.mark.parametrize(("model_type", "setup"), CASES)
 def test_bfloat16_weights_give_the_float32_outputs_within_bf16_rounding(model_type, setup):
-    wide, narrow = (_model(model_type, setup, dtype) for dtype in ("float32", "bfloat16"))
+    wide, narrow = (adapted_model(model_type, setup, dtype) for dtype in ("float32", "bfloat16"))
     added = (".adapters.", ".fusions.", "heads.")
     frozen = {p.dtype for n, p in narrow.named_parameters() if not any(a in n for a in added)}
     assert frozen == {torch.bfloat16}
@@ -171,7 +171,7 @@ def test_quantized_backbones_train_every_kind_and_keep_the_fingerprint(model_typ
     assert fingerprint(backbone) == fingerprint(load_model(_config(model_type, "float32")))
     projections = [m for m in backbone.modules() if isinstance(m, torch.nn.Linear)]
     assert projections and all(is_quantized(m.weight) for m in projections)
-    wide, narrow = _model(model_type, setup, "float32"), _adapted(AdaptedModel(backbone), setup)
+    wide, narrow = adapted_model(model_type, setup, "float32"), _adapted(AdaptedModel(backbone), setup)
     narrow.load_state_dict({k: v for k, v in wide.state_dict().items() if not k.startswith("backbone.") or
                             ".adapters." in k or ".fusions." in k}, strict=False)  # fmt: skip
     batch = tiny_batch()

@@ -1,0 +1,60 @@
+"""A narrow backbone keeps narrow activations for the backward pass: its RMS norms and the adapters' float32
+region save their bfloat16 inputs and recompute, with outputs and gradients bit-identical to keeping the
+float32 copies."""
+
+import pytest
+import torch
+from conftest import tiny_batch
+from test_dtype import CASES, adapted_model
+
+import adafuse.fusion.narrow as narrow
+import adafuse.fusion.slot as slot
+
+
+def _plain(function, *args):
+    return function(*args)
+
+
+def _step(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(0)  # the same dropout masks
+    logits = model(**tiny_batch())
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("model_type", "setup"), CASES)
+def test_recomputing_gives_the_gradients_of_keeping_the_float32_copies(model_type, setup, monkeypatch):
+    model = adapted_model(model_type, setup, "bfloat16")
+    logits, grads = _step(model)
+    for module in (narrow, slot):  # every region keeps its float32 copies, as autograd alone would
+        monkeypatch.setattr(module, "recompute_in_backward", _plain)
+    kept_logits, kept_grads = _step(model)
+    assert torch.equal(logits, kept_logits)
+    assert grads.keys() == kept_grads.keys() and grads
+    assert all(torch.equal(grads[n], kept_grads[n]) for n in grads)
+
+
+@pytest.mark.parametrize(("model_type", "setup"), [("llama", "bottleneck"), ("llama", "lora"), ("t5", "fusion")])
+def test_no_float32_activation_is_kept_for_the_backward_pass(model_type, setup):
+    model = adapted_model(model_type, setup, "bfloat16").train()
+    batch = tiny_batch()
+    kept = []
+
+    def pack(tensor):
+        kept.append((tensor.dtype, tuple(tensor.shape)))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch).sum()
+    hidden = [s for dtype, s in kept if dtype == torch.float32 and s[:2] == (3, 7) and s[-1] == model.hidden_size]
+    assert hidden == []  # float32 by design: the head's pooled (B, d) input and its (B, L, 1) padding mask
+    assert any(dtype == torch.bfloat16 and shape[:2] == (3, 7) for dtype, shape in kept)
+
+
+def test_norms_of_a_float32_backbone_are_left_alone():
+    model = adapted_model("llama", "bottleneck", "float32")
+    assert not any("forward" in vars(m) for m in model.backbone.modules() if type(m).__name__.endswith("RMSNorm"))
+    narrowed = adapted_model("llama", "bottleneck", "bfloat16")
+    assert all("forward" in vars(m) for m in narrowed.backbone.modules() if type(m).__name__.endswith("RMSNorm"))
