@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from adafuse.fusion.errors import UserError, first_line
 from adafuse.fusion.fingerprint import record_built
-from adafuse.fusion.quantize import QUANTIZATIONS, quantize
 from adafuse.fusion.narrow import narrow_norms
+from adafuse.fusion.quantize import QUANTIZATIONS, quantize
 from adafuse.fusion.widen import widen_bf16_linears
 
 EMBEDDED = "embedded"

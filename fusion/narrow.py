@@ -42,8 +42,10 @@ def _is_upcasting_norm(module: nn.Module) -> bool:
     T5LayerNorm, ...) with narrow weights."""
     name = type(module).__name__
     weight = getattr(module, "weight", None)
-    return (name.endswith("RMSNorm") or name == "T5LayerNorm") and isinstance(weight, torch.Tensor) and (
-        weight.dtype in NARROW
+    return (
+        (name.endswith("RMSNorm") or name == "T5LayerNorm")
+        and isinstance(weight, torch.Tensor)
+        and (weight.dtype in NARROW)
     )
 
 
