@@ -14,16 +14,20 @@ maps the file's pages as it converts them; a checkpoint published in bfloat16 do
 steps (``peak_rss_mb``: Linux's VmHWM, started afresh after loading) and the median step time; float32
 weights, which safetensors maps from the file, are read once after loading, so that they are resident as a
 narrower dtype's converted weights are. The model's share of the memory is the steps' peak minus the same
-variant's on the ``tiny`` config (``bfloat16+float32-copies`` is ``bfloat16`` with the float32 copies of norms
-and adapter inputs kept for the backward pass, as autograd alone keeps them: what :mod:`adafuse.fusion.narrow`
-saves); what activation checkpointing saves is the difference between the peaks of a
-variant with and without it.
+variant's on the ``tiny`` config; what activation checkpointing saves is the difference between the peaks of a
+variant with and without it. ``bfloat16+float32-copies`` is ``bfloat16`` with the float32 copies of norms and
+adapter inputs kept for the backward pass, as autograd alone keeps them: what :mod:`adafuse.fusion.narrow` saves.
+
+Peak RSS also counts freed memory that malloc keeps for reuse. ``--malloc exact`` has every block mmap'd and
+returned when freed, so the peak follows the live tensors (what a CUDA peak counts); ``--malloc adafuse`` sets
+the thresholds ``adafuse`` commands run with; ``--malloc glibc`` (the default) leaves glibc's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -59,6 +63,13 @@ VARIANTS = {  # backbone.dtype, backbone.quantization, activation checkpointing
     "bfloat16+float32-copies": ("bfloat16", "none", False),  # what autograd alone keeps (adafuse.fusion.narrow off)
     "int8": ("bfloat16", "int8", False),
     "nf4": ("bfloat16", "nf4", False),
+}
+
+
+MALLOC = {  # glibc's environment tunables per --malloc choice
+    "glibc": {},
+    "adafuse": {},  # the child calls adafuse.continual.runtime.allocator.tune_malloc()
+    "exact": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"},
 }
 
 
@@ -163,10 +174,19 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (then the peak CUDA memory is recorded too)")
     parser.add_argument("--work", type=Path, default=Path("runs/memory"))
     parser.add_argument("--out", type=Path, default=Path("runs/memory.jsonl"))
+    parser.add_argument(
+        "--malloc", choices=list(MALLOC), default="glibc",
+        help="glibc: its defaults; adafuse: the thresholds `adafuse` commands set; exact: every block mmap'd and "
+        "returned when freed, so RSS follows the live tensors (as a CUDA peak does)",
+    )  # fmt: skip
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         folder, variant, setup = args.child
+        if args.malloc == "adafuse":
+            from adafuse.continual.runtime.allocator import tune_malloc
+
+            tune_malloc()
         print(json.dumps(child(Path(folder), variant, setup, args.B, args.L, args.steps, args.device)))
         return 0
     records = []
@@ -176,8 +196,11 @@ def main() -> int:
             for variant in args.variants.split(","):
                 command = [sys.executable, __file__, "--child", str(folder), variant, setup]
                 command += ["-B", str(args.B), "-L", str(args.L), "--steps", str(args.steps), "--device", args.device]
-                result = subprocess.run(command, check=True, capture_output=True, text=True)
+                command += ["--malloc", args.malloc]
+                env = {**os.environ, **MALLOC[args.malloc]}
+                result = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
                 record = {"size": size, "variant": variant, "setup": setup, "B": args.B, "L": args.L}
+                record["malloc"] = args.malloc
                 records.append(record | json.loads(result.stdout.strip().splitlines()[-1]))
                 print(json.dumps(records[-1]), flush=True)
     tiny = {(r["variant"], r["setup"]): r["peak_rss_mb"] for r in records if r["size"] == "tiny"}
