@@ -241,7 +241,7 @@ def soak(port: int, pid: int, library: Path, bodies: list[dict], clients: int, h
     }  # fmt: skip
 
 
-def predict_file(library: Path, bodies: list[dict]) -> dict:
+def predict_file(library: Path, bodies: list[dict], backbone: list[str]) -> dict:
     """The offline bound: the same rows through ``adafuse predict --task-column`` (loading included)."""
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "rows.jsonl"
@@ -250,6 +250,7 @@ def predict_file(library: Path, bodies: list[dict]) -> dict:
         )
         command = [sys.executable, "-m", "adafuse.continual.cli", "predict", "--library", str(library)]
         command += ["--task-column", "task", "--input", str(source), "--out", str(Path(folder) / "out.jsonl")]
+        command += backbone
         started = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
         wall = time.perf_counter() - started
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-words", type=int, default=32, help="words per row in the soak scenario")
     parser.add_argument("--hot-add", type=int, default=20, help="adapters imported during the soak")
     parser.add_argument("--release-every", type=int, default=1, help="the server's --release-every (0: never)")
+    parser.add_argument("--backbone", help="the server's and predict's --backbone (e.g. a YAML with dtype: bfloat16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSONL of records")
     args = parser.parse_args(argv)
@@ -284,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     texts = load_builtin("bbc-topic5").splits["test"].texts
     bodies = plan(names, texts, args.requests, args.seed)
     common = {"library": args.library, "names": len(names), "max_batch_rows": args.max_batch_rows,
-              "max_wait_ms": args.max_wait_ms, "release_every": args.release_every}  # fmt: skip
+              "max_wait_ms": args.max_wait_ms, "release_every": args.release_every,
+              "backbone": args.backbone or "the library's"}  # fmt: skip
+    backbone = ["--backbone", args.backbone] if args.backbone else []
     records = []
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "library"  # the soak imports into it; the library itself is only read
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         port = _free_port()
         command = [sys.executable, "-m", "adafuse.continual.cli", "serve", "--library", str(copy), "--port", str(port)]
         command += ["--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms)]
-        command += ["--release-every", str(args.release_every)]
+        command += ["--release-every", str(args.release_every), *backbone]
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             for _ in range(600):
@@ -324,9 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             server.terminate()
             server.wait(timeout=120)
     if "predict" in scenarios:
-        records.append(
-            {"scenario": "predict (file job)", "library": args.library, **predict_file(Path(args.library), bodies)}
-        )
+        bound = predict_file(Path(args.library), bodies, backbone)
+        records.append({"scenario": "predict (file job)", "library": args.library, **bound})
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
     columns = ["scenario", "requests", "rows", "clients", "rows_per_s", "p50_ms", "p99_ms", "rows_per_pass"]

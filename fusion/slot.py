@@ -151,6 +151,8 @@ class AdapterSlot(_Slot):
 
     def _widened_mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         dtype = self.adapter_dtype
+        if self._routes_running is not None:  # each route's rows widened, not the whole batch
+            return self._routed(h, residual, dtype)
         return self._mix(h.to(dtype), residual.to(dtype)).to(h.dtype)
 
     def _mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -163,16 +165,19 @@ class AdapterSlot(_Slot):
             out = out + adapter(self._adapter_input(adapter.config.input, h, residual))
         return out
 
-    def _routed(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Each route's rows through its own adapter or fusion; rows without a route keep h."""
+    def _routed(self, h: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Each route's rows through its own adapter or fusion, computed in ``dtype`` (default: h's) and written
+        back in h's; rows without a route keep h."""
         out = h.clone()
+        record = torch.is_grad_enabled()  # a graph keeps every version of out; without one, write in place
         for module, sources, rows in self._routes_running:
-            h_rows, residual_rows = h.index_select(0, rows), residual.index_select(0, rows)
+            h_rows, residual_rows = h.index_select(0, rows).to(dtype), residual.index_select(0, rows).to(dtype)
             if sources:
                 mixed = self._fuse(module, sources, h_rows, residual_rows)
             else:
                 mixed = h_rows + module(self._adapter_input(module.config.input, h_rows, residual_rows))
-            out = out.index_copy(0, rows, mixed)
+            mixed = mixed.to(h.dtype)
+            out = out.index_copy(0, rows, mixed) if record else out.index_copy_(0, rows, mixed)
         return out
 
     def _fuse(self, fusion: nn.Module, adapters: tuple[nn.Module, ...], h: torch.Tensor, residual: torch.Tensor):

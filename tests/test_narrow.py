@@ -58,3 +58,27 @@ def test_norms_of_a_float32_backbone_are_left_alone():
     assert not any("forward" in vars(m) for m in model.backbone.modules() if type(m).__name__.endswith("RMSNorm"))
     narrowed = adapted_model("llama", "bottleneck", "bfloat16")
     assert all("forward" in vars(m) for m in narrowed.backbone.modules() if type(m).__name__.endswith("RMSNorm"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_routed_rows_are_widened_per_route_and_match_each_name_alone(dtype):
+    """Rows of two adapters, a fusion and no route in one pass: each row as its own name computes it, and the
+    in-place writes of a pass without a graph give what a training pass's copies give."""
+    model = adapted_model("llama", "fusion", dtype)  # sources s0-s2 and fusion f
+    model.eval()
+    batch = tiny_batch(batch=4)
+    routes = {"s0": torch.tensor([0]), "f": torch.tensor([1, 3]), "s2": torch.tensor([2])}
+    expected = []
+    with torch.no_grad():
+        for name, rows in routes.items():
+            model.activate(**({"fusion": name} if name == "f" else {"adapters": [name]}))
+            expected.append((rows, model.encode(**batch)[rows]))
+        model.route(routes)
+        routed = model.encode(**batch)
+    with torch.enable_grad():
+        recorded = model.encode(**batch)
+    adapter_rows = torch.tensor([0, 2])  # exactly; a fusion with a graph may take its per-token form
+    assert torch.equal(routed[adapter_rows], recorded.detach()[adapter_rows])
+    torch.testing.assert_close(routed, recorded.detach(), rtol=0, atol=1e-5 if dtype == "float32" else 2e-2)
+    for rows, rows_alone in expected:
+        torch.testing.assert_close(routed[rows], rows_alone, rtol=0, atol=1e-5 if dtype == "float32" else 2e-2)
