@@ -329,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(timeout=120)
     if "predict" in scenarios:
         bound = predict_file(Path(args.library), bodies, backbone)
-        records.append({"scenario": "predict (file job)", "library": args.library, **bound})
+        records.append(
+            {"scenario": "predict (file job)", "library": args.library, "backbone": common["backbone"], **bound}
+        )
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
     columns = ["scenario", "requests", "rows", "clients", "rows_per_s", "p50_ms", "p99_ms", "rows_per_pass"]
