@@ -136,12 +136,11 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
 def _keep_float32_copies() -> None:
     """Switch off :mod:`adafuse.fusion.narrow`: norms and slots keep their float32 copies, as autograd alone does."""
     import adafuse.fusion.narrow as narrow
-    import adafuse.fusion.slot as slot
 
     def plain(function, *args):
         return function(*args)
 
-    narrow.recompute_in_backward = slot.recompute_in_backward = plain
+    narrow.recompute_in_backward = plain
 
 
 def _rss_mb() -> float:

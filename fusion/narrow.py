@@ -24,8 +24,9 @@ from torch.utils.checkpoint import checkpoint
 NARROW = (torch.bfloat16, torch.float16)
 
 
-def recompute_in_backward(function: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-    """``function(*args)``, keeping only ``args`` for the backward pass where a graph is being recorded."""
+def recompute_in_backward(function: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``function(*args)``, keeping only ``args`` for the backward pass where a graph is being recorded (the one
+    place to switch the recomputation off, e.g. to measure what it saves)."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return checkpoint(function, *args, use_reentrant=False)
     return function(*args)

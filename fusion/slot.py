@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from adafuse.fusion import narrow
 from adafuse.fusion.attention import fused_activations, stack_adapters
 from adafuse.fusion.fastpath import fused_attention
 from adafuse.fusion.memo import stamp, unchanged
-from adafuse.fusion.narrow import recompute_in_backward
 from adafuse.fusion.sites import SiteSpec
 
 
@@ -145,19 +145,19 @@ class AdapterSlot(_Slot):
     def mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The slot's output before the block's residual + layer norm: h plus the adapters' contribution, computed
         in the adapters' dtype (float32 beside a bfloat16 backbone) and handed back in the backbone's."""
-        if h.dtype == self.adapter_dtype or torch.is_autocast_enabled(h.device.type):  # autocast casts on its own
-            return self._mix(h, residual)
-        return recompute_in_backward(self._widened_mix, h, residual)  # keeps h and residual, not their copies
-
-    def _widened_mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         dtype = self.adapter_dtype
+        if h.dtype == dtype or torch.is_autocast_enabled(h.device.type):  # autocast casts on its own
+            return self._mix(h, residual)
+        return narrow.recompute_in_backward(self._widened_mix, h, residual, dtype)  # keeps h and residual only
+
+    def _widened_mix(self, h: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self._routes_running is not None:  # each route's rows widened, not the whole batch
             return self._routed(h, residual, dtype)
         return self._mix(h.to(dtype), residual.to(dtype)).to(h.dtype)
 
     def _mix(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if self._routes_running is not None:
-            return self._routed(h, residual)
+            return self._routed(h, residual, h.dtype)
         if self._fusion_running is not None:
             return self._fuse(*self._fusion_running, h, residual)
         out = h
@@ -165,9 +165,9 @@ class AdapterSlot(_Slot):
             out = out + adapter(self._adapter_input(adapter.config.input, h, residual))
         return out
 
-    def _routed(self, h: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Each route's rows through its own adapter or fusion, computed in ``dtype`` (default: h's) and written
-        back in h's; rows without a route keep h."""
+    def _routed(self, h: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Each route's rows through its own adapter or fusion, computed in ``dtype`` and written back in h's;
+        rows without a route keep h."""
         out = h.clone()
         record = torch.is_grad_enabled()  # a graph keeps every version of out; without one, write in place
         for module, sources, rows in self._routes_running:
@@ -298,10 +298,9 @@ class ProjectionSlot(_Slot):
         if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
             return self._deltas(x, out)
         # a narrower backbone: the deltas summed in the adapters' dtype, added to the projection in the backbone's
-        return out + recompute_in_backward(self._widened_deltas, x)  # keeps x, not its float32 copy
+        return out + narrow.recompute_in_backward(self._widened_deltas, x, dtype)  # keeps x, not its float32 copy
 
-    def _widened_deltas(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.adapter_dtype
+    def _widened_deltas(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         zeros = x.new_zeros((*x.shape[:-1], self.out_features), dtype=dtype)
         return self._deltas(x.to(dtype), zeros).to(x.dtype)
 

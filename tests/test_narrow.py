@@ -8,7 +8,6 @@ from conftest import tiny_batch
 from test_dtype import CASES, adapted_model
 
 import adafuse.fusion.narrow as narrow
-import adafuse.fusion.slot as slot
 
 
 def _plain(function, *args):
@@ -28,8 +27,7 @@ def _step(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 def test_recomputing_gives_the_gradients_of_keeping_the_float32_copies(model_type, setup, monkeypatch):
     model = adapted_model(model_type, setup, "bfloat16")
     logits, grads = _step(model)
-    for module in (narrow, slot):  # every region keeps its float32 copies, as autograd alone would
-        monkeypatch.setattr(module, "recompute_in_backward", _plain)
+    monkeypatch.setattr(narrow, "recompute_in_backward", _plain)  # float32 copies kept, as autograd alone keeps
     kept_logits, kept_grads = _step(model)
     assert torch.equal(logits, kept_logits)
     assert grads.keys() == kept_grads.keys() and grads
@@ -37,20 +35,28 @@ def test_recomputing_gives_the_gradients_of_keeping_the_float32_copies(model_typ
 
 
 @pytest.mark.parametrize(("model_type", "setup"), [("llama", "bottleneck"), ("llama", "lora"), ("t5", "fusion")])
-def test_no_float32_activation_is_kept_for_the_backward_pass(model_type, setup):
+def test_no_float32_activation_is_kept_for_the_backward_pass(model_type, setup, monkeypatch):
     model = adapted_model(model_type, setup, "bfloat16").train()
-    batch = tiny_batch()
-    kept = []
 
-    def pack(tensor):
-        kept.append((tensor.dtype, tuple(tensor.shape)))
-        return tensor
+    def saved() -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        kept = []
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**batch).sum()
-    hidden = [s for dtype, s in kept if dtype == torch.float32 and s[:2] == (3, 7) and s[-1] == model.hidden_size]
-    assert hidden == []  # float32 by design: the head's pooled (B, d) input and its (B, L, 1) padding mask
+        def pack(tensor):
+            kept.append((tensor.dtype, tuple(tensor.shape)))
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(**tiny_batch()).sum()
+        return kept
+
+    def float32_hidden(kept) -> list[tuple[int, ...]]:
+        return [s for dtype, s in kept if dtype == torch.float32 and s[:2] == (3, 7) and s[-1] == model.hidden_size]
+
+    kept = saved()
+    assert float32_hidden(kept) == []  # float32 by design: the head's pooled (B, d) input, its (B, L, 1) mask
     assert any(dtype == torch.bfloat16 and shape[:2] == (3, 7) for dtype, shape in kept)
+    monkeypatch.setattr(narrow, "recompute_in_backward", _plain)
+    assert float32_hidden(saved())  # what autograd alone keeps: the check above can fail
 
 
 def test_norms_of_a_float32_backbone_are_left_alone():
