@@ -20,8 +20,12 @@ Starts a server on 127.0.0.1 over a library, then sends a fixed number of reques
   every second; the record holds it after warm-up (a tenth of the requests) and at the end, and the count of
   failed requests.
 
+Clients keep their connection open between requests (``--connections keep-alive``, what HTTP client libraries
+do), or open one per request (``--connections new``). Client and server share this machine, so each record also
+holds the CPU time per row of each: the server process, and this process (the clients).
+
 Prints a Markdown table and writes one JSONL record per scenario: rows/s, p50/p99 latency, the rows of each
-forward pass (from ``/metrics``).
+forward pass (from ``/metrics``), the CPU milliseconds per row of server and clients.
 
     .venv/bin/python benchmarks/serve.py --library runs/demo/sequence/library --requests 200 --out runs/serve.jsonl
 """
@@ -29,7 +33,9 @@ forward pass (from ``/metrics``).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import os
 import random
 import shutil
 import socket
@@ -52,15 +58,37 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_KEEP_ALIVE = threading.local()  # each client thread's open connection, when connections are kept alive
+KEEP_ALIVE = [True]  # --connections keep-alive (the default) or new (one TCP connection per request)
+
+
 def _post(port: int, body: dict) -> float:
+    """One predict request; its latency in seconds. Raises urllib.error.HTTPError for a status other than 200."""
     data = json.dumps(body).encode()
+    started = time.perf_counter()
+    if KEEP_ALIVE[0]:
+        connection = getattr(_KEEP_ALIVE, "connection", None)
+        if connection is None or connection.port != port:
+            connection = _KEEP_ALIVE.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        connection.request("POST", "/v1/predict", data, {"content-type": "application/json"})
+        response = connection.getresponse()
+        payload = response.read()
+        if response.status != 200:
+            raise urllib.error.HTTPError(f"http://127.0.0.1:{port}/v1/predict", response.status, payload, {}, None)
+        json.loads(payload)
+        return time.perf_counter() - started
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/predict", data, {"content-type": "application/json"}, method="POST"
     )
-    started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=300) as response:
         json.loads(response.read())
     return time.perf_counter() - started
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _status(port: int, body: dict) -> int:
@@ -86,6 +114,9 @@ def _batches(port: int) -> tuple[int, float]:
     return int(value["adafuse_batch_rows_count"]), value["adafuse_batch_rows_sum"]
 
 
+SERVER_PID = [0]  # the server process, for its CPU time
+
+
 def plan(names: list[str], texts: list[str], requests: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [{"task": rng.choice(names), "inputs": rng.sample(texts, rng.randint(1, 4))} for _ in range(requests)]
@@ -108,13 +139,14 @@ def load(port: int, bodies: list[dict], clients: int) -> dict:
             with lock:
                 latencies.append(seconds)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), (_cpu_s(SERVER_PID[0]), _cpu_s(os.getpid()))
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
+    server_cpu, client_cpu = _cpu_s(SERVER_PID[0]) - cpu[0], _cpu_s(os.getpid()) - cpu[1]
     after = _batches(port)
     rows = sum(len(b["inputs"]) for b in bodies)
     latencies.sort()
@@ -124,6 +156,8 @@ def load(port: int, bodies: list[dict], clients: int) -> dict:
         "rows_per_s": round(rows / wall, 2), "p50_ms": round(1000 * statistics.median(latencies), 1),
         "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
         "forward_passes": passes, "rows_per_pass": round((after[1] - before[1]) / max(passes, 1), 2),
+        "server_cpu_ms_per_row": round(1000 * server_cpu / rows, 1),
+        "client_cpu_ms_per_row": round(1000 * client_cpu / rows, 1),
     }  # fmt: skip
 
 
@@ -272,10 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hot-add", type=int, default=20, help="adapters imported during the soak")
     parser.add_argument("--release-every", type=int, default=1, help="the server's --release-every (0: never)")
     parser.add_argument("--backbone", help="the server's and predict's --backbone (e.g. a YAML with dtype: bfloat16)")
+    parser.add_argument("--connections", choices=("keep-alive", "new"), default="keep-alive",
+                        help="each client keeps its connection open (as HTTP client libraries do), or opens one per "
+                        "request")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSONL of records")
     args = parser.parse_args(argv)
     scenarios = args.scenarios.split(",")
+    KEEP_ALIVE[0] = args.connections == "keep-alive"
 
     from adafuse.fusion.library import AdapterLibrary
     from adafuse.tasks.builtin import load_builtin
@@ -287,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies = plan(names, texts, args.requests, args.seed)
     common = {"library": args.library, "names": len(names), "max_batch_rows": args.max_batch_rows,
               "max_wait_ms": args.max_wait_ms, "release_every": args.release_every,
-              "backbone": args.backbone or "the library's"}  # fmt: skip
+              "backbone": args.backbone or "the library's", "connections": args.connections}  # fmt: skip
     backbone = ["--backbone", args.backbone] if args.backbone else []
     records = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -298,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         command += ["--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms)]
         command += ["--release-every", str(args.release_every), *backbone]
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        SERVER_PID[0] = server.pid
         try:
             for _ in range(600):
                 try:
@@ -335,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
     columns = ["scenario", "requests", "rows", "clients", "rows_per_s", "p50_ms", "p99_ms", "rows_per_pass"]
+    columns += ["server_cpu_ms_per_row", "client_cpu_ms_per_row"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for record in records:
         print("| " + " | ".join(str(record.get(c, "–")) for c in columns) + " |")

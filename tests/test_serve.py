@@ -232,3 +232,39 @@ def test_a_negative_release_interval_is_refused(library):
 
 def test_sigterm_finishes_and_exits_zero(server):
     assert server.stop() == 0  # a graceful stop: uvicorn lets the requests in flight finish
+
+
+def test_the_guard_answers_a_bug_with_500_and_one_line_and_counts_every_request(capsys):
+    """The ASGI middleware alone: a token check, a bug in a handler answered with one line, statuses counted."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from adafuse.continual.jobs.serve import _Guard
+    from adafuse.continual.jobs.serve_metrics import ServeMetrics
+
+    async def broken(scope, receive, send):
+        raise KeyError("oops")
+
+    async def fine(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    def call(app, headers):
+        messages = []
+
+        async def send(message):
+            messages.append(message)
+
+        server = SimpleNamespace(options=SimpleNamespace(token=TOKEN), metrics=ServeMetrics())
+        asyncio.run(_Guard(app, server)({"type": "http", "headers": headers}, None, send))
+        return messages[0]["status"], b"".join(m.get("body", b"") for m in messages[1:]), server.metrics
+
+    authorized = [(b"authorization", f"Bearer {TOKEN}".encode())]
+    status, body, metrics = call(broken, authorized)
+    assert status == 500 and json.loads(body) == {"error": "internal error: KeyError: 'oops'"}
+    assert capsys.readouterr().err == "adafuse serve: internal error: KeyError: 'oops'\n"
+    assert 'adafuse_requests_total{status="500"} 1' in metrics.text()
+    status, body, metrics = call(fine, [(b"authorization", b"Bearer wrong")])
+    assert status == 401 and "bearer token" in json.loads(body)["error"]
+    assert 'adafuse_requests_total{status="401"} 1' in metrics.text()
+    assert call(fine, authorized)[0] == 200

@@ -17,6 +17,7 @@ Endpoints: ``POST /v1/predict``, ``GET /v1/library``, ``GET /health``, ``GET /me
 import asyncio
 import contextlib
 import ipaddress
+import json
 import os
 import queue
 import signal
@@ -234,6 +235,48 @@ def _check_name(entries: dict[tuple[str, str], dict], name: str, kind: str | Non
         raise RequestError(422, f"'{name}' is a {task_type} task; the server takes {', '.join(TEXT_TYPES)}")
 
 
+class _Guard:
+    """ASGI middleware around every request: the bearer token, the request metrics, and a bug answered with 500 and
+    one line while the server lives on. Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which runs each
+    request through an extra task and stream."""
+
+    def __init__(self, app, server: Server) -> None:
+        self.app = app
+        self.server = server
+        token = server.options.token
+        self.authorization = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [0]
+
+        async def sent(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        if self.authorization and dict(scope["headers"]).get(b"authorization") != self.authorization:
+            await _json(sent, 401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
+        else:
+            try:
+                await self.app(scope, receive, sent)
+            except Exception as err:  # noqa: BLE001 - a bug: one line, the server lives on
+                line = f"internal error: {type(err).__name__}: {first_line(err)}"
+                print(f"adafuse serve: {line}", file=sys.stderr)
+                if not status[0]:  # nothing sent yet
+                    await _json(sent, 500, line)
+        self.server.metrics.request(status[0] or 500, time.perf_counter() - started)
+
+
+async def _json(send, status: int, message: str) -> None:
+    """Send ``{"error": message}`` with ``status``."""
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def build_app(server: Server):
     from importlib.metadata import version
 
@@ -263,20 +306,7 @@ def build_app(server: Server):
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        started = time.perf_counter()
-        token = server.options.token
-        if token and request.headers.get("authorization") != f"Bearer {token}":
-            response = error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as err:  # noqa: BLE001 - a bug: one line, the server lives on
-                print(f"adafuse serve: internal error: {type(err).__name__}: {first_line(err)}", file=sys.stderr)
-                response = error(500, f"internal error: {type(err).__name__}: {first_line(err)}")
-        server.metrics.request(response.status_code, time.perf_counter() - started)
-        return response
+    app.add_middleware(_Guard, server=server)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, err: RequestValidationError):
