@@ -72,6 +72,10 @@ def _source_entries(
     return [library.get("adapter", name) for name in sources]
 
 
+def _sources(count: int) -> str:
+    return "source" if count == 1 else "sources"
+
+
 def choose_sources(env, library, entries, config: FuseConfig, target, log) -> tuple[list[dict], dict | None]:
     """``sources: {auto: K}``: rank ``entries`` (:mod:`.ranking`) and keep the best K, best first; the others
     leave the model. Named sources come back as they are, with no ranking."""
@@ -130,10 +134,9 @@ def run_fusion(
         source_eval = SourceEvaluator(model, library, entries if config.check_sources else [], env, config)
         recorded = source_eval.recorded()
         unrecorded = [name for name, accuracy in recorded.items() if accuracy is None]
-        log(
-            f"adafuse fuse: {len(sources)} sources, target {target.name}"
-            + (f"; evaluating {len(unrecorded)} sources without a recorded score" if unrecorded else "")
-        )
+        unscored = f"; evaluating {len(unrecorded)} {_sources(len(unrecorded))} without a recorded score"
+        unscored = unscored if unrecorded else ""
+        log(f"adafuse fuse: {len(sources)} {_sources(len(sources))}, target {target.name}{unscored}")
         measured = source_eval.run(unrecorded)
         before = {name: measured[name] if accuracy is None else accuracy for name, accuracy in recorded.items()}
 
