@@ -2,6 +2,8 @@
 their plumbing through one module instead of reaching into each other."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import tomllib
@@ -34,3 +36,12 @@ def test_no_job_imports_another_job():
         others = {m for m in imported if m.startswith("adafuse.continual.jobs.") and m not in shared}
         others = {m for m in others if not m.startswith(own)}
         assert others == set(), f"{path.name} imports {others}"
+
+
+def test_predict_and_serve_start_without_the_training_stack():
+    """Predicting and serving import neither Lightning nor torchmetrics (seconds at every start): the task types
+    import their metrics when training or evaluation first asks for them."""
+    loaded = "[m for m in ('lightning', 'torchmetrics') if m in sys.modules]"
+    code = f"import sys, adafuse.continual.jobs.serve, adafuse.continual.jobs.predict; print({loaded})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from adafuse.tasks.spec import SplitData, TaskSpec
 from adafuse.tasks.tokenize import tokenize_split
 from adafuse.tasks.types.base import TaskType, group_rows
+
+if TYPE_CHECKING:
+    from torchmetrics import MetricCollection
 
 
 class Classification(TaskType):
@@ -50,6 +52,8 @@ class Classification(TaskType):
 
     def metrics(self, num_labels: int, prefix: str) -> MetricCollection:
         """What training logs (``accuracy`` picks the best epoch): accuracy and macro-F1 of ``metric_inputs``."""
+        from adafuse.tasks.types.metrics import label_metrics
+
         return label_metrics(num_labels, prefix)
 
     def metric_inputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +64,11 @@ class Classification(TaskType):
         return model(**inputs).float(), labels
 
     def scores(self, logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]) -> dict[str, float]:
+        from adafuse.tasks.types.metrics import accuracy, macro_f1
+
         predictions, classes = logits.argmax(-1), logits.shape[-1]
-        accuracy = float(multiclass_accuracy(predictions, labels, num_classes=classes, average="micro"))
-        macro_f1 = float(multiclass_f1_score(predictions, labels, num_classes=classes, average="macro"))
-        return {"score": accuracy, "accuracy": accuracy, "macro_f1": macro_f1}
+        share = accuracy(predictions, labels, classes)
+        return {"score": share, "accuracy": share, "macro_f1": macro_f1(predictions, labels, classes)}
 
     def predict(self, model, tokenizer, texts: list, tasks: list[str], max_length: int, skip_layers: int, names):
         return one_pass(self, model, tokenizer, texts, tasks, max_length, skip_layers, names)
@@ -101,16 +106,6 @@ def one_pass(kind, model, tokenizer, texts: list, tasks: list[str], max_length: 
         for row, output in zip(groups[task], outputs, strict=True):
             results[row] = output
     return results
-
-
-def label_metrics(num_labels: int, prefix: str) -> MetricCollection:
-    return MetricCollection(
-        {
-            "accuracy": MulticlassAccuracy(num_classes=num_labels, average="micro"),
-            "macro_f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
-        },
-        prefix=prefix,
-    )
 
 
 def _text(value) -> str:

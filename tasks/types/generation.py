@@ -16,13 +16,17 @@ per-token loss beside it. Encoders do not generate: they would see the tokens th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric, MetricCollection
 
 from adafuse.fusion.errors import UserError
 from adafuse.tasks.spec import SplitData, TaskSpec
 from adafuse.tasks.types.base import TaskType, group_rows
+
+if TYPE_CHECKING:
+    from torchmetrics import MetricCollection
 
 IGNORE = -100  # prompt and padding positions: no loss
 MAX_NEW_TOKENS = 8  # decoding budget beyond the longest target in a batch
@@ -99,7 +103,9 @@ class Generation(TaskType):
 
     def metrics(self, num_labels: int, prefix: str) -> MetricCollection:
         """Training logs teacher-forced token accuracy (``accuracy``: it picks the best epoch)."""
-        return MetricCollection({"accuracy": TokenAccuracy()}, prefix=prefix)
+        from adafuse.tasks.types.metrics import token_metrics
+
+        return token_metrics(prefix)
 
     def metric_inputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep = labels != IGNORE
@@ -187,22 +193,6 @@ def seq2seq_layout(model, input_ids, attention_mask, labels) -> tuple[dict, torc
 
 
 LAYOUTS = {"causal_lm": causal_layout, "seq2seq_lm": seq2seq_layout}
-
-
-class TokenAccuracy(Metric):
-    """Share of the (N,) targets that the (N, V) logits' argmax names (no class count needed)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
-
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        self.correct += (logits.argmax(-1) == target).sum()
-        self.total += target.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total.clamp_min(1)
 
 
 def end_token(tokenizer) -> int:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import multiclass_accuracy
 
 from adafuse.fusion.errors import UserError
 from adafuse.tasks.spec import SplitData, TaskSpec
 from adafuse.tasks.types.base import TaskType
-from adafuse.tasks.types.classification import label_metrics, one_pass
+from adafuse.tasks.types.classification import one_pass
 
 IGNORE = -100  # the label of sub-words and special tokens: no loss, no metric
 PREFIXES = ("B", "I", "E", "S")  # BIO / BIOES prefixes ("B-PER"); other tags are plain (IO: "PER")
@@ -82,6 +81,8 @@ class Tagging(TaskType):
 
     def metrics(self, num_labels: int, prefix: str):
         """Training logs token accuracy and macro-F1 over the scored words."""
+        from adafuse.tasks.types.metrics import label_metrics
+
         return label_metrics(num_labels, prefix)
 
     def gather(self, model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,9 +97,11 @@ class Tagging(TaskType):
         spans = list(zip(starts, starts[1:], strict=False))  # one (start, end) per sentence
         pred_sentences = [[label_names[i] for i in predicted[a:b].tolist()] for a, b in spans]
         gold_sentences = [[label_names[i] for i in gold[a:b, 0].tolist()] for a, b in spans]
+        from adafuse.tasks.types.metrics import accuracy
+
         f1 = entity_f1(pred_sentences, gold_sentences)
-        accuracy = float(multiclass_accuracy(predicted, gold[:, 0], num_classes=len(label_names), average="micro"))
-        return {"score": f1, "entity_f1": f1, "token_accuracy": accuracy}
+        share = accuracy(predicted, gold[:, 0], len(label_names))
+        return {"score": f1, "entity_f1": f1, "token_accuracy": share}
 
     def predict(self, model, tokenizer, texts: list, tasks: list[str], max_length: int, skip_layers: int, names):
         return one_pass(self, model, tokenizer, texts, tasks, max_length, skip_layers, names)
