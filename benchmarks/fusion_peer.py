@@ -4,6 +4,9 @@ same seeds, side by side.
     python benchmarks/fusion_peer.py --library runs/bbc-2ep/library --peer-python /path/to/peer/bin/python \
         --seeds 0,1,2,3,4 --work runs/fusion-peer --out runs/fusion-peer.jsonl
 
+The published comparison's sources were trained 2 epochs at batch 16 (``adafuse run
+configs/sequence/bbc-topics.yaml --out runs/bbc-2ep --trainer.max_epochs 2 --trainer.batch_size 16``).
+
 The peer runs in its own environment, because ``adapters`` 1.3.0 pins ``transformers~=4.57.6``::
 
     python -m venv peer && peer/bin/pip install torch adapters==1.3.0 transformers==4.57.6 accelerate
