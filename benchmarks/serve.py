@@ -67,14 +67,9 @@ def _post(port: int, body: dict) -> float:
     data = json.dumps(body).encode()
     started = time.perf_counter()
     if KEEP_ALIVE[0]:
-        connection = getattr(_KEEP_ALIVE, "connection", None)
-        if connection is None or connection.port != port:
-            connection = _KEEP_ALIVE.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        connection.request("POST", "/v1/predict", data, {"content-type": "application/json"})
-        response = connection.getresponse()
-        payload = response.read()
-        if response.status != 200:
-            raise urllib.error.HTTPError(f"http://127.0.0.1:{port}/v1/predict", response.status, payload, {}, None)
+        status, payload = _kept_alive(port, data)
+        if status != 200:
+            raise urllib.error.HTTPError(f"http://127.0.0.1:{port}/v1/predict", status, payload, {}, None)
         json.loads(payload)
         return time.perf_counter() - started
     request = urllib.request.Request(
@@ -83,6 +78,29 @@ def _post(port: int, body: dict) -> float:
     with urllib.request.urlopen(request, timeout=300) as response:
         json.loads(response.read())
     return time.perf_counter() - started
+
+
+def _kept_alive(port: int, data: bytes) -> tuple[int, bytes]:
+    """POST ``data`` on this thread's open connection: (status, body)."""
+    connection = getattr(_KEEP_ALIVE, "connection", None)
+    if connection is None or connection.port != port:
+        connection = _connect(port)
+    try:
+        return _exchange(connection, data)
+    except ConnectionError:  # the server closed it while it was idle (uvicorn does after 5 s): open it again, once
+        connection.close()
+        return _exchange(_connect(port), data)
+
+
+def _connect(port: int) -> http.client.HTTPConnection:
+    _KEEP_ALIVE.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    return _KEEP_ALIVE.connection
+
+
+def _exchange(connection: http.client.HTTPConnection, data: bytes) -> tuple[int, bytes]:
+    connection.request("POST", "/v1/predict", data, {"content-type": "application/json"})
+    response = connection.getresponse()
+    return response.status, response.read()
 
 
 def _cpu_s(pid: int) -> float:
@@ -114,16 +132,14 @@ def _batches(port: int) -> tuple[int, float]:
     return int(value["adafuse_batch_rows_count"]), value["adafuse_batch_rows_sum"]
 
 
-SERVER_PID = [0]  # the server process, for its CPU time
-
-
 def plan(names: list[str], texts: list[str], requests: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [{"task": rng.choice(names), "inputs": rng.sample(texts, rng.randint(1, 4))} for _ in range(requests)]
 
 
-def load(port: int, bodies: list[dict], clients: int) -> dict:
-    """Send ``bodies`` from ``clients`` threads; returns throughput, latency quantiles and batch sizes."""
+def load(port: int, pid: int, bodies: list[dict], clients: int) -> dict:
+    """Send ``bodies`` from ``clients`` threads to the server (process ``pid``); returns throughput, latency
+    quantiles, batch sizes and CPU time per row."""
     pending = list(enumerate(bodies))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -139,14 +155,14 @@ def load(port: int, bodies: list[dict], clients: int) -> dict:
             with lock:
                 latencies.append(seconds)
 
-    started, cpu = time.perf_counter(), (_cpu_s(SERVER_PID[0]), _cpu_s(os.getpid()))
+    started, cpu = time.perf_counter(), (_cpu_s(pid), _cpu_s(os.getpid()))
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    server_cpu, client_cpu = _cpu_s(SERVER_PID[0]) - cpu[0], _cpu_s(os.getpid()) - cpu[1]
+    server_cpu, client_cpu = _cpu_s(pid) - cpu[0], _cpu_s(os.getpid()) - cpu[1]
     after = _batches(port)
     rows = sum(len(b["inputs"]) for b in bodies)
     latencies.sort()
@@ -336,7 +352,6 @@ def main(argv: list[str] | None = None) -> int:
         command += ["--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms)]
         command += ["--release-every", str(args.release_every), *backbone]
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        SERVER_PID[0] = server.pid
         try:
             for _ in range(600):
                 try:
@@ -344,20 +359,22 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 except OSError:
                     time.sleep(0.2)
-            load(port, plan(names, texts, min(20, args.requests), args.seed + 1), args.clients)  # warm-up: every name
+            load(
+                port, server.pid, plan(names, texts, min(20, args.requests), args.seed + 1), args.clients
+            )  # warm-up: every name
             if "concurrent" in scenarios:
-                records.append({"scenario": "concurrent", **common, **load(port, bodies, args.clients)})
+                records.append({"scenario": "concurrent", **common, **load(port, server.pid, bodies, args.clients)})
             kinds = {e["name"]: e["kind"] for e in library.entries() if e["kind"] in ("adapter", "fusion")}
             for kind in ("adapter", "fusion"):
                 if f"{kind}-rows" in scenarios:
                     only = [{**b, "task": _same_kind(b["task"], kind, kinds, i)} for i, b in enumerate(bodies)]
-                    records.append({"scenario": f"{kind}-rows", **common, **load(port, only, args.clients)})
+                    records.append({"scenario": f"{kind}-rows", **common, **load(port, server.pid, only, args.clients)})
             saturated = [r["rows_per_s"] for r in records if r["scenario"] == "concurrent"]
             if "half-load" in scenarios and saturated:
                 rate = saturated[0]
                 records.append({"scenario": "half-load", **common, **half_load(port, bodies, rate)})
             if "one-at-a-time" in scenarios:
-                records.append({"scenario": "one-at-a-time", **common, **load(port, bodies, 1)})
+                records.append({"scenario": "one-at-a-time", **common, **load(port, server.pid, bodies, 1)})
             if "soak" in scenarios:
                 short = [" ".join(t.split()[: args.soak_words]) for t in texts]
                 many = plan(names, short, args.soak, args.seed + 2)

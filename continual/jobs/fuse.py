@@ -73,7 +73,8 @@ def _source_entries(
 
 
 def _sources(count: int) -> str:
-    return "source" if count == 1 else "sources"
+    """``1 source``, ``5 sources``."""
+    return f"{count} source" + ("" if count == 1 else "s")
 
 
 def choose_sources(env, library, entries, config: FuseConfig, target, log) -> tuple[list[dict], dict | None]:
@@ -134,9 +135,8 @@ def run_fusion(
         source_eval = SourceEvaluator(model, library, entries if config.check_sources else [], env, config)
         recorded = source_eval.recorded()
         unrecorded = [name for name, accuracy in recorded.items() if accuracy is None]
-        unscored = f"; evaluating {len(unrecorded)} {_sources(len(unrecorded))} without a recorded score"
-        unscored = unscored if unrecorded else ""
-        log(f"adafuse fuse: {len(sources)} {_sources(len(sources))}, target {target.name}{unscored}")
+        unscored = f"; evaluating {_sources(len(unrecorded))} without a recorded score" if unrecorded else ""
+        log(f"adafuse fuse: {_sources(len(sources))}, target {target.name}{unscored}")
         measured = source_eval.run(unrecorded)
         before = {name: measured[name] if accuracy is None else accuracy for name, accuracy in recorded.items()}
 

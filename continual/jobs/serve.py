@@ -17,7 +17,6 @@ Endpoints: ``POST /v1/predict``, ``GET /v1/library``, ``GET /health``, ``GET /me
 import asyncio
 import contextlib
 import ipaddress
-import json
 import os
 import queue
 import signal
@@ -257,7 +256,7 @@ class _Guard:
             await send(message)
 
         if self.authorization and dict(scope["headers"]).get(b"authorization") != self.authorization:
-            await _json(sent, 401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
+            await _error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")(scope, receive, sent)
         else:
             try:
                 await self.app(scope, receive, sent)
@@ -265,16 +264,15 @@ class _Guard:
                 line = f"internal error: {type(err).__name__}: {first_line(err)}"
                 print(f"adafuse serve: {line}", file=sys.stderr)
                 if not status[0]:  # nothing sent yet
-                    await _json(sent, 500, line)
+                    await _error(500, line)(scope, receive, sent)
         self.server.metrics.request(status[0] or 500, time.perf_counter() - started)
 
 
-async def _json(send, status: int, message: str) -> None:
-    """Send ``{"error": message}`` with ``status``."""
-    body = json.dumps({"error": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def _error(status: int, message: str):
+    """``{"error": message}`` with ``status``: how every refusal and failure answers (an ASGI app itself)."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
 
 
 def build_app(server: Server):
@@ -282,7 +280,7 @@ def build_app(server: Server):
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import PlainTextResponse
     from pydantic import BaseModel, ConfigDict
 
     class Row(BaseModel):
@@ -303,18 +301,15 @@ def build_app(server: Server):
 
     app = FastAPI(title="adafuse serve", version=version("adafuse"), description=__doc__.split("\n\n")[0])
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
     app.add_middleware(_Guard, server=server)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, err: RequestValidationError):
         problem = err.errors()[0] if err.errors() else {}
         if problem.get("type") == "json_invalid":
-            return error(422, f"malformed JSON body: {problem.get('msg')} at character {problem['loc'][-1]}")
+            return _error(422, f"malformed JSON body: {problem.get('msg')} at character {problem['loc'][-1]}")
         where = ".".join(str(p) for p in problem.get("loc", ()) if p != "body") or "body"
-        return error(422, f"{where}: {problem.get('msg', 'invalid request')}")
+        return _error(422, f"{where}: {problem.get('msg', 'invalid request')}")
 
     @app.post("/v1/predict")
     async def predict(body: PredictRequest):
@@ -323,12 +318,12 @@ def build_app(server: Server):
             server.check_inputs(texts)
             outputs = await asyncio.wrap_future(server.batcher.submit(texts, tasks))
         except RequestError as err:
-            return error(err.status, str(err))
+            return _error(err.status, str(err))
         except VerificationError as err:
             print(f"adafuse serve: refused: {err}", file=sys.stderr)
-            return error(409, f"verification failed: {err}")
+            return _error(409, f"verification failed: {err}")
         except UserError as err:
-            return error(422, str(err))
+            return _error(422, str(err))
         if per_row:
             outputs = [{"task": task, **output} for task, output in zip(tasks, outputs, strict=True)]
         return {"outputs": outputs}

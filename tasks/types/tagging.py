@@ -93,12 +93,12 @@ class Tagging(TaskType):
         return logits.argmax(-1)[keep].cpu(), torch.stack([labels[keep], first[keep].long()], 1).cpu()
 
     def scores(self, predicted: torch.Tensor, gold: torch.Tensor, label_names: list[str]) -> dict[str, float]:
+        from adafuse.tasks.types.metrics import accuracy
+
         starts = gold[:, 1].nonzero().squeeze(1).tolist() + [len(gold)]
         spans = list(zip(starts, starts[1:], strict=False))  # one (start, end) per sentence
         pred_sentences = [[label_names[i] for i in predicted[a:b].tolist()] for a, b in spans]
         gold_sentences = [[label_names[i] for i in gold[a:b, 0].tolist()] for a, b in spans]
-        from adafuse.tasks.types.metrics import accuracy
-
         f1 = entity_f1(pred_sentences, gold_sentences)
         share = accuracy(predicted, gold[:, 0], len(label_names))
         return {"score": f1, "entity_f1": f1, "token_accuracy": share}
