@@ -7,7 +7,10 @@
    batches of ``-B``: one routed forward pass per batch (``adafuse predict --task-column``) against one
    pass per task present in the batch (each on its rows), and against sorting the whole file by task
    first (not streaming). Same rows, same outputs (checked).
-2. ``adapterdrop``: test accuracy and time of ``--adapter`` on its task and ``--fusion`` on
+2. ``batch-size``: the same shuffled rows, routed in passes of each of ``--sizes`` rows: the milliseconds per
+   row as the pass grows, i.e. what batching requests can save in the forward pass itself (a server gathers
+   rows of concurrent requests into one pass; a pass of 1-4 rows is what one request at a time gets).
+3. ``adapterdrop``: test accuracy and time of ``--adapter`` on its task and ``--fusion`` on
    bbc-topic5-fewshot with the adapters (and fusion) of the lowest N layers skipped.
 
 Times are wall-clock medians over ``--repeat`` runs in this process; one JSONL record per measurement and
@@ -95,6 +98,30 @@ def mixed_benchmark(opened, args) -> list[dict]:
     return records
 
 
+def batch_size_benchmark(opened, args) -> list[dict]:
+    rows = []
+    for name in SEQUENCES["bbc-topics"]:
+        rows += [(text, name) for text in load_builtin(name).splits["test"].texts[: args.rows_per_task]]
+    random.Random(0).shuffle(rows)
+    rows = rows[: max(args.sizes) * 2]  # two passes of the largest size
+    predictor = Predictor(opened, args.max_length, torch.device(args.device), 0)
+    for name in SEQUENCES["bbc-topics"]:
+        predictor.add_task(name)
+    run_routed(predictor, rows[: max(args.sizes)], max(args.sizes))  # warm-up, not timed
+    times: dict[int, list[float]] = {size: [] for size in args.sizes}
+    for _ in range(args.repeat):  # interleaved, so drifts of a shared machine hit every size alike
+        for size in args.sizes:
+            times[size].append(timed(lambda size=size: run_routed(predictor, rows, size), 1)[0])
+    records = []
+    for size in args.sizes:
+        per_row = statistics.median(times[size]) / len(rows) * 1000
+        records.append(
+            {"bench": "batch-size", "rows_per_pass": size, "rows": len(rows), "ms_per_row": round(per_row, 2)}
+        )
+        print(records[-1], flush=True)
+    return records
+
+
 def accuracy(predictor, task_name, artefact, args) -> tuple[float, float]:
     test = load_builtin(task_name).splits["test"]
     texts = test.texts[: args.limit] if args.limit else test.texts
@@ -138,6 +165,15 @@ def markdown(records: list[dict], args) -> str:
             ratio = r["seconds"] / base
             lines.append(f"| {mode} | {r['rows']} | {r['seconds']:.2f} | {ratio:.2f} x | {r['max_prob_diff']:.1e} |")
         lines.append("")
+    sizes = [r for r in records if r["bench"] == "batch-size"]
+    if sizes:
+        lines += ["| rows per pass | rows | ms per row | vs the largest pass |", "|---|---|---|---|"]
+        base = sizes[-1]["ms_per_row"]
+        for r in sizes:
+            lines.append(
+                f"| {r['rows_per_pass']} | {r['rows']} | {r['ms_per_row']:.1f} | {r['ms_per_row'] / base:.2f} x |"
+            )
+        lines.append("")
     drops = [r for r in records if r["bench"] == "adapterdrop"]
     if drops:
         lines += ["| AdapterDrop | task | N | test accuracy | seconds | speed-up |", "|---|---|---|---|---|---|"]
@@ -157,7 +193,10 @@ def main() -> None:
     parser.add_argument("--adapter", default="bbc-business")
     parser.add_argument("--fusion", default=None)
     parser.add_argument("--drop", type=lambda s: [int(x) for x in s.split(",")], default=[0, 2, 4])
-    parser.add_argument("--benches", default="mixed,adapterdrop")
+    parser.add_argument(
+        "--benches", default="mixed,adapterdrop", help="comma-separated: mixed, batch-size, adapterdrop"
+    )
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("-B", "--batch-size", type=int, default=32)
     parser.add_argument("-L", "--max-length", type=int, default=128)
     parser.add_argument("--rows-per-task", type=int, default=100)
@@ -172,6 +211,8 @@ def main() -> None:
     records = []
     if "mixed" in args.benches:
         records += mixed_benchmark(opened, args)
+    if "batch-size" in args.benches:
+        records += batch_size_benchmark(opened, args)
     if "adapterdrop" in args.benches:
         records += drop_benchmark(opened, args)
     out = Path(args.out)

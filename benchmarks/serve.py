@@ -20,6 +20,10 @@ Starts a server on 127.0.0.1 over a library, then sends a fixed number of reques
   every second; the record holds it after warm-up (a tenth of the requests) and at the end, and the count of
   failed requests.
 
+With ``--rounds N`` the concurrent and one-at-a-time scenarios alternate N times over the same requests, so a
+slow spell of a shared machine falls on both sides of a round: each concurrent record then holds its round and
+the ratio to the one-at-a-time run right after it, and the table ends with the median ratio over the rounds.
+
 Clients keep their connection open between requests (``--connections keep-alive``, what HTTP client libraries
 do), or open one per request (``--connections new``). Client and server share this machine, so each record also
 holds the CPU time per row of each: the server process, and this process (the clients).
@@ -177,6 +181,21 @@ def load(port: int, pid: int, bodies: list[dict], clients: int) -> dict:
     }  # fmt: skip
 
 
+def paired_round(port: int, pid: int, bodies: list[dict], clients: int, scenarios: list[str], common: dict,
+                 number: int, rounds: int) -> list[dict]:  # fmt: skip
+    """The concurrent scenario, then one request at a time, over the same requests; with both, the concurrent
+    record holds their ratio of rows/s."""
+    tag = {"round": number} if rounds > 1 else {}
+    records = []
+    if "concurrent" in scenarios:
+        records.append({"scenario": "concurrent", **tag, **common, **load(port, pid, bodies, clients)})
+    if "one-at-a-time" in scenarios:
+        records.append({"scenario": "one-at-a-time", **tag, **common, **load(port, pid, bodies, 1)})
+    if len(records) == 2:
+        records[0]["one_at_a_time_ratio"] = round(records[0]["rows_per_s"] / records[1]["rows_per_s"], 3)
+    return records
+
+
 def _same_kind(name: str, kind: str, kinds: dict[str, str], index: int) -> str:
     """``name`` if it is of ``kind``, else one of that kind's names (in turn)."""
     if kinds[name] == kind:
@@ -325,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", choices=("keep-alive", "new"), default="keep-alive",
                         help="each client keeps its connection open (as HTTP client libraries do), or opens one per "
                         "request")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="concurrent and one-at-a-time alternated this many times (ratio per round)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSONL of records")
     args = parser.parse_args(argv)
@@ -362,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             load(
                 port, server.pid, plan(names, texts, min(20, args.requests), args.seed + 1), args.clients
             )  # warm-up: every name
-            if "concurrent" in scenarios:
-                records.append({"scenario": "concurrent", **common, **load(port, server.pid, bodies, args.clients)})
+            for number in range(1, args.rounds + 1):
+                records += paired_round(port, server.pid, bodies, args.clients, scenarios, common, number, args.rounds)
             kinds = {e["name"]: e["kind"] for e in library.entries() if e["kind"] in ("adapter", "fusion")}
             for kind in ("adapter", "fusion"):
                 if f"{kind}-rows" in scenarios:
@@ -371,10 +392,8 @@ def main(argv: list[str] | None = None) -> int:
                     records.append({"scenario": f"{kind}-rows", **common, **load(port, server.pid, only, args.clients)})
             saturated = [r["rows_per_s"] for r in records if r["scenario"] == "concurrent"]
             if "half-load" in scenarios and saturated:
-                rate = saturated[0]
+                rate = statistics.median(saturated)
                 records.append({"scenario": "half-load", **common, **half_load(port, bodies, rate)})
-            if "one-at-a-time" in scenarios:
-                records.append({"scenario": "one-at-a-time", **common, **load(port, server.pid, bodies, 1)})
             if "soak" in scenarios:
                 short = [" ".join(t.split()[: args.soak_words]) for t in texts]
                 many = plan(names, short, args.soak, args.seed + 2)
@@ -390,11 +409,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
-    columns = ["scenario", "requests", "rows", "clients", "rows_per_s", "p50_ms", "p99_ms", "rows_per_pass"]
-    columns += ["server_cpu_ms_per_row", "client_cpu_ms_per_row"]
+    columns = ["scenario", "round", "requests", "rows", "clients", "rows_per_s", "one_at_a_time_ratio", "p50_ms"]
+    columns += ["p99_ms", "rows_per_pass", "server_cpu_ms_per_row", "client_cpu_ms_per_row"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for record in records:
         print("| " + " | ".join(str(record.get(c, "–")) for c in columns) + " |")
+    ratios = [r["one_at_a_time_ratio"] for r in records if "one_at_a_time_ratio" in r]
+    if len(ratios) > 1:
+        print(f"concurrent / one-at-a-time over {len(ratios)} rounds: median {statistics.median(ratios):.3f} "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f})")  # fmt: skip
     for record in records:
         if record["scenario"] == "soak":
             print(json.dumps({k: v for k, v in record.items() if k not in common}))

@@ -8,7 +8,7 @@ Step times come from one process that holds every configuration in one model (th
 adapters and a fusion per K, a head each) and runs them round-robin, one step each per round: a slow spell
 of a shared machine then hits every configuration alike, and each ratio is the median over rounds of the
 two steps' ratio in that round (paired). Peak memory comes from a fresh process per configuration (it runs
-``--rss-steps`` steps of that configuration alone). One JSONL record per measurement, then a Markdown table
+``--rss-steps`` steps of that configuration alone; ``--memory-jobs`` such processes at a time). One JSONL record per measurement, then a Markdown table
 of the ratios measured in this one run, printed and appended to ``<out>.md``. A training step is forward +
 loss + backward + optimizer step; inference is a forward under ``torch.inference_mode``. The batch is fixed
 and seeded: token ids uniform in the vocabulary, mask all ones, binary labels.
@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DEFAULT_METHODS = ("floor_fwd", "floor_train", "single_train", "single_infer", "fusion_train", "fusion_infer")
@@ -45,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed rounds (after --warmup rounds)")
     p.add_argument("--rss-steps", type=int, default=3, help="steps of each fresh memory process (0: no memory runs)")
+    p.add_argument("--memory-jobs", type=int, default=1,
+                   help="memory processes run at a time (each peak is its own process's; their step times are not "
+                   "reported)")  # fmt: skip
     p.add_argument("--out", default="speed.jsonl")
     p.add_argument(
         "--backbone",
@@ -414,10 +418,14 @@ def main(argv=None) -> int:
             flush=True,
         )
     if args.rss_steps > 0:
-        for method, k in plan(args):
-            record = _child(passthrough, ["--child", method, str(k)], env)[0]
-            records.append(record)
-            print(f"{method:<13} K={record['K']:<3} peak RSS {record['peak_rss_mb']:.0f} MB (own process)", flush=True)
+        with ThreadPoolExecutor(max(1, args.memory_jobs)) as pool:  # map keeps the plan's order
+            children = [["--child", method, str(k)] for method, k in plan(args)]
+            for record in pool.map(lambda child: _child(passthrough, child, env)[0], children):
+                records.append(record)
+                print(
+                    f"{record['method']:<13} K={record['K']:<3} peak RSS {record['peak_rss_mb']:.0f} MB (own process)",
+                    flush=True,
+                )
     with out.open("a") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in records)
     table = ratio_table(records)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+FORGETTING_WORDS = (
+    "apple river stone cloud music paper glass tiger orange window garden silver rocket planet forest candle"
+)
+
+
+def forgetting_sequence(folder: Path) -> Path:
+    """A sequence built to forget, written into ``folder`` (returns its seq.yaml): two tasks on the same words -
+    is one of four keywords among the first two words (A: apple river stone cloud; B: tiger orange window
+    garden)? Fully fine-tuning a tiny BERT on B costs A about 0.3 accuracy. The strategies' strengths are set for
+    this sequence: A's training drives its loss near zero, so the Fisher is tiny (EWC needs a large λ) and the
+    teacher's soft outputs change little until A is lost (LwF's λ_o)."""
+    rng, vocab = random.Random(0), FORGETTING_WORDS.split()
+    for name, keys in (("a", set(vocab[:4])), ("b", set(vocab[7:11]))):
+        with open(folder / f"{name}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            for _ in range(600):
+                words = [rng.choice(vocab) for _ in range(8)]
+                writer.writerow([" ".join(words), "yes" if keys & set(words[:2]) else "no"])
+    task = "{{name: {0}, source: {1}/{0}.csv, validation_ratio: 0.2, test_ratio: 0.2, max_length: 16}}"
+    (folder / "seq.yaml").write_text(
+        f"""sequence: null
+tasks: [{task.format("a", folder)}, {task.format("b", folder)}]
+method: full-finetune
+strategy: {{base: full-finetune, ewc_lambda: 1.0e+6, lwf_alpha: 100.0, replay_ratio: 0.5}}
+max_length: 16
+head: {{dropout: 0.0}}
+backbone:
+  random_init: {{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2,
+    num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}}
+trainer: {{max_epochs: 3, batch_size: 16, eval_batch_size: 128, lr: 0.003, progress_bar: false}}
+"""
+    )
+    return folder / "seq.yaml"
 
 
 def load_script(path: Path):

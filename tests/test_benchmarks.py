@@ -44,6 +44,8 @@ def test_speed_script_on_a_tiny_backbone(tmp_path, tiny_folder):
             "3",
             "--rss-steps",
             "1",
+            "--memory-jobs",
+            "2",
             "--out",
             str(out),
         ],

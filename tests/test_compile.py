@@ -122,6 +122,7 @@ def test_compiled_training_step_equals_eager_outputs_and_gradients():
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_compiled_sequence_killed_and_resumed_measures_what_an_eager_one_does(graph_backend, tmp_path):
     args = ["run", SMOKE, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
     args += ["--trainer.pad_to_multiple_of", "16"]

@@ -1,15 +1,13 @@
 """Continual-learning strategies (EWC, LwF, replay): the penalties and the memory as pure functions, and end to
 end on a sequence built to forget: each strategy forgets less than naive fine-tuning, and resumes after kill -9."""
 
-import csv
 import json
-import random
 import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import stable, tiny_backbone
+from conftest import forgetting_sequence, stable, tiny_backbone
 
 from adafuse.continual.cli import main
 from adafuse.continual.strategies import StrategyConfig
@@ -106,38 +104,12 @@ def test_bad_strategy_settings_are_refused(overrides):
 
 # ---- end to end: a sequence built to forget ---------------------------------------------------------------------
 
-WORDS = "apple river stone cloud music paper glass tiger orange window garden silver rocket planet forest candle"
-
 
 @pytest.fixture(scope="module")
 def forgetting(tmp_path_factory):
-    """Two tasks on the same words: is one of four keywords among the first two words (A: apple river stone
-    cloud; B: tiger orange window garden)? Fully fine-tuning a tiny BERT on B costs A about 0.3 accuracy. The
-    strategies' strengths are set for this sequence: A's training drives its loss near zero, so the Fisher is
-    tiny (EWC needs a large λ) and the teacher's soft outputs change little until A is lost (LwF's λ_o)."""
+    """The sequence built to forget (:func:`conftest.forgetting_sequence`) and naive fine-tuning's metrics on it."""
     folder = tmp_path_factory.mktemp("forget")
-    rng, vocab = random.Random(0), WORDS.split()
-    for name, keys in (("a", set(vocab[:4])), ("b", set(vocab[7:11]))):
-        with open(folder / f"{name}.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            for _ in range(600):
-                words = [rng.choice(vocab) for _ in range(8)]
-                writer.writerow([" ".join(words), "yes" if keys & set(words[:2]) else "no"])
-    task = "{{name: {0}, source: {1}/{0}.csv, validation_ratio: 0.2, test_ratio: 0.2, max_length: 16}}"
-    (folder / "seq.yaml").write_text(
-        f"""sequence: null
-tasks: [{task.format("a", folder)}, {task.format("b", folder)}]
-method: full-finetune
-strategy: {{base: full-finetune, ewc_lambda: 1.0e+6, lwf_alpha: 100.0, replay_ratio: 0.5}}
-max_length: 16
-head: {{dropout: 0.0}}
-backbone:
-  random_init: {{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2,
-    num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}}
-trainer: {{max_epochs: 3, batch_size: 16, eval_batch_size: 128, lr: 0.003, progress_bar: false}}
-"""
-    )
+    forgetting_sequence(folder)
     naive = folder / "naive"
     assert main(["run", str(folder / "seq.yaml"), "--out", str(naive)]) == 0
     return folder, json.loads((naive / "metrics.json").read_text())
@@ -169,6 +141,7 @@ def test_replay_records_its_memory(forgetting):
     assert len(set(metrics["strategy"]["replay_indices"]["0"])) == 50
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "fault"),
     [("ewc", "train-step:100"), ("replay", "write:strategy@replay@b.safetensors"), ("lwf", "write:manifest.json:2")],
