@@ -8,8 +8,9 @@ Step times come from one process that holds every configuration in one model (th
 adapters and a fusion per K, a head each) and runs them round-robin, one step each per round: a slow spell
 of a shared machine then hits every configuration alike, and each ratio is the median over rounds of the
 two steps' ratio in that round (paired). Peak memory comes from a fresh process per configuration (it runs
-``--rss-steps`` steps of that configuration alone; ``--memory-jobs`` such processes at a time). One JSONL record per measurement, then a Markdown table
-of the ratios measured in this one run, printed and appended to ``<out>.md``. A training step is forward +
+``--rss-steps`` steps of that configuration alone; ``--memory-jobs`` such processes at a time). One JSONL
+record per measurement, then a Markdown table of the ratios measured in this one run, printed and appended to
+``<out>.md``. A training step is forward +
 loss + backward + optimizer step; inference is a forward under ``torch.inference_mode``. The batch is fixed
 and seeded: token ids uniform in the vocabulary, mask all ones, binary labels.
 """
