@@ -69,7 +69,9 @@ def run_sorted(predictor, rows, size):
     return out
 
 
-def mixed_benchmark(opened, args) -> list[dict]:
+def shuffled_rows(opened, args) -> tuple[list[tuple[str, str]], Predictor]:
+    """The test texts of the five bbc-topics tasks (``--rows-per-task`` each), shuffled, each naming its task, and a
+    predictor with the five adapters loaded."""
     rows = []
     for name in SEQUENCES["bbc-topics"]:
         rows += [(text, name) for text in load_builtin(name).splits["test"].texts[: args.rows_per_task]]
@@ -77,6 +79,11 @@ def mixed_benchmark(opened, args) -> list[dict]:
     predictor = Predictor(opened, args.max_length, torch.device(args.device), 0)
     for name in SEQUENCES["bbc-topics"]:
         predictor.add_task(name)
+    return rows, predictor
+
+
+def mixed_benchmark(opened, args) -> list[dict]:
+    rows, predictor = shuffled_rows(opened, args)
     run_routed(predictor, rows[: args.batch_size], args.batch_size)  # warm-up, not timed
     modes = {"routed": run_routed, "per-task": run_per_task, "sorted": run_sorted}
     times = {mode: [] for mode in modes}
@@ -99,14 +106,8 @@ def mixed_benchmark(opened, args) -> list[dict]:
 
 
 def batch_size_benchmark(opened, args) -> list[dict]:
-    rows = []
-    for name in SEQUENCES["bbc-topics"]:
-        rows += [(text, name) for text in load_builtin(name).splits["test"].texts[: args.rows_per_task]]
-    random.Random(0).shuffle(rows)
+    rows, predictor = shuffled_rows(opened, args)
     rows = rows[: max(args.sizes) * 2]  # two passes of the largest size
-    predictor = Predictor(opened, args.max_length, torch.device(args.device), 0)
-    for name in SEQUENCES["bbc-topics"]:
-        predictor.add_task(name)
     run_routed(predictor, rows[: max(args.sizes)], max(args.sizes))  # warm-up, not timed
     times: dict[int, list[float]] = {size: [] for size in args.sizes}
     for _ in range(args.repeat):  # interleaved, so drifts of a shared machine hit every size alike

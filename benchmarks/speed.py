@@ -10,9 +10,9 @@ of a shared machine then hits every configuration alike, and each ratio is the m
 two steps' ratio in that round (paired). Peak memory comes from a fresh process per configuration (it runs
 ``--rss-steps`` steps of that configuration alone; ``--memory-jobs`` such processes at a time). One JSONL
 record per measurement, then a Markdown table of the ratios measured in this one run, printed and appended to
-``<out>.md``. A training step is forward +
-loss + backward + optimizer step; inference is a forward under ``torch.inference_mode``. The batch is fixed
-and seeded: token ids uniform in the vocabulary, mask all ones, binary labels.
+``<out>.md``. A training step is forward + loss + backward + optimizer step; inference is a forward under
+``torch.inference_mode``. The batch is fixed and seeded: token ids uniform in the vocabulary, mask all ones,
+binary labels.
 """
 
 from __future__ import annotations

@@ -109,9 +109,9 @@ def test_bad_strategy_settings_are_refused(overrides):
 def forgetting(tmp_path_factory):
     """The sequence built to forget (:func:`conftest.forgetting_sequence`) and naive fine-tuning's metrics on it."""
     folder = tmp_path_factory.mktemp("forget")
-    forgetting_sequence(folder)
+    sequence = forgetting_sequence(folder)
     naive = folder / "naive"
-    assert main(["run", str(folder / "seq.yaml"), "--out", str(naive)]) == 0
+    assert main(["run", str(sequence), "--out", str(naive)]) == 0
     return folder, json.loads((naive / "metrics.json").read_text())
 
 
