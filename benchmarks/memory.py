@@ -63,7 +63,10 @@ VARIANTS = {  # backbone.dtype, backbone.quantization, activation checkpointing
     "bfloat16+float32-copies": ("bfloat16", "none", False),  # what autograd alone keeps (adafuse.fusion.narrow off)
     "int8": ("bfloat16", "int8", False),
     "nf4": ("bfloat16", "nf4", False),
+    "float32+fsdp2": ("float32", "none", False),  # +fsdp2: 2 processes, each holding half the frozen weights
+    "bfloat16+fsdp2": ("bfloat16", "none", False),
 }
+SHARDED = "+fsdp2"
 
 
 MALLOC = {  # glibc's environment tunables per --malloc choice
@@ -110,7 +113,10 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
         for param in model.parameters():
             if param.dtype == torch.float32:
                 param.sum()
-    loaded_mb, load_peak = _rss_mb(), _status_mb("VmHWM:")
+    load_peak = _status_mb("VmHWM:")
+    if variant.endswith(SHARDED):
+        _shard(model, device)
+    loaded_mb = _rss_mb()
     _reset_peak()  # from here VmHWM is the training steps' peak (loading a float32 file maps its pages first)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -121,6 +127,9 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
         started = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
         loss.backward()
+        if variant.endswith(SHARDED):  # DDP's all-reduce of what trains
+            for param in optimizer.param_groups[0]["params"]:
+                torch.distributed.all_reduce(param.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device != "cpu":
@@ -128,9 +137,34 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
         times.append(time.perf_counter() - started)
     peak = _status_mb("VmHWM:")
     cuda = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if device != "cpu" else {}
+    if variant.endswith(SHARDED):  # the busiest process's figures
+        loaded_mb, load_peak, peak = (max(_all_ranks(v)) for v in (loaded_mb, load_peak, peak))
+        cuda = {k: max(_all_ranks(v)) for k, v in cuda.items()}
     return {"loaded_rss_mb": round(loaded_mb, 1), "load_peak_rss_mb": round(load_peak, 1),
             "peak_rss_mb": round(peak, 1), **cuda, "device": device,
             "step_s": round(statistics.median(times[1:] or times), 3), "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def _shard(model, device: str) -> None:
+    """``trainer.strategy: fsdp``'s sharding over the torchrun process group (gloo on the CPU)."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from adafuse.continual.runtime.sharding import shard_backbone
+
+    dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    shard_backbone(model, torch.device(device))
+    gc.collect()
+
+
+def _all_ranks(value: float) -> list[float]:
+    import torch.distributed as dist
+
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _keep_float32_copies() -> None:
@@ -141,6 +175,14 @@ def _keep_float32_copies() -> None:
         return function(*args)
 
     narrow.recompute_in_backward = plain
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _rss_mb() -> float:
@@ -186,14 +228,20 @@ def main() -> int:
             from adafuse.continual.runtime.allocator import tune_malloc
 
             tune_malloc()
-        print(json.dumps(child(Path(folder), variant, setup, args.B, args.L, args.steps, args.device)))
+        record = child(Path(folder), variant, setup, args.B, args.L, args.steps, args.device)
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps(record))
         return 0
     records = []
     for size in args.sizes.split(","):
         folder = saved(args.work, size)
         for setup in args.setups.split(","):
             for variant in args.variants.split(","):
-                command = [sys.executable, __file__, "--child", str(folder), variant, setup]
+                launcher = [sys.executable]
+                if variant.endswith(SHARDED):
+                    launcher += ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                                 "--master_port", str(_free_port())]  # fmt: skip
+                command = [*launcher, __file__, "--child", str(folder), variant, setup]
                 command += ["-B", str(args.B), "-L", str(args.L), "--steps", str(args.steps), "--device", args.device]
                 command += ["--malloc", args.malloc]
                 env = {**os.environ, **MALLOC[args.malloc]}

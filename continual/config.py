@@ -27,7 +27,7 @@ from adafuse.fusion.kinds import AdapterConfig
 from adafuse.tasks.spec import TaskSpec
 
 METHODS = ("adapters", "shared-adapter", "full-finetune", *STRATEGY_METHODS)
-TRAINER_STRATEGIES = ("auto", "ddp")  # Lightning strategies adafuse's rank-0 writes and gathers are tested with
+TRAINER_STRATEGIES = ("auto", "ddp", "fsdp")  # those adafuse's rank-0 writes and gathers are tested with
 SETTINGS = ("task-incremental", "class-incremental")  # is the task given at test time?
 ROUTERS = ("lda", "trained")  # class-incremental task identification for isolated adapters
 
@@ -58,7 +58,9 @@ class TrainerConfig:
         accelerator: ``cpu``, ``gpu`` (refused without a visible CUDA device) or ``auto``.
         devices: devices per node (Lightning's ``devices``).
         num_nodes: machines (Lightning's ``num_nodes``).
-        strategy: Lightning strategy: ``auto`` or ``ddp`` (others, FSDP included, are refused in one line).
+        strategy: ``auto``, ``ddp`` (Lightning's data parallelism) or ``fsdp``: ``ddp`` with the frozen
+            backbone's weights sharded across the processes (FSDP2), each holding 1/N of them; adapters, fusions
+            and heads stay whole (:mod:`adafuse.continual.runtime.sharding`).
         num_workers: DataLoader worker processes.
         pad_to_multiple_of: pad each batch's length up to a multiple of N (null: to the batch's longest
             example), so that a few shapes cover a run; the attention mask hides the padding, so no metric
@@ -116,11 +118,7 @@ class TrainerConfig:
         check_range("trainer.warmup_ratio", self.warmup_ratio, minimum=0, maximum=1)
         check_mode("trainer.compile", self.compile)
         if self.strategy not in TRAINER_STRATEGIES:
-            sharding = " (sharding the frozen backbone is not supported: use backbone.dtype or backbone.quantization)"
-            raise UserError(
-                f"trainer.strategy: '{self.strategy}' is not one of {', '.join(TRAINER_STRATEGIES)}"
-                + (sharding if "fsdp" in str(self.strategy) else "")
-            )
+            raise UserError(f"trainer.strategy: '{self.strategy}' is not one of {', '.join(TRAINER_STRATEGIES)}")
         check_hardware(self.accelerator, self.precision)
 
 

@@ -121,21 +121,22 @@ def test_the_checkpoint_fingerprint_is_cached_and_read_again_when_a_file_changes
     assert fingerprint(load_model(config)) == first and reads == [1]  # same bytes, read again
 
 
-def test_float16_off_cuda_unknown_values_and_sharding_are_refused_in_one_line(capsys, tmp_path):
+def test_float16_off_cuda_unknown_values_and_unshardable_backbones_are_refused_in_one_line(capsys, tmp_path):
     with pytest.raises(UserError, match="float16 needs a CUDA device"):
         load_model(_config("bert", "float16"), "cpu")
     # a training job loads on the CPU for Lightning to move: its accelerator is checked instead (below)
     assert load_model(_config("bert", "float16")).dtype == torch.float16
     smoke = str(ROOT / "configs" / "sequence" / "smoke.yaml")
     cases = [
-        ("backbone.dtype", "float16", "float16 needs a CUDA device"),
-        ("backbone.dtype", "float8", "is not one of"),
-        ("backbone.quantization", "int3", "is not one of"),
-        ("trainer.strategy", "fsdp", "sharding the frozen backbone is not supported"),
+        ("backbone.dtype", "float16", "float16 needs a CUDA device", []),
+        ("backbone.dtype", "float8", "is not one of", []),
+        ("backbone.quantization", "int3", "is not one of", []),
+        ("trainer.strategy", "deepspeed", "is not one of auto, ddp, fsdp", []),
+        ("backbone.quantization", "int8", "not plain tensors to shard", ["--trainer.strategy", "fsdp"]),
     ]
-    for key, value, message in cases:
+    for key, value, message, more in cases:
         out = tmp_path / value
-        assert main(["run", smoke, "--out", str(out), f"--{key}", value]) == 2
+        assert main(["run", smoke, "--out", str(out), f"--{key}", value, *more]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and key in err[0] and message in err[0]
         assert not out.exists()

@@ -26,25 +26,57 @@ SMOKE = str(ROOT / "configs" / "sequence" / "smoke.yaml")
 TINY_BACKBONE = yaml.safe_load((ROOT / "configs" / "backbone" / "tiny-bert.yaml").read_text())
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_match_the_single_process_run(tmp_path):
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    one_epoch = ["--trainer.max_epochs", "1"]
-    assert main(["run", SMOKE, *one_epoch, "--out", str(single)]) == 0
+ONE_EPOCH = ["--trainer.max_epochs", "1", "--trainer.eval_batch_size", "100"]  # 5 test batches: 3 and 2 per rank
+
+
+def two_processes(*args: str) -> subprocess.CompletedProcess:
+    """``adafuse`` on 2 CPU processes (Lightning re-launches it), which must succeed."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
-    result = subprocess.run(
-        [sys.executable, "-m", "adafuse.continual.cli", "run", SMOKE, *one_epoch, "--out", str(ddp),
-         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "adafuse.continual.cli", *args, "--trainer.accelerator", "cpu"]
+    result = subprocess.run([*command, "--trainer.devices", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert AdapterLibrary(ddp / "library").verify() == []
-    one, two = (json.loads((d / "metrics.json").read_text()) for d in (single, ddp))
+    return result
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    two_processes("run", SMOKE, *ONE_EPOCH, "--out", str(out), "--trainer.strategy", "ddp")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ddp")
+def test_ddp_two_processes_match_the_single_process_run(tmp_path, ddp_run):
+    single = tmp_path / "single"
+    assert main(["run", SMOKE, *ONE_EPOCH, "--out", str(single)]) == 0
+    assert AdapterLibrary(ddp_run / "library").verify() == []
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (single, ddp_run))
     assert two["tasks"] == one["tasks"] and two["bwt"] == 0.0 and two["forgetting"] == 0.0
     for row_one, row_two in zip(one["accuracy_matrix"], two["accuracy_matrix"], strict=True):
         for a, b in zip(row_one, row_two, strict=True):
             assert (a is None and b is None) or abs(a - b) <= 0.02
-    assert len(AdapterLibrary(ddp / "library").entries()) == 6  # one writer: each artefact once
+    assert len(AdapterLibrary(ddp_run / "library").entries()) == 6  # one writer: each artefact once
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ddp")
+def test_sharded_backbone_runs_and_fuses_as_ddp_does(tmp_path, ddp_run):
+    """``trainer.strategy: fsdp`` end to end: the same adapters, bit for bit, and the same accuracy matrix as the
+    ddp run (sharding moves weights, not arithmetic), then a fusion trained over the library it wrote."""
+    out = tmp_path / "fsdp"
+    result = two_processes("run", SMOKE, *ONE_EPOCH, "--out", str(out), "--trainer.strategy", "fsdp")
+    assert "each process holds 50% of the backbone's weights" in result.stdout
+    sharded, plain = AdapterLibrary(out / "library"), AdapterLibrary(ddp_run / "library")
+    assert [e["sha256"] for e in sharded.entries()] == [e["sha256"] for e in plain.entries()]
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (ddp_run, out))
+    assert two["accuracy_matrix"] == one["accuracy_matrix"] and two["bwt"] == 0.0
+    fusion = tmp_path / "fusion"
+    fuse = str(ROOT / "configs" / "fusion" / "smoke.yaml")
+    two_processes("fuse", fuse, "--library", str(out / "library"), "--out", str(fusion), "--trainer.strategy", "fsdp")
+    metrics = json.loads((fusion / "metrics.json").read_text())
+    assert metrics["source_files_unchanged"] and sharded.verify() == []
+    assert metrics["source_accuracy_after"] == metrics["source_accuracy_before"]
 
 
 def _write_tasks(folder: Path, count: int) -> list[dict]:

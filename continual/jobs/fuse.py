@@ -195,7 +195,8 @@ def run_fusion(
 
         scored = (None, target.type, target.label_names)  # evaluate(): device, task type, label names
         writer = LibraryWriter(write, lambda: evaluate(model, data.eval_dataloader("test"), *scored))
-        trainer = make_trainer(config.trainer, out, head, [writer], config.seed)
+        # the fusion's key bias adds the same score to every source, so the fast path never reads it
+        trainer = make_trainer(config.trainer, out, head, [writer], config.seed, unused_parameters=baseline is None)
         log(f"training {'fusion' if baseline is None else 'a single adapter'} on {target.sizes()['train']} examples")
         fit(trainer, module, data, out, head, config)
         module.prepare()

@@ -15,6 +15,7 @@ import torch
 from adafuse.continual.config import HeadConfig, JobConfig
 from adafuse.continual.runtime.distributed import is_main
 from adafuse.continual.runtime.hardware import check_backbone_dtype
+from adafuse.continual.runtime.sharding import check_shardable
 from adafuse.fusion.backbone import check_max_length, load_model, load_tokenizer
 from adafuse.fusion.errors import UserError
 from adafuse.fusion.fingerprint import fingerprint
@@ -42,6 +43,7 @@ def prepare_environment(config, tasks=()) -> Environment:
         torch.set_num_threads(config.trainer.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     check_backbone_dtype(config.backbone.dtype, config.trainer.accelerator)
+    check_shardable(config, tasks)
     tokenizer = load_tokenizer(config.backbone)
     backbone = load_model(config.backbone)
     check_max_length(backbone, config.max_length)

@@ -1,7 +1,9 @@
 """Plain batched evaluation of whatever the model has active (no Lightning loop overhead).
 
 Under DDP each process takes every world-size-th batch and the predictions are gathered: every rank
-gets the single-process result exactly (no padded or repeated examples).
+gets the single-process result exactly (no padded or repeated examples). Over a sharded backbone (``fsdp``)
+every forward pass is a collective, so a process with fewer batches runs spare passes over its first batch
+and drops their outputs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adafuse.continual.runtime.distributed import gather_tensors, shard
+from adafuse.continual.runtime.sharding import is_sharded
 from adafuse.fusion.compiling import without_grad
 from adafuse.fusion.model import AdaptedModel
 from adafuse.tasks.types import TASK_TYPES
@@ -35,15 +38,22 @@ def _predict_logits(model: AdaptedModel, loader, device, gather) -> tuple[torch.
     model.eval()
     outputs, targets = [], []
     shards, mine = shard()
+    gather = gather or TASK_TYPES["classification"].gather
+    spare, seen = None, 0
     try:
         for index, batch in enumerate(tqdm(loader, desc="evaluating", leave=False, disable=not sys.stderr.isatty())):
+            spare, seen = spare if spare is not None else batch, index + 1
             if index % shards != mine:
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            output, target = (gather or TASK_TYPES["classification"].gather)(model, batch, labels)
+            output, target = gather(model, batch, labels)
             outputs.append(output.cpu())
             targets.append(target.cpu())
+        if is_sharded(model):
+            for _ in range(-(-seen // shards) - len(outputs)):  # as many passes as the busiest process
+                batch = {k: v.to(device) for k, v in spare.items()}
+                gather(model, batch, batch.pop("labels"))
     finally:
         model.train(was_training)
     empty = torch.empty(0)

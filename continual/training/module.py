@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from adafuse.continual.config import TrainerConfig
+from adafuse.continual.runtime.sharding import shard_backbone
 from adafuse.continual.strategies import Strategy
 from adafuse.fusion.compiling import AutoCompile, StepTimer, compiled
 from adafuse.fusion.errors import UserError
@@ -70,6 +71,13 @@ class AdapterTaskModule(L.LightningModule):
         self.model.compile_mode = mode
         self._auto = AutoCompile(int(self.trainer.estimated_stepping_batches)) if mode == "auto" else None
         self._timer = None
+
+    def configure_model(self) -> None:
+        """``trainer.strategy: fsdp``: shard the frozen backbone before Lightning wraps the module in DDP, and
+        tell DDP to leave the frozen (sharded) parameters alone."""
+        if self.config.strategy == "fsdp":
+            frozen = shard_backbone(self.model, self.trainer.strategy.root_device)
+            self._ddp_params_and_buffers_to_ignore = [f"model.{name}" for name in frozen]
 
     def _step_function(self):
         """The training step's forward and loss: compiled, eager, or (``auto``) whichever it decided."""

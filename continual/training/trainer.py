@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy
 
 from adafuse.continual.config import TrainerConfig, dump_yaml
 from adafuse.continual.runtime.distributed import barrier, is_main, on_main
@@ -77,7 +78,11 @@ class LibraryWriter(L.Callback):
         on_main(self.write, self.result)  # the other ranks wait until the artefacts are there to read
 
 
-def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.Callback], seed: int) -> L.Trainer:
+def make_trainer(
+    config: TrainerConfig, out: Path, task: str, callbacks: list[L.Callback], seed: int, unused_parameters: bool = False
+) -> L.Trainer:
+    """The task's Trainer. ``unused_parameters``: some trainable parameters get no gradient in a step (DDP must
+    look for them)."""
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints" / task,
         filename="best",
@@ -95,7 +100,7 @@ def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.
         accelerator=config.accelerator,
         devices=config.devices,
         num_nodes=config.num_nodes,
-        strategy=config.strategy,
+        strategy=lightning_strategy(config.strategy, unused_parameters),
         precision=config.precision,
         gradient_clip_val=config.gradient_clip_val,
         accumulate_grad_batches=config.accumulate_grad_batches,
@@ -110,6 +115,13 @@ def make_trainer(config: TrainerConfig, out: Path, task: str, callbacks: list[L.
         log_every_n_steps=10,
         **optional,
     )
+
+
+def lightning_strategy(strategy: str, unused_parameters: bool):
+    """Lightning's strategy for ``trainer.strategy`` (``fsdp``: DDP over a backbone the module shards)."""
+    if strategy in ("ddp", "fsdp"):
+        return DDPStrategy(find_unused_parameters=unused_parameters)
+    return strategy
 
 
 def loggers(out: Path, task: str) -> list:

@@ -1,0 +1,97 @@
+"""``trainer.strategy: fsdp``: the frozen backbone's weights sharded across the processes, while adapters,
+fusions and heads stay whole on every process and train data-parallel.
+
+Each block of the sites table is one FSDP unit (PyTorch's ``fully_shard``, FSDP2); the rest of what the model
+runs (embeddings, final norm; an encoder-decoder's encoder, which classifies and tags) is the root unit. A
+process keeps 1/N of every frozen weight and gathers a block's weights just before the block runs (again for
+the backward pass), freeing them after.
+Only the backbone's own weights are sharded: adapters, fusions and heads are left out of the units, so library
+writes, checkpoints and loading a stored adapter see whole tensors as under ``ddp``, and Lightning's DDP
+all-reduces their gradients while ignoring the sharded weights.
+
+Every forward pass is a collective: all processes must run the same number of them. Lightning's distributed
+samplers give every process the same number of training and validation batches; the monitor's evaluations run
+spare passes where a process has fewer batches (:func:`adafuse.continual.training.evaluate.predict_logits`).
+Decoding, whose number of steps depends on the rows, is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from adafuse.continual.runtime.distributed import initialized, is_main
+from adafuse.fusion.errors import UserError
+from adafuse.fusion.sites import get_path
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return getattr(model, "sharded_backbone", False)
+
+
+def not_sharded(model) -> set[nn.Parameter]:
+    """What stays whole on every process: adapters, fusions, heads, and anything that trains."""
+    keep = {p for p in model.parameters() if p.requires_grad}
+    for _, _, slot in model.slots():
+        keep.update(slot.adapters.parameters(), slot.fusions.parameters())
+    keep.update(model.heads.parameters())
+    return keep
+
+
+def shard_backbone(model, device: torch.device) -> list[str]:
+    """Shard ``model``'s frozen backbone over the process group (once); the names of the parameters Lightning's
+    DDP must leave alone (the frozen ones: the sharded weights and frozen adapters alike)."""
+    if not is_sharded(model):
+        if not initialized():
+            raise UserError("trainer.strategy: fsdp needs the process group Lightning starts (run through adafuse)")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        keep = not_sharded(model)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, ignored_params=keep)
+        # the root unit: what the model runs (an encoder-decoder's encoder when it classifies or tags)
+        root = get_path(model.backbone, model.sites.features) if model.sites.features else model.backbone
+        fully_shard(root, mesh=mesh, ignored_params=keep)
+        model.sharded_backbone = True
+        if is_main():
+            print(f"trainer.strategy fsdp: each process holds {local_share(model):.0%} of the backbone's weights")
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
+
+
+def local_share(model: nn.Module) -> float:
+    """The share of the backbone's weights this process holds (1.0 unsharded)."""
+    from torch.distributed.tensor import DTensor
+
+    held = total = 0
+    for p in model.backbone.parameters():
+        if isinstance(p, DTensor):
+            held, total = held + p.to_local().numel(), total + p.numel()
+    return held / total if total else 1.0
+
+
+def check_shardable(config, tasks=()) -> None:
+    """Refuse, in one line, what ``trainer.strategy: fsdp`` cannot run."""
+    if config.trainer.strategy != "fsdp":
+        return
+    method = getattr(config, "method", "adapters")
+    base = config.strategy.base if method in ("ewc", "lwf", "replay") else method
+    if config.backbone.quantization != "none":
+        why = f"backbone.quantization: '{config.backbone.quantization}' weights are not plain tensors to shard"
+    elif config.trainer.compile != "off":
+        why = f"trainer.compile: '{config.trainer.compile}' is not supported on a sharded backbone"
+    elif base == "full-finetune":
+        why = f"{'method' if base == method else 'strategy.base'}: 'full-finetune' trains the backbone"
+    else:
+        why = next(
+            (
+                f"task '{task.name}': generation decodes as many steps as its rows need, and every step of a "
+                "sharded backbone is a collective"
+                for task in tasks
+                if task.type == "generation"
+            ),
+            None,
+        )
+    if why:
+        raise UserError(f"{why}; trainer.strategy: fsdp shards a frozen backbone (use ddp here)")

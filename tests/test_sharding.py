@@ -1,0 +1,102 @@
+"""``trainer.strategy: fsdp``: the frozen backbone sharded over 2 gloo processes gives every adapter kind and
+fusion, on every architecture, the gradients of the unsharded model (float64); each process holds half the
+weights; what the option cannot run is refused in one line."""
+
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_batch
+from test_checkpointing import KINDS, _model
+
+from adafuse.continual.config import RunConfig, load_config
+from adafuse.continual.runtime.sharding import check_shardable
+from adafuse.fusion.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = [*(("bert", kind, False) for kind in [*KINDS, "fusion"]), ("bert", "fusion", True)]
+CASES += [(model_type, "fusion", False) for model_type in ("gpt2", "llama", "t5")]
+LABELS = torch.tensor([0, 1, 2])
+
+
+def _gradients(model, rows: slice) -> dict[str, torch.Tensor]:
+    """Gradients of the summed loss over ``rows`` of the batch (eval mode: no dropout masks to match)."""
+    batch = tiny_batch()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    logits = model(batch["input_ids"][rows], batch["attention_mask"][rows])
+    torch.nn.functional.cross_entropy(logits, LABELS[rows], reduction="sum").backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _sharded_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from adafuse.continual.runtime.sharding import local_share, shard_backbone
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))  # fail, not hang
+    results = {}
+    for model_type, setup, checkpointing in CASES:
+        model = _model(model_type, setup)
+        model.set_activation_checkpointing(checkpointing)
+        shard_backbone(model, torch.device("cpu"))
+        grads = _gradients(model, slice(rank, None, world))
+        for grad in grads.values():
+            dist.all_reduce(grad)  # what DDP does, as a sum: the loss is summed over the rows
+        share = torch.tensor([local_share(model)], dtype=torch.float64)
+        dist.all_reduce(share)
+        results[(model_type, setup, checkpointing)] = (grads, local_share(model), share.item())
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    os._exit(0)  # without destructors: gloo's teardown can deadlock on the GIL (see test_precision)
+
+
+@pytest.mark.slow
+def test_sharded_backbone_gives_the_unsharded_gradients(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = str(tmp_path / "grads.pt")
+    mp.spawn(_sharded_rank, args=(2, port, out), nprocs=2, join=True)
+    results = torch.load(out, weights_only=False)
+    for case in CASES:
+        model_type, setup, checkpointing = case
+        model = _model(model_type, setup)
+        model.set_activation_checkpointing(checkpointing)
+        whole = _gradients(model, slice(None))
+        sharded, mine, total = results[case]
+        assert 0.4 < mine < 0.6 and total == pytest.approx(1.0), case  # half the weights each, all of them in all
+        assert sharded.keys() == whole.keys() and whole, case
+        for name, grad in whole.items():
+            torch.testing.assert_close(sharded[name], grad, rtol=1e-10, atol=1e-12, msg=f"{case} {name}")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--backbone.quantization", "int8"], "backbone.quantization: 'int8' weights are not plain tensors to shard"),
+        (["--trainer.compile", "default"], "trainer.compile: 'default' is not supported on a sharded backbone"),
+        (["--method", "full-finetune"], "method: 'full-finetune' trains the backbone"),
+        (["--method", "ewc", "--strategy.base", "full-finetune"], "strategy.base: 'full-finetune' trains the backbone"),
+    ],
+)
+def test_what_sharding_cannot_run_is_refused(overrides, message):
+    config = load_config(RunConfig, ROOT / "configs/sequence/smoke.yaml", ["--trainer.strategy", "fsdp", *overrides])
+    with pytest.raises(UserError, match=message + ".*; trainer.strategy: fsdp shards a frozen backbone"):
+        check_shardable(config)
+
+
+def test_generation_tasks_are_refused_under_sharding():
+    config = load_config(RunConfig, ROOT / "configs/sequence/smoke.yaml", ["--trainer.strategy", "fsdp"])
+    check_shardable(config, [SimpleNamespace(name="news", type="classification")])  # passes
+    with pytest.raises(UserError, match="task 'summaries': generation decodes as many steps as its rows need"):
+        check_shardable(config, [SimpleNamespace(name="summaries", type="generation")])
