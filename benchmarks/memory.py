@@ -18,6 +18,10 @@ variant's on the ``tiny`` config; what activation checkpointing saves is the dif
 variant with and without it. ``bfloat16+float32-copies`` is ``bfloat16`` with the float32 copies of norms and
 adapter inputs kept for the backward pass, as autograd alone keeps them: what :mod:`adafuse.fusion.narrow` saves.
 
+``float32+fsdp2`` and ``bfloat16+fsdp2`` shard the backbone as ``trainer.strategy: fsdp`` does, over 2 processes
+(torchrun, gloo on the CPU, NCCL on CUDA), each with B × L tokens of its own and the trained gradients
+all-reduced as DDP does; the record holds the busier process's figures (its ``loaded_rss_mb`` after sharding).
+
 Peak RSS also counts freed memory that malloc keeps for reuse. ``--malloc exact`` has every block mmap'd and
 returned when freed, so the peak follows the live tensors (what a CUDA peak counts); ``--malloc adafuse`` sets
 the thresholds ``adafuse`` commands run with; ``--malloc glibc`` (the default) leaves glibc's own.
@@ -129,7 +133,8 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
         loss.backward()
         if variant.endswith(SHARDED):  # DDP's all-reduce of what trains
             for param in optimizer.param_groups[0]["params"]:
-                torch.distributed.all_reduce(param.grad)
+                if param.grad is not None:  # the fusion's key bias gets none (it cancels in the softmax)
+                    torch.distributed.all_reduce(param.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device != "cpu":
@@ -245,7 +250,13 @@ def main() -> int:
                 command += ["-B", str(args.B), "-L", str(args.L), "--steps", str(args.steps), "--device", args.device]
                 command += ["--malloc", args.malloc]
                 env = {**os.environ, **MALLOC[args.malloc]}
-                result = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+                result = subprocess.run(command, capture_output=True, text=True, env=env)
+                if result.returncode != 0 and variant.endswith(SHARDED):  # once more: another port, a fresh group
+                    print(f"{variant}: {result.stderr.strip().splitlines()[-1:]}; again", file=sys.stderr)
+                    command[command.index("--master_port") + 1] = str(_free_port())
+                    result = subprocess.run(command, capture_output=True, text=True, env=env)
+                if result.returncode != 0:
+                    raise SystemExit(f"{size} {variant} {setup} failed:\n{result.stderr[-3000:]}")
                 record = {"size": size, "variant": variant, "setup": setup, "B": args.B, "L": args.L}
                 record["malloc"] = args.malloc
                 records.append(record | json.loads(result.stdout.strip().splitlines()[-1]))

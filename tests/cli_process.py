@@ -109,3 +109,27 @@ class CliProcess:
 def run_cli(*args, env: dict[str, str] | None = None, cwd: Path | str = ROOT) -> subprocess.CompletedProcess:
     """Run ``adafuse ARGS`` in a process of its own; returns its exit status (``-9`` if killed) and output."""
     return CliProcess(args, env=env, cwd=cwd).wait()
+
+
+def _rank(function, rank: int, args: tuple) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # a thread per process: the ranks share the cores
+    function(rank, *args)
+
+
+def spawn_ranks(function, world: int, *args, timeout: float = 300) -> None:
+    """``function(rank, *args)`` in ``world`` processes forked from the warm server (what ``torch.multiprocessing
+    .spawn`` does, without each process importing torch afresh); every one must exit with status 0."""
+    context = _forkserver()
+    processes = [context.Process(target=_rank, args=(function, rank, args)) for rank in range(world)]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.exitcode is None:
+            process.kill()
+    codes = [process.exitcode for process in processes]
+    assert codes == [0] * world, f"ranks exited with {codes}"

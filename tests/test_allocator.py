@@ -58,3 +58,36 @@ def test_release_hands_freed_heap_pages_back():
     result = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, check=True)
     released, before, after = result.stdout.split()
     assert released == "True" and float(before) - float(after) > 50, result.stdout  # of the 170 MB freed
+
+
+RETURN_PROBE = """
+import re, torch
+from adafuse.continual.runtime.allocator import return_freed_blocks, tune_malloc
+
+def rss_mb():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+def churn():  # a sharded step: gathered weights of 1-2 MB each, all freed again
+    kept = [torch.ones(250_000 + 1000 * i) for i in range(150)]  # 200 MB
+    del kept
+
+assert tune_malloc()
+start = rss_mb()
+churn()
+kept = rss_mb() - start
+assert return_freed_blocks()
+start = rss_mb()
+churn()
+print(round(kept), round(rss_mb() - start))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_a_sharded_process_returns_freed_blocks():
+    """Under the fixed thresholds the freed blocks stay resident; after ``return_freed_blocks`` (what a sharded
+    backbone on the CPU sets) the same churn leaves the process where it was."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", RETURN_PROBE], capture_output=True, text=True, check=True)
+    kept, returned = (float(v) for v in result.stdout.split())
+    assert kept > 150 and returned < 20, result.stdout

@@ -1,7 +1,7 @@
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
+from cli_process import spawn_ranks
 from conftest import TINY, tiny_backbone
 
 from adafuse.fusion.backbone import BackboneConfig, load_model, load_tokenizer
@@ -14,12 +14,13 @@ def test_loaded_backbone_is_frozen_and_in_eval_mode():
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-def test_fingerprint_is_stable_across_processes():
-    code = (
-        "import sys; sys.path.insert(0, 'tests'); from conftest import tiny_backbone; "
-        "from adafuse.fusion.fingerprint import fingerprint; print(fingerprint(tiny_backbone('bert')))"
-    )
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+def _fingerprint_to(_rank: int, path: str) -> None:
+    Path(path).write_text(fingerprint(tiny_backbone("bert")))
+
+
+def test_fingerprint_is_stable_across_processes(tmp_path):
+    spawn_ranks(_fingerprint_to, 1, str(tmp_path / "other"))  # another interpreter: its own hash seed
+    other = (tmp_path / "other").read_text()
     assert other == fingerprint(tiny_backbone("bert"))
     assert fingerprint(tiny_backbone("bert", seed=1)) != other
 

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_subcommands():
-    result = subprocess.run([sys.executable, "-m", "adafuse.continual.cli", "--help"], capture_output=True, text=True)
+    result = run_cli("--help")  # `python -m adafuse.continual.cli` itself: the DDP runs in test_scale start it
     assert result.returncode == 0
     for command in ("run", "fuse", "report", "library", "tasks"):
         assert command in result.stdout

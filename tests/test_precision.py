@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from cli_process import spawn_ranks
 from conftest import randomize, tiny_batch
 from test_attention import count_fast_calls, fused_model
 
@@ -274,13 +275,11 @@ def test_ddp_reduces_bf16_fusion_gradients_like_one_process(tmp_path):
     whole batch within the bf16 bound."""
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_rank, args=(2, port, out), nprocs=2, join=True)
+    spawn_ranks(_ddp_rank, 2, 2, port, out)
     reduced = torch.load(out, weights_only=True)
     torch.manual_seed(0)
     model = fused_model(2, "pfeiffer", FusionConfig())

@@ -44,6 +44,19 @@ def tune_malloc() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+def return_freed_blocks() -> bool:
+    """From now on, serve every block above 64 KiB from its own pages and hand it back when freed; True if set.
+
+    For a sharded backbone on the CPU (``trainer.strategy: fsdp``): each step gathers every block's weights and
+    frees them again, in pieces whose sizes and order the heap does not fit back together, so with the fixed
+    thresholds above the process grew by tens of megabytes a step; with this, it stays at its live tensors.
+    """
+    mallopt = _glibc("mallopt")
+    if mallopt is None or os.environ.get("ADAFUSE_MALLOC", "tuned") == "default":
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 64 * 2**10)) and bool(mallopt(M_TRIM_THRESHOLD, 0))
+
+
 def release_free_memory() -> bool:
     """Hand the free pages inside malloc's heaps back to the OS (``malloc_trim(0)``); True if any were.
 
