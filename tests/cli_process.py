@@ -133,3 +133,33 @@ def spawn_ranks(function, world: int, *args, timeout: float = 300) -> None:
             process.kill()
     codes = [process.exitcode for process in processes]
     assert codes == [0] * world, f"ranks exited with {codes}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _gloo_rank(rank: int, function, world: int, port: int, args: tuple) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    # loopback only: gloo otherwise connects the ranks through the address the host name resolves to
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))  # fail, not hang
+    function(rank, world, *args)
+    dist.barrier()
+    # Leave without destructors: tearing down DDP's reducer joins gloo's worker thread while holding the GIL,
+    # and the worker may need the GIL to free a finished work's thread-local state (a deadlock seen on a
+    # clean-clone run: rank 1 hung in ~ProcessGroupGloo after its work was done).
+    os._exit(0)
+
+
+def gloo_ranks(function, world: int, *args) -> None:
+    """``function(rank, world, *args)`` in ``world`` processes joined in a gloo process group on loopback."""
+    spawn_ranks(_gloo_rank, world, function, world, free_port(), args)

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from cli_process import spawn_ranks
+from cli_process import gloo_ranks
 from conftest import randomize, tiny_batch
 from test_attention import count_fast_calls, fused_model
 
@@ -240,17 +240,10 @@ def test_smoke_sequence_in_bf16_mixed_on_the_cpu(tmp_path):
     assert metrics["bwt"] == 0.0 and metrics["acc"] > 0.6  # better than chance on the binary tasks
 
 
-def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_rank(rank: int, world: int, out: str) -> None:
     """One gloo rank: the same fusion model, its share of the batch, bf16 autocast, DDP's gradient averaging."""
-    import os
-    from datetime import timedelta
-
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    # loopback only: gloo otherwise connects the ranks through the address the host name resolves to
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))  # fail, not hang
     torch.manual_seed(0)
     model = fused_model(2, "pfeiffer", FusionConfig())
     model.eval()
@@ -261,11 +254,6 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
     logits.float().pow(2).sum().backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
-    dist.barrier()
-    # Leave without destructors: tearing down DDP's reducer joins gloo's worker thread while holding the GIL,
-    # and the worker may need the GIL to free a finished work's thread-local state (a deadlock seen on a
-    # clean-clone run: rank 1 hung in ~ProcessGroupGloo after its work was done).
-    os._exit(0)
 
 
 @pytest.mark.slow
@@ -273,13 +261,8 @@ def test_ddp_reduces_bf16_fusion_gradients_like_one_process(tmp_path):
     """Under bf16-mixed the fusion's gradients are float32 (its parameters are) and DDP's all-reduce (gloo here,
     NCCL on GPUs: the same code path) averages them: world x the mean equals the one-process gradient of the
     whole batch within the bf16 bound."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     out = str(tmp_path / "grads.pt")
-    spawn_ranks(_ddp_rank, 2, 2, port, out)
+    gloo_ranks(_ddp_rank, 2, out)
     reduced = torch.load(out, weights_only=True)
     torch.manual_seed(0)
     model = fused_model(2, "pfeiffer", FusionConfig())

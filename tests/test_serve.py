@@ -4,7 +4,6 @@ with 4xx and keeping on serving."""
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cli_process import run_cli
+from cli_process import free_port, run_cli
 
 from adafuse.continual.cli import main
 from adafuse.continual.jobs.predict import run_predict
@@ -36,15 +35,9 @@ def library(tmp_path_factory):
     return out / "library"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Served:
     def __init__(self, library: Path, *extra: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         command = [sys.executable, "-m", "adafuse.continual.cli", "serve", "--library", str(library)]
         command += ["--port", str(self.port), "--token", TOKEN, "--max-wait-ms", "50", "--max-chars", "500"]
         command += ["--max-loaded", "2", *extra]  # fewer than the tests ask for: they run through the LRU

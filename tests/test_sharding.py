@@ -3,15 +3,12 @@ fusion on BERT, fusion on GPT-2, Llama and T5, and fusion with activation checkp
 unsharded model (float64); each process holds half of every sharded weight; what the option cannot run is
 refused in one line."""
 
-import os
-import socket
-from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from cli_process import spawn_ranks
+from cli_process import gloo_ranks
 from conftest import tiny_batch
 from test_checkpointing import KINDS, _model
 
@@ -36,14 +33,12 @@ def _gradients(model, rows: slice) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-def _sharded_rank(rank: int, world: int, port: int, out: str) -> None:
+def _sharded_rank(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from adafuse.continual.runtime.sharding import local_share, not_sharded, shard_backbone
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))  # fail, not hang
     results = {}
     for model_type, setup, checkpointing in CASES:
         model = _model(model_type, setup)
@@ -60,17 +55,12 @@ def _sharded_rank(rank: int, world: int, port: int, out: str) -> None:
         results[(model_type, setup, checkpointing)] = (grads, local_share(model), share.item(), sharded)
     if rank == 0:
         torch.save(results, out)
-    dist.barrier()
-    os._exit(0)  # without destructors: gloo's teardown can deadlock on the GIL (see test_precision)
 
 
 @pytest.mark.slow
 def test_sharded_backbone_gives_the_unsharded_gradients(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     out = str(tmp_path / "grads.pt")
-    spawn_ranks(_sharded_rank, 2, 2, port, out)
+    gloo_ranks(_sharded_rank, 2, out)
     results = torch.load(out, weights_only=False)
     for case in CASES:
         model_type, setup, checkpointing = case
