@@ -174,20 +174,21 @@ class FusionLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same fusion associated per token, for steps with few tokens (arguments as :meth:`forward`).
 
-        a_n = g~_n U~_n, p = q W_K, score_n = p . a_n, o = (sum_n s_n a_n) W_V^T: about 3 d^2 + 2 K(r+1) d
-        multiply-adds per token and no per-step weight products, where :meth:`forward` spends 3 d^2 K(r+1) per
-        step on M and V~ and 2 K(r+1) d per token. Below N = K(r+1) tokens a step this form is cheaper.
+        p = q W_K, score_n = p . a_n = (U~_n p) . g~_n, o = ([s_1 g~_1 ... s_K g~_K] U~) W_V^T, where
+        a_n = g~_n U~_n is never formed: about 3 d^2 + 2 K(r+1) d multiply-adds per token and no per-step weight
+        products, where :meth:`forward` spends 3 d^2 K(r+1) per step on M and V~ and 2 K(r+1) d per token. Below
+        N = K(r+1) tokens a step this form is cheaper.
         """
         q = self.query(x) if self.query is not None else x  # (B, L, d)
         p = q @ self.key.weight if self.key is not None else q  # (B, L, d): q . k_n = p . a_n + q . b_K
-        ones = torch.ones_like(g[..., :1])
-        adapted = torch.cat([g, ones], -1).unsqueeze(-2) @ up  # (B, L, K, 1, d): a_n = g~_n U~_n
-        adapted = adapted.squeeze(-2)  # (B, L, K, d)
-        scores = (adapted @ p.unsqueeze(-1)).squeeze(-1)  # (B, L, K)
+        g_tilde = torch.cat([g, torch.ones_like(g[..., :1])], -1)  # (B, L, K, r+1)
+        up_flat = up.reshape(-1, up.shape[-1])  # (K(r+1), d)
+        # score_n = p . a_n = (U~_n p) . g~_n; no a_n (B, L, K, d) is formed, nor a copy of U~ per token
+        scores = ((p @ up_flat.t()).view(g_tilde.shape) * g_tilde).sum(-1)  # (B, L, K)
         if self.drops_scores:
             scores = self.score_dropout(scores + self._common_score(x, residual))
         weights = torch.softmax(scores / self.temperature, dim=-1)  # (B, L, K)
-        mixed = (weights.unsqueeze(-2) @ adapted).squeeze(-2)  # (B, L, d): sum_n s_n a_n
+        mixed = (weights.unsqueeze(-1) * g_tilde).flatten(-2) @ up_flat  # (B, L, d): sum_n s_n g~_n U~_n
         out = self.value(mixed) if self.value is not None else mixed
         return self.add_residual(out, residual), weights
 
