@@ -30,6 +30,7 @@ from adafuse.fusion.sites import get_path
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """Whether :func:`shard_backbone` has sharded ``model``'s backbone (every forward pass is then a collective)."""
     return getattr(model, "sharded_backbone", False)
 
 
@@ -104,14 +105,10 @@ def check_shardable(config, tasks=()) -> None:
     elif base == "full-finetune":
         why = f"{'method' if base == method else 'strategy.base'}: 'full-finetune' trains the backbone"
     else:
-        why = next(
-            (
-                f"task '{task.name}': generation decodes as many steps as its rows need, and every step of a "
-                "sharded backbone is a collective"
-                for task in tasks
-                if task.type == "generation"
-            ),
-            None,
+        generation = [task.name for task in tasks if task.type == "generation"]
+        why = generation and (
+            f"task '{generation[0]}': generation decodes as many steps as its rows need, and every step of a "
+            "sharded backbone is a collective"
         )
     if why:
         raise UserError(f"{why}; trainer.strategy: fsdp shards a frozen backbone (use ddp here)")
