@@ -8,6 +8,7 @@ warning with the count of replaced characters.
 from __future__ import annotations
 
 import random
+import re
 import sys
 import tempfile
 import warnings
@@ -20,6 +21,7 @@ from adafuse.tasks.spec import SPLITS, TaskData, TaskSpec
 from adafuse.tasks.types import task_type
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+INTEGER = re.compile(r"-?[0-9]+")  # label values sorted as numbers (str.isdigit also accepts '¹', int does not)
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 
@@ -222,7 +224,7 @@ def _label_key(value) -> str:
 def _label_ids(spec: TaskSpec, seen: set[str]) -> tuple[list[str], dict[str, int]]:
     """Label names in id order and the id of every label value (a name, or an integer id into label_names)."""
     if not spec.label_names:
-        names = sorted(seen, key=lambda s: (0, int(s)) if s.lstrip("-").isdigit() else (1, s))
+        names = sorted(seen, key=lambda s: (0, int(s)) if INTEGER.fullmatch(s) else (1, s))
         return names, {name: i for i, name in enumerate(names)}
     names = [str(n) for n in spec.label_names]
     if len(set(names)) != len(names):

@@ -138,3 +138,10 @@ def test_non_utf8_is_a_warning_with_count(tmp_path):
 def test_hub_name_offline_is_a_clear_error():
     with pytest.raises(UserError, match="Hub dataset"):
         load_user_task(TaskSpec(name="t", source="someone/some-dataset"))
+
+
+def test_integer_labels_sort_as_numbers_and_digit_like_names_as_text(tmp_path):
+    rows = [f"text {i},{label}" for i, label in enumerate(["10", "2", "-1", "¹", "b"] * 4)]
+    (tmp_path / "data.csv").write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    spec = TaskSpec(name="digits", source=str(tmp_path / "data.csv"), validation_ratio=0.2, test_ratio=0.2)
+    assert load_user_task(spec).label_names == ["-1", "2", "10", "b", "¹"]  # '¹' is a digit to isdigit, not to int
