@@ -118,7 +118,8 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
             if param.dtype == torch.float32:
                 param.sum()
     load_peak = _status_mb("VmHWM:")
-    if variant.endswith(SHARDED):
+    sharded = variant.endswith(SHARDED)
+    if sharded:
         _shard(model, device)
     loaded_mb = _rss_mb()
     _reset_peak()  # from here VmHWM is the training steps' peak (loading a float32 file maps its pages first)
@@ -131,7 +132,7 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
         started = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
         loss.backward()
-        if variant.endswith(SHARDED):  # DDP's all-reduce of what trains
+        if sharded:  # DDP's all-reduce of what trains
             for param in optimizer.param_groups[0]["params"]:
                 if param.grad is not None:  # the fusion's key bias gets none (it cancels in the softmax)
                     torch.distributed.all_reduce(param.grad)
@@ -142,7 +143,7 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
         times.append(time.perf_counter() - started)
     peak = _status_mb("VmHWM:")
     cuda = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if device != "cpu" else {}
-    if variant.endswith(SHARDED):  # the busiest process's figures
+    if sharded:  # the busiest process's figures
         loaded_mb, load_peak, peak = (max(_all_ranks(v)) for v in (loaded_mb, load_peak, peak))
         cuda = {k: max(_all_ranks(v)) for k, v in cuda.items()}
     return {"loaded_rss_mb": round(loaded_mb, 1), "load_peak_rss_mb": round(load_peak, 1),
@@ -180,14 +181,6 @@ def _keep_float32_copies() -> None:
         return function(*args)
 
     narrow.recompute_in_backward = plain
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _rss_mb() -> float:
@@ -243,18 +236,13 @@ def main() -> int:
         for setup in args.setups.split(","):
             for variant in args.variants.split(","):
                 launcher = [sys.executable]
-                if variant.endswith(SHARDED):
-                    launcher += ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                                 "--master_port", str(_free_port())]  # fmt: skip
+                if variant.endswith(SHARDED):  # --standalone: a rendezvous on localhost, on a port free at the time
+                    launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
                 command = [*launcher, __file__, "--child", str(folder), variant, setup]
                 command += ["-B", str(args.B), "-L", str(args.L), "--steps", str(args.steps), "--device", args.device]
                 command += ["--malloc", args.malloc]
                 env = {**os.environ, **MALLOC[args.malloc]}
                 result = subprocess.run(command, capture_output=True, text=True, env=env)
-                if result.returncode != 0 and variant.endswith(SHARDED):  # once more: another port, a fresh group
-                    print(f"{variant}: {result.stderr.strip().splitlines()[-1:]}; again", file=sys.stderr)
-                    command[command.index("--master_port") + 1] = str(_free_port())
-                    result = subprocess.run(command, capture_output=True, text=True, env=env)
                 if result.returncode != 0:
                     raise SystemExit(f"{size} {variant} {setup} failed:\n{result.stderr[-3000:]}")
                 record = {"size": size, "variant": variant, "setup": setup, "B": args.B, "L": args.L}

@@ -289,6 +289,11 @@ class RunConfig(JobConfig):
         if self.method in STRATEGY_METHODS and (self.trainer.devices not in (1, "1") or self.trainer.num_nodes > 1):
             raise UserError(f"method: '{self.method}' trains on one device (trainer.devices: 1, trainer.num_nodes: 1)")
 
+    @property
+    def base_method(self) -> str:
+        """The method whose trainable set runs: ``strategy.base`` under a strategy, else ``method`` itself."""
+        return self.strategy.base if self.method in STRATEGY_METHODS else self.method
+
 
 @dataclass
 class FuseConfig(JobConfig):

@@ -307,12 +307,17 @@ class AdaptedModel(ArtefactTensors, nn.Module):
         for param in self.parameters():
             param.requires_grad_(False)
         if backbone:
-            for name, param in self.backbone.named_parameters():
-                if ".adapters." not in name and ".fusions." not in name:
-                    param.requires_grad_(True)
+            for param in self.backbone_weights():
+                param.requires_grad_(True)
         for module in self._artefact_modules(adapters, fusions, heads):
             for param in module.parameters():
                 param.requires_grad_(True)
+
+    def backbone_weights(self) -> Iterator[nn.Parameter]:
+        """The backbone's own parameters: not the adapters and fusions its slots hold."""
+        for name, param in self.backbone.named_parameters():
+            if ".adapters." not in name and ".fusions." not in name:
+                yield param
 
     def _artefact_modules(self, adapters=(), fusions=(), heads=()) -> Iterator[nn.Module]:
         for _, _, slot in self.slots():

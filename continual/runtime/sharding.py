@@ -36,11 +36,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 def not_sharded(model) -> set[nn.Parameter]:
     """What stays whole on every process: adapters, fusions, heads, and anything that trains."""
-    keep = {p for p in model.parameters() if p.requires_grad}
-    for _, _, slot in model.slots():
-        keep.update(slot.adapters.parameters(), slot.fusions.parameters())
-    keep.update(model.heads.parameters())
-    return keep
+    own = set(model.backbone_weights())
+    return {p for p in model.parameters() if p.requires_grad or p not in own}
 
 
 def shard_backbone(model, device: torch.device) -> list[str]:
@@ -86,8 +83,7 @@ def local_share(model) -> float:
     """The share of the backbone's own weights this process holds (1.0 unsharded)."""
     from torch.distributed.tensor import DTensor
 
-    whole = not_sharded(model)
-    own = [p for p in model.backbone.parameters() if p not in whole]
+    own = list(model.backbone_weights())
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in own)
     return held / max(1, sum(p.numel() for p in own))
 
@@ -96,8 +92,8 @@ def check_shardable(config, tasks=()) -> None:
     """Refuse, in one line, what ``trainer.strategy: fsdp`` cannot run."""
     if config.trainer.strategy != "fsdp":
         return
-    method = getattr(config, "method", "adapters")
-    base = config.strategy.base if method in ("ewc", "lwf", "replay") else method
+    method = getattr(config, "method", "adapters")  # a fusion job has none: it trains a fusion or an adapter
+    base = getattr(config, "base_method", method)
     if config.backbone.quantization != "none":
         why = f"backbone.quantization: '{config.backbone.quantization}' weights are not plain tensors to shard"
     elif config.trainer.compile != "off":

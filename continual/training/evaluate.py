@@ -39,21 +39,23 @@ def _predict_logits(model: AdaptedModel, loader, device, gather) -> tuple[torch.
     outputs, targets = [], []
     shards, mine = shard()
     gather = gather or TASK_TYPES["classification"].gather
+
+    def run(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return gather(model, batch, batch.pop("labels"))
+
     spare, seen = None, 0
     try:
         for index, batch in enumerate(tqdm(loader, desc="evaluating", leave=False, disable=not sys.stderr.isatty())):
             spare, seen = spare if spare is not None else batch, index + 1
             if index % shards != mine:
                 continue
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            output, target = gather(model, batch, labels)
+            output, target = run(batch)
             outputs.append(output.cpu())
             targets.append(target.cpu())
         if is_sharded(model):
             for _ in range(-(-seen // shards) - len(outputs)):  # as many passes as the busiest process
-                batch = {k: v.to(device) for k, v in spare.items()}
-                gather(model, batch, batch.pop("labels"))
+                run(spare)
     finally:
         model.train(was_training)
     empty = torch.empty(0)

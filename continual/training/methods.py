@@ -378,5 +378,4 @@ METHOD_CLASSES = {"adapters": IsolatedAdapters, "shared-adapter": SharedAdapter,
 
 def method_for(config: RunConfig, *args, **kwargs) -> SequenceMethod:
     """The SequenceMethod of ``config.method`` (a strategy: its base's, with the strategy attached)."""
-    base = config.strategy.base if config.method in STRATEGY_METHODS else config.method
-    return METHOD_CLASSES[base](config, *args, **kwargs)
+    return METHOD_CLASSES[config.base_method](config, *args, **kwargs)
