@@ -111,6 +111,21 @@ def run_cli(*args, env: dict[str, str] | None = None, cwd: Path | str = ROOT) ->
     return CliProcess(args, env=env, cwd=cwd).wait()
 
 
+def cli_ranks(world: int, *args, cwd: Path | str = ROOT) -> list[subprocess.CompletedProcess]:
+    """``adafuse ARGS`` as ``world`` ranks of one job, each forked from the warm server with the environment
+    ``torchrun`` gives its processes (Lightning then joins them instead of launching its own); each must exit 0."""
+    port = str(free_port())
+    job = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": "lo", "WORLD_SIZE": str(world)}
+    ranks = [
+        CliProcess(args, cwd=cwd, env={**job, "NODE_RANK": "0", "RANK": str(r), "LOCAL_RANK": str(r)})
+        for r in range(world)
+    ]
+    results = [rank.wait() for rank in ranks]
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return results
+
+
 def _rank(function, rank: int, args: tuple) -> None:
     import torch
 

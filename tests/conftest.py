@@ -58,6 +58,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_configure(config):
+    """Refuse ``--dist loadgroup`` where it would not group: pytest 9.2's structured node ids drop the group
+    suffix pytest-xdist 3.8 writes (pytest-xdist#1386), so every ``xdist_group``'s tests would spread silently
+    over the workers and their shared runs be made once per worker."""
+    if config.getoption("dist", default="no") != "loadgroup":
+        return
+    from importlib.metadata import version
+
+    def release(name: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in version(name).split(".")[:3] if part.isdigit())
+
+    if release("pytest") >= (9, 2) and release("pytest-xdist") <= (3, 8, 0):
+        raise pytest.UsageError(
+            f"pytest {version('pytest')} with pytest-xdist {version('pytest-xdist')} ignores xdist_group "
+            "(pytest-xdist#1386): install the pytest the dev extra allows (pip install -e '.[dev]')"
+        )
+
+
 FORGETTING_WORDS = (
     "apple river stone cloud music paper glass tiger orange window garden silver rocket planet forest candle"
 )

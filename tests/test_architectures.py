@@ -25,6 +25,9 @@ def _case(case: str) -> dict:
     return json.loads((BREADTH / case / "expected.json").read_text())
 
 
+pytestmark = pytest.mark.xdist_group("architectures")  # one worker: the module-scoped runs are made once
+
+
 @pytest.fixture(scope="module", params=CASES)
 def imported(request, tmp_path_factory):
     """Every adapter, head and fusion of one fixture case imported into a fresh library."""

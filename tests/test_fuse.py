@@ -13,6 +13,9 @@ from adafuse.fusion.library import AdapterLibrary
 ROOT = Path(__file__).resolve().parents[1]
 
 
+pytestmark = pytest.mark.xdist_group("fuse")  # one worker: the module-scoped runs are made once
+
+
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
     out = tmp_path_factory.mktemp("seq") / "run"

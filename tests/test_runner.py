@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "sequence" / "smoke.yaml")
 
 
+pytestmark = pytest.mark.xdist_group("runner")  # one worker: the module-scoped runs are made once
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"

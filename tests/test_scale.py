@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_process import cli_ranks
 
 from adafuse.continual.cli import main
 from adafuse.continual.config import load_config
@@ -59,7 +60,8 @@ def test_two_processes_under_ddp_then_a_fusion_on_a_sharded_backbone(tmp_path):
     fusion = tmp_path / "fusion"
     fuse = [str(ROOT / "configs" / "fusion" / "smoke.yaml"), "--trainer.max_epochs", "1", "--trainer.eval_batch_size"]
     fuse += ["100", "--library", str(ddp / "library"), "--out", str(fusion), "--trainer.strategy", "fsdp"]
-    result = two_processes("fuse", *fuse)
+    # ranks started as torchrun starts them (the run above had Lightning launch its second process)
+    result = cli_ranks(2, "fuse", *fuse, "--trainer.accelerator", "cpu", "--trainer.devices", "2")[0]
     assert "of the backbone's weights (the input embeddings whole, the rest split 2 ways)" in result.stdout
     metrics = json.loads((fusion / "metrics.json").read_text())
     assert metrics["source_files_unchanged"] and AdapterLibrary(ddp / "library").verify() == []

@@ -105,6 +105,9 @@ def test_bad_strategy_settings_are_refused(overrides):
 # ---- end to end: a sequence built to forget ---------------------------------------------------------------------
 
 
+pytestmark = pytest.mark.xdist_group("strategies")  # one worker: the module-scoped runs are made once
+
+
 @pytest.fixture(scope="module")
 def forgetting(tmp_path_factory):
     """The sequence built to forget (:func:`conftest.forgetting_sequence`) and naive fine-tuning's metrics on it."""

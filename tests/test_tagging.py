@@ -95,6 +95,9 @@ def fuse_config(tmp_path, backbone: str, target: str) -> str:
     return str(config)
 
 
+pytestmark = pytest.mark.xdist_group("tagging")  # one worker: the module-scoped runs are made once
+
+
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("mixed")
