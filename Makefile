@@ -4,7 +4,7 @@
 #   TORCH_SPEC="torch==2.13.0" PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128 make test
 #   VENV=/opt/conda TORCH_SPEC=torch make test      # install into an existing environment that has CUDA torch
 #   ACCELERATOR=gpu PRECISION=bf16-mixed make demo
-#   PYTEST_ARGS="-n 8" make test                    # pytest-xdist workers (default: one per core)
+#   PYTEST_ARGS="-n 8 --dist loadgroup" make test   # pytest-xdist workers (default: one per core)
 # Offline, pip reads PIP_NO_INDEX=1 and PIP_FIND_LINKS=DIR_OF_WHEELS from the environment.
 PYTHON ?= python3
 VENV ?= .venv
