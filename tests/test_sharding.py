@@ -75,6 +75,24 @@ def test_sharded_backbone_gives_the_unsharded_gradients(tmp_path):
             torch.testing.assert_close(reduced[name], grad, rtol=1e-10, atol=1e-12, msg=f"{case} {name}")
 
 
+def _one_rank(rank: int, world: int, out: str) -> None:
+    from adafuse.continual.runtime.sharding import is_sharded, local_share, shard_backbone
+
+    model = _model("bert", "fusion")
+    frozen = shard_backbone(model, torch.device("cpu"))
+    shard_backbone(model, torch.device("cpu"))  # once a task: said once
+    torch.save((is_sharded(model), local_share(model), frozen), out)
+
+
+def test_one_process_keeps_the_backbone_whole_and_says_so(tmp_path, capfd):
+    out = str(tmp_path / "one.pt")
+    gloo_ranks(_one_rank, 1, out)
+    sharded, share, frozen = torch.load(out)
+    assert not sharded and share == 1.0 and frozen and all("fusion" not in name for name in frozen)
+    said = capfd.readouterr().out
+    assert said.count("trainer.strategy fsdp on one process: nothing to shard, the backbone stays whole") == 1
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
