@@ -111,4 +111,4 @@ step "memory llama-3.2-1b" "${MEMORY_LIMIT:-240}" "$py" benchmarks/memory.py --s
     --work /tmp/memory --out "$RESULTS/memory.jsonl"
 
 # 5. the tests, CUDA-marked ones included
-step "make test" "${TEST_LIMIT:-400}" make test PYTEST_ARGS=\"-n 8\"
+step "make test" "${TEST_LIMIT:-400}" make test PYTEST_ARGS=\"-n 8 --dist loadgroup\"
