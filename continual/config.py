@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
+from adafuse.continual.names import METHODS, STRATEGY_METHODS
 from adafuse.continual.runtime.hardware import check_hardware
-from adafuse.continual.strategies import STRATEGY_METHODS, StrategyConfig
+from adafuse.continual.strategies import StrategyConfig
 from adafuse.fusion.attention import FusionConfig
 from adafuse.fusion.backbone import BackboneConfig
 from adafuse.fusion.compiling import check_mode
@@ -26,7 +27,6 @@ from adafuse.fusion.heads import POOLINGS
 from adafuse.fusion.kinds import AdapterConfig
 from adafuse.tasks.spec import TaskSpec
 
-METHODS = ("adapters", "shared-adapter", "full-finetune", *STRATEGY_METHODS)
 TRAINER_STRATEGIES = ("auto", "ddp", "fsdp")  # those adafuse's rank-0 writes and gathers are tested with
 SETTINGS = ("task-incremental", "class-incremental")  # is the task given at test time?
 ROUTERS = ("lda", "trained")  # class-incremental task identification for isolated adapters

@@ -24,12 +24,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from adafuse.fusion.errors import UserError, VerificationError
+from adafuse.fusion.layout import KIND_FOLDERS
 from adafuse.fusion.storage import FileLock, atomic_write, sha256_bytes
 
 FORMAT = "adafuse-library"
 VERSION = 1
 # router: a task's class means on the bare backbone, for task identification (class-incremental runs)
-KIND_FOLDERS = {"adapter": "adapters", "head": "heads", "fusion": "fusions", "router": "routers"}
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # held while one artefact is written
 RUN_LOCK = ".run.lock"  # held by a whole run/fuse job that writes into the library

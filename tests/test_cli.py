@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,18 @@ from adafuse.continual.cli import main
 from adafuse.fusion.library import AdapterLibrary
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_and_argument_errors_answer_before_torch_loads():
+    """``adafuse --help`` and a command line that does not parse import neither torch, transformers nor
+    Lightning (seconds of imports before the first line)."""
+    code = (
+        "import sys\nfrom adafuse.continual.cli import main\nassert main(['run']) == 2\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'lightning') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]" and "the following arguments are required: config" in result.stderr
 
 
 def test_help_lists_subcommands():

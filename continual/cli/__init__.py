@@ -15,11 +15,10 @@ import os
 import sys
 import warnings
 
-from adafuse.continual.cli import commands
-from adafuse.continual.config import METHODS
+from adafuse.continual.names import METHODS
 from adafuse.continual.runtime.allocator import tune_malloc
 from adafuse.fusion.errors import UserError, VerificationError, first_line
-from adafuse.fusion.library import KIND_FOLDERS
+from adafuse.fusion.layout import KIND_FOLDERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
     run.add_argument("--library", default=None, help="append to this library instead of OUT/library")
     run.add_argument("--method", default=None, help=f"overrides the config's method: {' | '.join(METHODS)}")
-    run.set_defaults(handler=commands.cmd_run)
+    run.set_defaults(handler="cmd_run")
 
     fuse = sub.add_parser("fuse", help="train AdapterFusion over library adapters for a target task")
     fuse.add_argument("config", help="YAML config (configs/fusion/*.yaml)")
@@ -64,12 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (rank the library and fuse the best --top-k), all, or comma-separated adapter names",
     )
     fuse.add_argument("--top-k", type=int, default=None, help="how many to fuse (default 5); implies --sources auto")
-    fuse.set_defaults(handler=commands.cmd_fuse)
+    fuse.set_defaults(handler="cmd_fuse")
 
     report = sub.add_parser("report", help="re-render reports; several folders side by side")
     report.add_argument("dirs", nargs="+", help="output folders of 'adafuse run' / 'adafuse fuse'")
     report.add_argument("--out", default=None, help="where the side-by-side comparison goes (default: first DIR)")
-    report.set_defaults(handler=commands.cmd_report)
+    report.set_defaults(handler="cmd_report")
 
     library = sub.add_parser("library", help="inspect and verify an adapter library")
     lib_sub = library.add_subparsers(dest="library_command", required=True, parser_class=_Parser)
@@ -83,14 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "show":
             p.add_argument("name", help="artefact name")
             p.add_argument("--kind", default=None, choices=list(KIND_FOLDERS))
-        p.set_defaults(handler=getattr(commands, f"cmd_library_{name}"))
+        p.set_defaults(handler=f"cmd_library_{name}")
     rank = lib_sub.add_parser("rank", help="rank the library's adapters as sources for a fusion target (no training)")
     rank.add_argument("config", help="fusion YAML config naming the target (configs/fusion/*.yaml)")
     rank.add_argument("--library", required=True, help="the adapter library to rank")
     rank.add_argument("--top-k", type=int, default=None, help="how many would be chosen (default: the config's K)")
     rank.add_argument("--proxy", choices=["leep", "probe"], default=None, help="ranking proxy (default: the config's)")
     rank.add_argument("--json", action="store_true", help="print the ranking as JSON")
-    rank.set_defaults(handler=commands.cmd_library_rank)
+    rank.set_defaults(handler="cmd_library_rank")
     imp = lib_sub.add_parser("import", help="import an AdapterHub adapter/fusion/head folder or a PEFT LoRA folder")
     imp.add_argument(
         "dir", help="folder written by AdapterHub save_adapter(_fusion) / save_head or PEFT save_pretrained"
@@ -99,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--library", required=True, help="library to import into (created if missing)")
     imp.add_argument("--name", default=None, help="name in the library (default: the saved name)")
     imp.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
-    imp.set_defaults(handler=commands.cmd_library_import)
+    imp.set_defaults(handler="cmd_library_import")
     exp = lib_sub.add_parser("export", help="write an adapter or fusion (and its head) in AdapterHub's layout")
     exp.add_argument("name", help="adapter or fusion name")
     exp.add_argument("--library", required=True, help="the library holding it")
@@ -107,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="new (or empty) output folder")
     exp.add_argument("--kind", default=None, choices=["adapter", "fusion", "head"])
     exp.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
-    exp.set_defaults(handler=commands.cmd_library_export)
+    exp.set_defaults(handler="cmd_library_export")
 
     predict = sub.add_parser("predict", help="label a file with a library adapter, fusion, or one per row")
     predict.add_argument("--library", required=True, help="adapter library")
@@ -137,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="off",
         help="torch.compile the forward: off (default), default, reduce-overhead, max-autotune",
     )
-    predict.set_defaults(handler=commands.cmd_predict)
+    predict.set_defaults(handler="cmd_predict")
 
     serve = sub.add_parser("serve", help="serve every adapter and fusion of a library over HTTP, batched across tasks")
     serve.add_argument("--library", required=True, help="adapter library (new entries are served without a restart)")
@@ -160,17 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--token", default=None, help="bearer token every request must carry (or ADAFUSE_SERVE_TOKEN)")
     serve.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
-    serve.set_defaults(handler=commands.cmd_serve)
+    serve.set_defaults(handler="cmd_serve")
 
     tasks = sub.add_parser("tasks", help="built-in tasks")
     tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True, parser_class=_Parser)
     tasks_sub.add_parser("list", help="built-in tasks with split sizes and labels").set_defaults(
-        handler=commands.cmd_tasks_list
+        handler="cmd_tasks_list"
     )
     export = tasks_sub.add_parser("export", help="write a task's splits as JSONL")
     export.add_argument("name", help="task or sequence name")
     export.add_argument("--out", required=True, help="output folder")
-    export.set_defaults(handler=commands.cmd_tasks_export)
+    export.set_defaults(handler="cmd_tasks_export")
     return parser
 
 
@@ -190,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = build_parser().parse_known_args(argv)
         if extra and args.command not in ("run", "fuse"):
             raise UserError(f"unrecognized arguments: {' '.join(extra)}")
-        return int(args.handler(args, extra) or 0)
+        from adafuse.continual.cli import commands  # torch, transformers, Lightning: once the arguments parse
+
+        return int(getattr(commands, args.handler)(args, extra) or 0)
     except Exception as err:
         if debug:
             raise

@@ -15,11 +15,11 @@ import lightning as L
 
 from adafuse.continual.config import RunConfig, dump_yaml
 from adafuse.continual.jobs.job import Environment, claimed_output, prepare_environment, trainable_count
+from adafuse.continual.names import STRATEGY_METHODS
 from adafuse.continual.reporting.metrics import summarize
 from adafuse.continual.reporting.monitor import ForgettingMonitor
 from adafuse.continual.reporting.report import write_results, write_run_report
 from adafuse.continual.runtime.distributed import is_main, on_main
-from adafuse.continual.strategies import STRATEGY_METHODS
 from adafuse.continual.training.methods import ReferenceAdapters, method_for
 from adafuse.continual.training.module import AdapterTaskModule
 from adafuse.continual.training.trainer import LibraryWriter, fit, make_trainer

@@ -118,6 +118,3 @@ def strategy_for(method: str, config: StrategyConfig) -> Strategy:
     from adafuse.continual.strategies.replay import Replay
 
     return {"ewc": EWC, "lwf": LwF, "replay": Replay}.get(method, Strategy)(config)
-
-
-STRATEGY_METHODS = ("ewc", "lwf", "replay")

@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save
 
 from adafuse.continual.config import RunConfig, to_dict
 from adafuse.continual.jobs.job import seeded_adapter_state, seeded_head_state
+from adafuse.continual.names import STRATEGY_METHODS
 from adafuse.continual.routing.class_incremental import evaluate_class_incremental
 from adafuse.continual.routing.lda import LdaRouter, bare_features, task_statistics
 from adafuse.continual.routing.trained import TrainedRouter, kept_examples, stored_router, train_router
-from adafuse.continual.strategies import STRATEGY_METHODS, strategy_for
+from adafuse.continual.strategies import strategy_for
 from adafuse.continual.training.evaluate import evaluate
 from adafuse.fusion.heads import build_head
 from adafuse.fusion.library import AdapterLibrary
