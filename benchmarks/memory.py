@@ -13,7 +13,9 @@ The record holds the peak RSS of loading (``load_peak_rss_mb``: loading a narrow
 maps the file's pages as it converts them; a checkpoint published in bfloat16 does not), the peak of the training
 steps (``peak_rss_mb``: Linux's VmHWM, started afresh after loading) and the median step time; float32
 weights, which safetensors maps from the file, are read once after loading, so that they are resident as a
-narrower dtype's converted weights are. The model's share of the memory is the steps' peak minus the same
+narrower dtype's converted weights are. ``step_start_rss_mb`` is the RSS as the last step begins (weights, the
+trained tensors and their AdamW moments): what the step adds above it is mostly what the forward pass keeps for
+the backward pass. The model's share of the memory is the steps' peak minus the same
 variant's on the ``tiny`` config; what activation checkpointing saves is the difference between the peaks of a
 variant with and without it. ``bfloat16+float32-copies`` is ``bfloat16`` with the float32 copies of norms and
 adapter inputs kept for the backward pass, as autograd alone keeps them: what :mod:`adafuse.fusion.narrow` saves.
@@ -129,6 +131,7 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
     mask, labels = torch.ones_like(ids), torch.zeros(batch, dtype=torch.long, device=device)
     times = []
     for _ in range(1 + steps):
+        step_start = _rss_mb()  # the last step's: weights, trained tensors and AdamW's moments, before a forward
         started = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
         loss.backward()
@@ -144,10 +147,10 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
     peak = _status_mb("VmHWM:")
     cuda = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if device != "cpu" else {}
     if sharded:  # the busiest process's figures
-        loaded_mb, load_peak, peak = (max(_all_ranks(v)) for v in (loaded_mb, load_peak, peak))
+        loaded_mb, load_peak, peak, step_start = (max(_all_ranks(v)) for v in (loaded_mb, load_peak, peak, step_start))
         cuda = {k: max(_all_ranks(v)) for k, v in cuda.items()}
     return {"loaded_rss_mb": round(loaded_mb, 1), "load_peak_rss_mb": round(load_peak, 1),
-            "peak_rss_mb": round(peak, 1), **cuda, "device": device,
+            "peak_rss_mb": round(peak, 1), "step_start_rss_mb": round(step_start, 1), **cuda, "device": device,
             "step_s": round(statistics.median(times[1:] or times), 3), "threads": torch.get_num_threads()}  # fmt: skip
 
 
