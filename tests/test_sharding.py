@@ -1,14 +1,15 @@
 """``trainer.strategy: fsdp``: the frozen backbone sharded over 2 gloo processes gives every adapter kind and
 fusion on BERT, fusion on GPT-2, Llama and T5, and fusion with activation checkpointing the gradients of the
-unsharded model (float64); each process holds half of every sharded weight; what the option cannot run is
-refused in one line."""
+unsharded model (float64); each process holds half of every sharded weight; one process shards nothing and
+says so; on a CUDA device (NCCL) the units give the unsharded gradients; what the option cannot run is refused
+in one line."""
 
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from cli_process import gloo_ranks
+from cli_process import free_port, gloo_ranks, spawn_ranks
 from conftest import tiny_batch
 from test_checkpointing import KINDS, _model
 
@@ -23,13 +24,13 @@ CASES += [(model_type, "fusion", False) for model_type in ("gpt2", "llama", "t5"
 LABELS = torch.tensor([0, 1, 2])
 
 
-def _gradients(model, rows: slice) -> dict[str, torch.Tensor]:
+def _gradients(model, rows: slice, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Gradients of the summed loss over ``rows`` of the batch (eval mode: no dropout masks to match)."""
-    batch = tiny_batch()
+    batch = {k: v.to(device) for k, v in tiny_batch().items()}
     model.eval()
     model.zero_grad(set_to_none=True)
     logits = model(batch["input_ids"][rows], batch["attention_mask"][rows])
-    torch.nn.functional.cross_entropy(logits, LABELS[rows], reduction="sum").backward()
+    torch.nn.functional.cross_entropy(logits, LABELS.to(device)[rows], reduction="sum").backward()
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
@@ -76,21 +77,58 @@ def test_sharded_backbone_gives_the_unsharded_gradients(tmp_path):
 
 
 def _one_rank(rank: int, world: int, out: str) -> None:
+    import contextlib
+    import io
+
     from adafuse.continual.runtime.sharding import is_sharded, local_share, shard_backbone
 
     model = _model("bert", "fusion")
-    frozen = shard_backbone(model, torch.device("cpu"))
-    shard_backbone(model, torch.device("cpu"))  # once a task: said once
-    torch.save((is_sharded(model), local_share(model), frozen), out)
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        frozen = shard_backbone(model, torch.device("cpu"))
+        shard_backbone(model, torch.device("cpu"))  # once a task: said once
+    torch.save((is_sharded(model), local_share(model), frozen, said.getvalue()), out)
 
 
-def test_one_process_keeps_the_backbone_whole_and_says_so(tmp_path, capfd):
+def test_one_process_keeps_the_backbone_whole_and_says_so(tmp_path):
     out = str(tmp_path / "one.pt")
     gloo_ranks(_one_rank, 1, out)
-    sharded, share, frozen = torch.load(out)
+    sharded, share, frozen, said = torch.load(out)
     assert not sharded and share == 1.0 and frozen and all("fusion" not in name for name in frozen)
-    said = capfd.readouterr().out
-    assert said.count("trainer.strategy fsdp on one process: nothing to shard, the backbone stays whole") == 1
+    assert said == "trainer.strategy fsdp on one process: nothing to shard, the backbone stays whole\n"
+
+
+def _cuda_rank(rank: int, port: int, out: str) -> None:
+    """FSDP2's units on a CUDA device over NCCL (one process: ``shard_backbone`` itself leaves a world of one
+    unsharded, so its mechanism is called directly)."""
+    import os
+
+    import torch.distributed as dist
+
+    from adafuse.continual.runtime.sharding import _fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl", rank=rank, world_size=1)
+    results = {}
+    for model_type in ("bert", "llama"):
+        model = _model(model_type, "fusion").cuda()
+        _fully_shard(model, torch.device("cuda"))
+        grads = _gradients(model, slice(None), device="cuda")
+        results[model_type] = {name: grad.cpu() for name, grad in grads.items()}
+    torch.save(results, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+def test_sharding_on_a_cuda_device_gives_the_unsharded_gradients(tmp_path):
+    out = str(tmp_path / "cuda.pt")
+    spawn_ranks(_cuda_rank, 1, free_port(), out)
+    results = torch.load(out)
+    for model_type in ("bert", "llama"):
+        whole = _gradients(_model(model_type, "fusion").cuda(), slice(None), device="cuda")
+        assert results[model_type].keys() == whole.keys() and whole, model_type
+        for name, grad in whole.items():
+            torch.testing.assert_close(results[model_type][name], grad.cpu(), rtol=1e-10, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize(
