@@ -49,7 +49,11 @@ BREADTH = ROOT.parent / "shared" / "fixtures" / "adapterhub-breadth"
 
 
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.cuda`` tests run where a CUDA device is, and are skipped (with the reason) elsewhere."""
+    """Files with ``@pytest.mark.slow`` tests run first (in their own order: a file's shared runs are made once),
+    so that pytest-xdist's workers start the long tests early and end together on short ones.
+    ``@pytest.mark.cuda`` tests run where a CUDA device is, and are skipped (with the reason) elsewhere."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA device here")
