@@ -202,3 +202,15 @@ def test_joint_reference_is_the_union_of_the_class_incremental_tasks():
 
     for split in ("train", "validation", "test"):
         assert set().union(*(named(t, split) for t in union)) == named(reference, split)
+
+
+def test_memory_script_measures_a_training_step_on_the_tiny_config(tmp_path):
+    """benchmarks/memory.py's per-variant work, in this process: the tiny config saved in float32, loaded in
+    bfloat16 with a fusion over four adapters, one warm-up and one timed step."""
+    memory = _module("memory")
+    folder = memory.saved(tmp_path, "tiny")
+    assert (folder / "config.json").is_file() and memory.saved(tmp_path, "tiny") == folder  # saved once
+    record = memory.child(folder, "bfloat16", "fusion", batch=2, length=8, steps=1, device="cpu")
+    assert record["device"] == "cpu" and record["step_s"] > 0
+    assert 0 < record["loaded_rss_mb"] <= record["load_peak_rss_mb"]
+    assert 0 < record["step_start_rss_mb"] <= record["peak_rss_mb"]
