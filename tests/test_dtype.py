@@ -186,6 +186,36 @@ def test_quantized_backbones_train_every_kind_and_keep_the_fingerprint(model_typ
     assert graded and graded <= {n for n, p in narrow.named_parameters() if p.requires_grad}
 
 
+def test_an_int8_projection_keeps_its_int8_weight_for_the_backward_pass():
+    """Not the dequantized copy torchao's linear hands autograd (the whole weight again, for the whole step); the
+    outputs and input gradients are torchao's own, bit for bit."""
+    pytest.importorskip("torchao")
+    from adafuse.fusion.quantize import quantize
+
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        layers = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).to(dtype)
+        layers.requires_grad_(False)
+        assert quantize(layers, "int8") == 2
+        x = torch.randn(3, 5, 32, dtype=dtype, requires_grad=True)
+        kept: list[torch.Tensor] = []
+
+        def keep(tensor, kept=kept):
+            kept.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            out = layers(x)
+        assert [t.shape for t in kept if is_quantized(t)] == [(64, 32), (16, 64)]
+        assert all(t.shape != (32, 64) and t.shape != (64, 16) for t in kept if not is_quantized(t))  # no copies
+        (grad,) = torch.autograd.grad(out.float().square().sum(), x)
+        for layer in (layers[0], layers[2]):  # torchao's linear as it is
+            layer.forward = torch.nn.Linear.forward.__get__(layer)
+        plain = layers(x)
+        (plain_grad,) = torch.autograd.grad(plain.float().square().sum(), x)
+        assert torch.equal(out, plain) and torch.equal(grad, plain_grad), dtype
+
+
 def test_quantization_refusals_are_one_line(capsys, tmp_path):
     pytest.importorskip("torchao")
     with pytest.raises(UserError, match="Conv1D"):
