@@ -6,7 +6,7 @@
 #   3. AdapterHub `adapters` 1.3.0 on the same card and configurations (../shared/bench/peer_adapters.py),
 #   4. `ACCELERATOR=gpu PRECISION=bf16-mixed make demo` on the embedded MiniLM (when its weights are there),
 #   5. benchmarks/memory.py at a real size (bf16, checkpointing, int8, nf4), then `make test` (the CUDA-marked
-#      tests run there).
+#      tests run there). REAL8B=1 runs the 8B memory table before step 2 (one LoRA, one adapter, fusion K 4).
 # Every step has its own time limit, so one that fails or overruns leaves the others' results.
 #
 # KEEP: a folder holding the wheels (adafuse's missing dependencies and ruff; in KEEP/peer/ those of the
@@ -86,6 +86,14 @@ base = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, inter
 for name, spec in {"minilm": minilm, "bert-base": base}.items():
     BertModel(BertConfig(**spec)).save_pretrained(f"/tmp/bb/{name}")
 EOF
+
+# REAL8B=1: first, the 8B table alone (random-init Llama-3.1-8B saved once in bfloat16, 16 GB of disk): one LoRA,
+# one bottleneck adapter and a fusion over four at B 4, L 1024, bfloat16 and nf4 weights (peak CUDA memory)
+if [ "${REAL8B:-0}" = 1 ]; then
+    step "memory llama-3.1-8b" "${MEMORY8B_LIMIT:-480}" "$py" benchmarks/memory.py --sizes llama-3.1-8b,tiny \
+        --variants bfloat16,nf4,bfloat16+checkpointing --setups lora,adapter,fusion -B 4 -L 1024 --device "$DEVICE" \
+        --saved-dtype bfloat16 --work /tmp/memory --out "$RESULTS/memory-8b.jsonl"
+fi
 
 step "speed minilm" 120 speed minilm ${MINILM_BL:-64 128}
 step "peer minilm" "$PEER_LIMIT" peer minilm ${MINILM_BL:-64 128}

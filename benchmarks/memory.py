@@ -1,5 +1,5 @@
 """Memory and step time of a frozen backbone at real sizes: float32, bfloat16 weights, bfloat16 with activation
-checkpointing, int8 and nf4 weights, with one bottleneck adapter or a fusion over four.
+checkpointing, int8 and nf4 weights, with one bottleneck adapter, one LoRA adapter or a fusion over four.
 
     python benchmarks/memory.py --sizes qwen2.5-0.5b,tiny --variants float32,bfloat16,bfloat16+checkpointing,int8 \
         --setups adapter,fusion -B 4 -L 512 --steps 1 --work runs/memory --out runs/memory.jsonl
@@ -82,13 +82,14 @@ MALLOC = {  # glibc's environment tunables per --malloc choice
 }
 
 
-def saved(work: Path, size: str) -> Path:
-    """The size's random-init model, saved once in float32."""
-    folder = work / size
+def saved(work: Path, size: str, dtype: str = "float32") -> Path:
+    """The size's random-init model, saved once in ``dtype`` (float32 unless a size is too large for it: an 8B
+    model is 32 GB of float32, and published 8B checkpoints are bfloat16)."""
+    folder = work / (size if dtype == "float32" else f"{size}-{dtype}")
     if not (folder / "config.json").is_file():
         from adafuse.fusion.backbone import BackboneConfig, load_model
 
-        load_model(BackboneConfig(random_init=SIZES[size])).save_pretrained(folder)
+        load_model(BackboneConfig(random_init=SIZES[size], dtype=dtype)).save_pretrained(folder)
     return folder
 
 
@@ -106,8 +107,9 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
     backbone = BackboneConfig(name=str(folder), dtype=dtype, quantization=quantization)
     model = AdaptedModel(load_model(backbone, device if device != "cpu" else None))
     sources = ["s0", "s1", "s2", "s3"] if setup == "fusion" else ["a"]
+    kind = AdapterConfig(kind="lora", r=16) if setup == "lora" else AdapterConfig(reduction_factor=16)
     for name in sources:
-        model.add_adapter(name, AdapterConfig(reduction_factor=16))
+        model.add_adapter(name, kind)
     if setup == "fusion":
         model.add_fusion("f", sources, FusionConfig())
     model.add_head("h", 2)
@@ -209,7 +211,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="qwen2.5-0.5b,tiny", help=f"comma-separated: {', '.join(SIZES)}")
     parser.add_argument("--variants", default="float32,bfloat16,bfloat16+checkpointing,int8")
-    parser.add_argument("--setups", default="adapter,fusion")
+    parser.add_argument("--setups", default="adapter,fusion", help="adapter (bottleneck), lora, fusion (K 4)")
+    parser.add_argument(
+        "--saved-dtype", default="float32", help="the dtype the random-init checkpoint is saved in (bfloat16 at 8B)"
+    )
     parser.add_argument("-B", type=int, default=4)
     parser.add_argument("-L", type=int, default=512)
     parser.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step (0: time that one)")
@@ -235,7 +240,7 @@ def main() -> int:
         return 0
     records = []
     for size in args.sizes.split(","):
-        folder = saved(args.work, size)
+        folder = saved(args.work, size, "float32" if size == "tiny" else args.saved_dtype)
         for setup in args.setups.split(","):
             for variant in args.variants.split(","):
                 launcher = [sys.executable]

@@ -206,7 +206,7 @@ def test_joint_reference_is_the_union_of_the_class_incremental_tasks():
 
 def test_memory_script_measures_a_training_step_on_the_tiny_config(tmp_path):
     """benchmarks/memory.py's per-variant work, in this process: the tiny config saved in float32, loaded in
-    bfloat16 with a fusion over four adapters, one warm-up and one timed step."""
+    bfloat16 with a fusion over four adapters, one warm-up and one timed step; saved in bfloat16, with LoRA."""
     memory = _module("memory")
     folder = memory.saved(tmp_path, "tiny")
     assert (folder / "config.json").is_file() and memory.saved(tmp_path, "tiny") == folder  # saved once
@@ -214,3 +214,7 @@ def test_memory_script_measures_a_training_step_on_the_tiny_config(tmp_path):
     assert record["device"] == "cpu" and record["step_s"] > 0
     assert 0 < record["loaded_rss_mb"] <= record["load_peak_rss_mb"]
     assert 0 < record["step_start_rss_mb"] <= record["peak_rss_mb"]
+    narrow = memory.saved(tmp_path, "tiny", "bfloat16")  # how the 8B size is saved (16 GB rather than 32)
+    assert narrow.name == "tiny-bfloat16" and "bfloat16" in (narrow / "config.json").read_text()
+    lora = memory.child(narrow, "bfloat16", "lora", batch=2, length=8, steps=0, device="cpu")
+    assert lora["step_s"] > 0 and lora["peak_rss_mb"] > 0
