@@ -240,7 +240,7 @@ def main() -> int:
         return 0
     records = []
     for size in args.sizes.split(","):
-        folder = saved(args.work, size, "float32" if size == "tiny" else args.saved_dtype)
+        folder = saved(args.work, size, args.saved_dtype)
         for setup in args.setups.split(","):
             for variant in args.variants.split(","):
                 launcher = [sys.executable]

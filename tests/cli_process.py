@@ -111,11 +111,14 @@ def run_cli(*args, env: dict[str, str] | None = None, cwd: Path | str = ROOT) ->
     return CliProcess(args, env=env, cwd=cwd).wait()
 
 
+# a job's ranks meet on loopback only: gloo otherwise connects them through the address the host name resolves to
+LOOPBACK = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
 def cli_ranks(world: int, *args, cwd: Path | str = ROOT) -> list[subprocess.CompletedProcess]:
     """``adafuse ARGS`` as ``world`` ranks of one job, each forked from the warm server with the environment
     ``torchrun`` gives its processes (Lightning then joins them instead of launching its own); each must exit 0."""
-    port = str(free_port())
-    job = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": "lo", "WORLD_SIZE": str(world)}
+    job = {**LOOPBACK, "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
     ranks = [
         CliProcess(args, cwd=cwd, env={**job, "NODE_RANK": "0", "RANK": str(r), "LOCAL_RANK": str(r)})
         for r in range(world)
@@ -159,14 +162,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _gloo_rank(rank: int, function, world: int, port: int, args: tuple) -> None:
+def _group_rank(rank: int, backend: str, function, world: int, port: int, args: tuple) -> None:
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    # loopback only: gloo otherwise connects the ranks through the address the host name resolves to
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))  # fail, not hang
+    os.environ.update(LOOPBACK, MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=120))  # fail, not hang
     function(rank, world, *args)
     dist.barrier()
     # Leave without destructors: tearing down DDP's reducer joins gloo's worker thread while holding the GIL,
@@ -175,6 +177,7 @@ def _gloo_rank(rank: int, function, world: int, port: int, args: tuple) -> None:
     os._exit(0)
 
 
-def gloo_ranks(function, world: int, *args) -> None:
-    """``function(rank, world, *args)`` in ``world`` processes joined in a gloo process group on loopback."""
-    spawn_ranks(_gloo_rank, world, function, world, free_port(), args)
+def group_ranks(function, world: int, *args, backend: str = "gloo") -> None:
+    """``function(rank, world, *args)`` in ``world`` processes joined in a process group on loopback (gloo on the
+    CPU, ``backend="nccl"`` on CUDA devices)."""
+    spawn_ranks(_group_rank, world, backend, function, world, free_port(), args)

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from cli_process import gloo_ranks
+from cli_process import group_ranks
 from conftest import randomize, tiny_batch
 from test_attention import count_fast_calls, fused_model
 
@@ -262,7 +262,7 @@ def test_ddp_reduces_bf16_fusion_gradients_like_one_process(tmp_path):
     NCCL on GPUs: the same code path) averages them: world x the mean equals the one-process gradient of the
     whole batch within the bf16 bound."""
     out = str(tmp_path / "grads.pt")
-    gloo_ranks(_ddp_rank, 2, out)
+    group_ranks(_ddp_rank, 2, out)
     reduced = torch.load(out, weights_only=True)
     torch.manual_seed(0)
     model = fused_model(2, "pfeiffer", FusionConfig())

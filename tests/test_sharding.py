@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from cli_process import free_port, gloo_ranks, spawn_ranks
+from cli_process import group_ranks
 from conftest import tiny_batch
 from test_checkpointing import KINDS, _model
 
@@ -61,7 +61,7 @@ def _sharded_rank(rank: int, world: int, out: str) -> None:
 @pytest.mark.slow
 def test_sharded_backbone_gives_the_unsharded_gradients(tmp_path):
     out = str(tmp_path / "grads.pt")
-    gloo_ranks(_sharded_rank, 2, out)
+    group_ranks(_sharded_rank, 2, out)
     results = torch.load(out, weights_only=False)
     for case in CASES:
         model_type, setup, checkpointing = case
@@ -92,23 +92,17 @@ def _one_rank(rank: int, world: int, out: str) -> None:
 
 def test_one_process_keeps_the_backbone_whole_and_says_so(tmp_path):
     out = str(tmp_path / "one.pt")
-    gloo_ranks(_one_rank, 1, out)
+    group_ranks(_one_rank, 1, out)
     sharded, share, frozen, said = torch.load(out)
     assert not sharded and share == 1.0 and frozen and all("fusion" not in name for name in frozen)
     assert said == "trainer.strategy fsdp on one process: nothing to shard, the backbone stays whole\n"
 
 
-def _cuda_rank(rank: int, port: int, out: str) -> None:
+def _cuda_rank(rank: int, world: int, out: str) -> None:
     """FSDP2's units on a CUDA device over NCCL (one process: ``shard_backbone`` itself leaves a world of one
     unsharded, so its mechanism is called directly)."""
-    import os
-
-    import torch.distributed as dist
-
     from adafuse.continual.runtime.sharding import _fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", rank=rank, world_size=1)
     results = {}
     for model_type in ("bert", "llama"):
         model = _model(model_type, "fusion").cuda()
@@ -116,13 +110,12 @@ def _cuda_rank(rank: int, port: int, out: str) -> None:
         grads = _gradients(model, slice(None), device="cuda")
         results[model_type] = {name: grad.cpu() for name, grad in grads.items()}
     torch.save(results, out)
-    dist.destroy_process_group()
 
 
 @pytest.mark.cuda
 def test_sharding_on_a_cuda_device_gives_the_unsharded_gradients(tmp_path):
     out = str(tmp_path / "cuda.pt")
-    spawn_ranks(_cuda_rank, 1, free_port(), out)
+    group_ranks(_cuda_rank, 1, out, backend="nccl")
     results = torch.load(out)
     for model_type in ("bert", "llama"):
         whole = _gradients(_model(model_type, "fusion").cuda(), slice(None), device="cuda")

@@ -43,14 +43,13 @@ def not_sharded(model) -> set[nn.Parameter]:
 def shard_backbone(model, device: torch.device) -> list[str]:
     """Shard ``model``'s frozen backbone over the process group (once); the names of the parameters Lightning's
     DDP must leave alone (the frozen ones: the sharded weights and frozen adapters alike)."""
-    if not is_sharded(model):
-        if not initialized():
-            raise UserError("trainer.strategy: fsdp needs the process group Lightning starts (run through adafuse)")
-        if torch.distributed.get_world_size() == 1:  # nothing to split: the model runs as it is, without collectives
-            if not getattr(model, "told_unsharded", False):
-                print("trainer.strategy fsdp on one process: nothing to shard, the backbone stays whole")
-                model.told_unsharded = True
-            return [name for name, p in model.named_parameters() if not p.requires_grad]
+    if not initialized():
+        raise UserError("trainer.strategy: fsdp needs the process group Lightning starts (run through adafuse)")
+    if torch.distributed.get_world_size() == 1:  # nothing to split: the model runs as it is, without collectives
+        if not getattr(model, "told_unsharded", False):
+            print("trainer.strategy fsdp on one process: nothing to shard, the backbone stays whole")
+            model.told_unsharded = True
+    elif not is_sharded(model):
         _fully_shard(model, device)
         model.sharded_backbone = True
         release_free_memory()  # the whole weights just freed: back to the OS, not kept in malloc's heap
