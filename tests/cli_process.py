@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +64,7 @@ class CliProcess:
 
     def __init__(self, args, env: dict[str, str] | None = None, cwd: Path | str = ROOT):
         folder = Path(tempfile.mkdtemp(prefix="adafuse-cli-"))
+        weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)  # its output files go with the object
         self._out, self._err = folder / "stdout", folder / "stderr"
         self._out.touch()
         self._err.touch()
