@@ -6,7 +6,8 @@
 #   3. AdapterHub `adapters` 1.3.0 on the same card and configurations (../shared/bench/peer_adapters.py),
 #   4. `ACCELERATOR=gpu PRECISION=bf16-mixed make demo` on the embedded MiniLM (when its weights are there),
 #   5. benchmarks/memory.py at a real size (bf16, checkpointing, int8, nf4), then `make test` (the CUDA-marked
-#      tests run there). REAL8B=1 runs the 8B memory table before step 2 (one LoRA, one adapter, fusion K 4).
+#      tests run there). REAL8B=1 runs the 8B memory table before step 2 (one LoRA, one adapter, fusion K 4
+#      with and without W_V).
 # Every step has its own time limit, so one that fails or overruns leaves the others' results.
 #
 # KEEP: a folder holding the wheels (adafuse's missing dependencies and ruff; in KEEP/peer/ those of the
@@ -88,11 +89,16 @@ for name, spec in {"minilm": minilm, "bert-base": base}.items():
 EOF
 
 # REAL8B=1: first, the 8B table alone (random-init Llama-3.1-8B saved once in bfloat16, 16 GB of disk): one LoRA,
-# one bottleneck adapter and a fusion over four at B 4, L 1024, bfloat16 and nf4 weights (peak CUDA memory)
+# one bottleneck adapter, a fusion over four and the same without W_V (fusion-qk) at B 4, L 1024, bfloat16 and
+# nf4 weights with activation checkpointing (QLoRA's recipe), then bfloat16 without it (peak CUDA memory; a run
+# that does not fit the card is recorded as out of memory). By arithmetic the fusion's float32 W_Q, W_K, W_V
+# (3 x 4096^2 x 32 = 1.61 B trained values: 6.4 GB, 6.4 GB of gradients, 12.9 GB of AdamW moments) beside 16.1 GB
+# of weights are 41.8 GB (38.9 GiB) before any activation; without W_V, 33.2 GB (31.0 GiB).
 if [ "${REAL8B:-0}" = 1 ]; then
     step "memory llama-3.1-8b" "${MEMORY8B_LIMIT:-480}" "$py" benchmarks/memory.py --sizes llama-3.1-8b,tiny \
-        --variants bfloat16,nf4,bfloat16+checkpointing --setups lora,adapter,fusion -B 4 -L 1024 --device "$DEVICE" \
-        --saved-dtype bfloat16 --work /tmp/memory --out "$RESULTS/memory-8b.jsonl"
+        --variants bfloat16+checkpointing,nf4+checkpointing,bfloat16 --setups lora,adapter,fusion-qk,fusion \
+        -B 4 -L 1024 --steps 2 --device "$DEVICE" --saved-dtype bfloat16 --work /tmp/memory \
+        --out "$RESULTS/memory-8b.jsonl"
 fi
 
 step "speed minilm" 120 speed minilm ${MINILM_BL:-64 128}

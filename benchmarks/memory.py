@@ -69,10 +69,13 @@ VARIANTS = {  # backbone.dtype, backbone.quantization, activation checkpointing
     "bfloat16+float32-copies": ("bfloat16", "none", False),  # what autograd alone keeps (adafuse.fusion.narrow off)
     "int8": ("bfloat16", "int8", False),
     "nf4": ("bfloat16", "nf4", False),
+    "nf4+checkpointing": ("bfloat16", "nf4", True),  # QLoRA's recipe: 4-bit weights, gradient checkpointing
     "float32+fsdp2": ("float32", "none", False),  # +fsdp2: 2 processes, each holding half the frozen weights
     "bfloat16+fsdp2": ("bfloat16", "none", False),
 }
 SHARDED = "+fsdp2"
+SETUPS = ("adapter", "lora", "fusion", "fusion-qk")
+FUSION_SETUPS = {"fusion": {}, "fusion-qk": {"value": False}}  # fusion-qk: no W_V (fusion.value: false)
 
 
 MALLOC = {  # glibc's environment tunables per --malloc choice
@@ -106,15 +109,16 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
         _keep_float32_copies()
     backbone = BackboneConfig(name=str(folder), dtype=dtype, quantization=quantization)
     model = AdaptedModel(load_model(backbone, device if device != "cpu" else None))
-    sources = ["s0", "s1", "s2", "s3"] if setup == "fusion" else ["a"]
+    fusion = setup in FUSION_SETUPS
+    sources = ["s0", "s1", "s2", "s3"] if fusion else ["a"]
     kind = AdapterConfig(kind="lora", r=16) if setup == "lora" else AdapterConfig(reduction_factor=16)
     for name in sources:
         model.add_adapter(name, kind)
-    if setup == "fusion":
-        model.add_fusion("f", sources, FusionConfig())
+    if fusion:
+        model.add_fusion("f", sources, FusionConfig(**FUSION_SETUPS[setup]))
     model.add_head("h", 2)
-    model.activate(**({"fusion": "f"} if setup == "fusion" else {"adapters": sources}), head="h")
-    model.set_trainable(**({"fusions": ["f"]} if setup == "fusion" else {"adapters": sources}), heads=["h"])
+    model.activate(**({"fusion": "f"} if fusion else {"adapters": sources}), head="h")
+    model.set_trainable(**({"fusions": ["f"]} if fusion else {"adapters": sources}), heads=["h"])
     model.set_activation_checkpointing(checkpointing)
     model.to(device).train()
     with torch.no_grad():  # float32 weights stay mapped from the safetensors file until read: make them resident
@@ -127,33 +131,47 @@ def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps
         _shard(model, device)
     loaded_mb = _rss_mb()
     _reset_peak()  # from here VmHWM is the training steps' peak (loading a float32 file maps its pages first)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(10, model.backbone.config.vocab_size, (batch, length), generator=generator).to(device)
     mask, labels = torch.ones_like(ids), torch.zeros(batch, dtype=torch.long, device=device)
-    times = []
-    for _ in range(1 + steps):
-        step_start = _rss_mb()  # the last step's: weights, trained tensors and AdamW's moments, before a forward
-        started = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
-        loss.backward()
-        if sharded:  # DDP's all-reduce of what trains
-            for param in optimizer.param_groups[0]["params"]:
-                if param.grad is not None:  # the fusion's key bias gets none (it cancels in the softmax)
-                    torch.distributed.all_reduce(param.grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
+    times, step_start = [], _rss_mb()
+    try:
+        for _ in range(1 + steps):
+            step_start = _rss_mb()  # the last step's: weights, trained tensors and AdamW's moments, before a forward
+            times.append(_step(model, optimizer, (ids, mask, labels), sharded, device))
+    except torch.OutOfMemoryError:  # a result too (does it fit this card?): the peak up to the failed allocation
+        times = []
     peak = _status_mb("VmHWM:")
     cuda = {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if device != "cpu" else {}
     if sharded:  # the busiest process's figures
         loaded_mb, load_peak, peak, step_start = (max(_all_ranks(v)) for v in (loaded_mb, load_peak, peak, step_start))
         cuda = {k: max(_all_ranks(v)) for k, v in cuda.items()}
+    step_s = round(statistics.median(times[1:] or times), 3) if times else None  # None: out of memory
     return {"loaded_rss_mb": round(loaded_mb, 1), "load_peak_rss_mb": round(load_peak, 1),
             "peak_rss_mb": round(peak, 1), "step_start_rss_mb": round(step_start, 1), **cuda, "device": device,
-            "step_s": round(statistics.median(times[1:] or times), 3), "threads": torch.get_num_threads()}  # fmt: skip
+            "trained_parameters": sum(p.numel() for p in trained), "step_s": step_s, "out_of_memory": not times,
+            "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def _step(model, optimizer, batch, sharded: bool, device: str) -> float:
+    """One training step (forward, backward, AdamW); its seconds."""
+    import torch
+
+    ids, mask, labels = batch
+    started = time.perf_counter()
+    loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
+    loss.backward()
+    if sharded:  # DDP's all-reduce of what trains
+        for param in optimizer.param_groups[0]["params"]:
+            if param.grad is not None:  # the fusion's key bias gets none (it cancels in the softmax)
+                torch.distributed.all_reduce(param.grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
 def _shard(model, device: str) -> None:
@@ -211,7 +229,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="qwen2.5-0.5b,tiny", help=f"comma-separated: {', '.join(SIZES)}")
     parser.add_argument("--variants", default="float32,bfloat16,bfloat16+checkpointing,int8")
-    parser.add_argument("--setups", default="adapter,fusion", help="adapter (bottleneck), lora, fusion (K 4)")
+    parser.add_argument(
+        "--setups", default="adapter,fusion",
+        help="adapter (bottleneck), lora, fusion (K 4), fusion-qk (K 4 without W_V: fusion.value false)",
+    )  # fmt: skip
     parser.add_argument(
         "--saved-dtype", default="float32", help="the dtype the random-init checkpoint is saved in (bfloat16 at 8B)"
     )
@@ -238,7 +259,13 @@ def main() -> int:
         if os.environ.get("RANK", "0") == "0":
             print(json.dumps(record))
         return 0
+    for flag, names, known in (("--setups", args.setups, SETUPS), ("--variants", args.variants, VARIANTS)):
+        unknown = [name for name in names.split(",") if name not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)} (expected some of {', '.join(known)})")
     records = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("")  # a record per run as it ends (a step limit keeps what ended); the shares at the end
     for size in args.sizes.split(","):
         folder = saved(args.work, size, args.saved_dtype)
         for setup in args.setups.split(","):
@@ -257,11 +284,12 @@ def main() -> int:
                 record["malloc"] = args.malloc
                 records.append(record | json.loads(result.stdout.strip().splitlines()[-1]))
                 print(json.dumps(records[-1]), flush=True)
+                with args.out.open("a") as out:
+                    out.write(json.dumps(records[-1]) + "\n")
     tiny = {(r["variant"], r["setup"]): r["peak_rss_mb"] for r in records if r["size"] == "tiny"}
     for record in records:  # the training steps' peak, less the same run's on the tiny config
         if (record["variant"], record["setup"]) in tiny:
             record["model_share_mb"] = round(record["peak_rss_mb"] - tiny[(record["variant"], record["setup"])], 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in records))
     lines = [
         "| size | setup | variant | B | L | loading's peak RSS MB | steps' peak RSS MB | model share MB "
@@ -272,7 +300,7 @@ def main() -> int:
         lines.append(
             f"| {r['size']} | {r['setup']} | {r['variant']} | {r['B']} | {r['L']} | {r['load_peak_rss_mb']:.0f} | "
             f"{r['peak_rss_mb']:.0f} | {r.get('model_share_mb', '–')} | {r.get('peak_cuda_mb', '–')} | "
-            f"{r['step_s']:.2f} |"
+            f"{'out of memory' if r['out_of_memory'] else format(r['step_s'], '.2f')} |"
         )
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

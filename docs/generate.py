@@ -191,6 +191,8 @@ def _script(name: str):
 
 
 def _value(value) -> str:
+    if value is None:  # not measured (a run stopped early, a figure a record does not have)
+        return "–"
     if isinstance(value, float):
         if value != 0 and abs(value) < 5e-4:  # a difference of 1e-7 is not 0.0000
             return f"{value:.1e}"

@@ -217,4 +217,7 @@ def test_memory_script_measures_a_training_step_on_the_tiny_config(tmp_path):
     narrow = memory.saved(tmp_path, "tiny", "bfloat16")  # how the 8B size is saved (16 GB rather than 32)
     assert narrow.name == "tiny-bfloat16" and "bfloat16" in (narrow / "config.json").read_text()
     lora = memory.child(narrow, "bfloat16", "lora", batch=2, length=8, steps=0, device="cpu")
-    assert lora["step_s"] > 0 and lora["peak_rss_mb"] > 0
+    assert lora["step_s"] > 0 and lora["peak_rss_mb"] > 0 and not lora["out_of_memory"]
+    qk = memory.child(folder, "bfloat16", "fusion-qk", batch=2, length=8, steps=0, device="cpu")
+    hidden, layers = memory.SIZES["tiny"]["hidden_size"], memory.SIZES["tiny"]["num_hidden_layers"]
+    assert record["trained_parameters"] - qk["trained_parameters"] == layers * hidden * hidden  # W_V alone
