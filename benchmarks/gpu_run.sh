@@ -96,7 +96,7 @@ EOF
 # of weights are 41.8 GB (38.9 GiB) before any activation; without W_V, 33.2 GB (31.0 GiB).
 if [ "${REAL8B:-0}" = 1 ]; then
     step "memory llama-3.1-8b" "${MEMORY8B_LIMIT:-480}" "$py" benchmarks/memory.py --sizes llama-3.1-8b,tiny \
-        --variants bfloat16+checkpointing,nf4+checkpointing,bfloat16 --setups lora,adapter,fusion-qk,fusion \
+        --variants bfloat16+checkpointing,nf4+checkpointing,bfloat16 --setups fusion,fusion-qk,lora,adapter \
         -B 4 -L 1024 --steps 2 --device "$DEVICE" --saved-dtype bfloat16 --work /tmp/memory \
         --out "$RESULTS/memory-8b.jsonl"
 fi
