@@ -5,9 +5,10 @@
 #      compiled (COMPILE, default reduce-overhead: CUDA graphs) interleaved,
 #   3. AdapterHub `adapters` 1.3.0 on the same card and configurations (../shared/bench/peer_adapters.py),
 #   4. `ACCELERATOR=gpu PRECISION=bf16-mixed make demo` on the embedded MiniLM (when its weights are there),
-#   5. benchmarks/memory.py at a real size (bf16, checkpointing, int8, nf4), then `make test` (the CUDA-marked
-#      tests run there). REAL8B=1 runs the 8B memory table before step 2 (one LoRA, one adapter, fusion K 4
-#      with and without W_V).
+#   5. benchmarks/memory.py at a real size (bf16, checkpointing, int8, nf4) and benchmarks/peft_lora.py (LoRA
+#      steps against HF PEFT on the same backbone), then `make test` (the CUDA-marked tests run there).
+#      REAL8B=1 runs the 8B memory table before step 2 (one LoRA, one adapter, fusion K 4 with and without
+#      W_V), and the 8B LoRA steps against PEFT.
 # Every step has its own time limit, so one that fails or overruns leaves the others' results.
 #
 # KEEP: a folder holding the wheels (adafuse's missing dependencies and ruff; in KEEP/peer/ those of the
@@ -99,6 +100,10 @@ if [ "${REAL8B:-0}" = 1 ]; then
         --variants bfloat16+checkpointing,nf4+checkpointing,bfloat16 --setups fusion,fusion-qk,lora,adapter \
         -B 4 -L 1024 --steps 2 --device "$DEVICE" --saved-dtype bfloat16 --work /tmp/memory \
         --out "$RESULTS/memory-8b.jsonl"
+    # LoRA against HF PEFT on the same bfloat16 8B backbone, the same LoRA weights, interleaved steps
+    step "peft lora llama-3.1-8b" "${PEFT8B_LIMIT:-180}" "$py" benchmarks/peft_lora.py --sizes llama-3.1-8b \
+        --dtype bfloat16 --saved-dtype bfloat16 -B 4 -L 1024 --rounds 3 --device "$DEVICE" --work /tmp/memory \
+        --out "$RESULTS/peft-8b.jsonl"
 fi
 
 step "speed minilm" 120 speed minilm ${MINILM_BL:-64 128}
@@ -120,6 +125,9 @@ fi
 step "memory llama-3.2-1b" "${MEMORY_LIMIT:-240}" "$py" benchmarks/memory.py --sizes llama-3.2-1b,tiny \
     --variants bfloat16,bfloat16+checkpointing,int8,nf4 --setups adapter,fusion -B 4 -L 1024 --device "$DEVICE" \
     --work /tmp/memory --out "$RESULTS/memory.jsonl"
+# LoRA against HF PEFT on the same checkpoint (saved by the step above), the same LoRA weights, interleaved steps
+step "peft lora llama-3.2-1b" 120 "$py" benchmarks/peft_lora.py --sizes llama-3.2-1b --dtype bfloat16 -B 4 -L 1024 \
+    --rounds 5 --device "$DEVICE" --work /tmp/memory --out "$RESULTS/peft.jsonl"
 
 # 5. the tests, CUDA-marked ones included
 step "make test" "${TEST_LIMIT:-400}" make test PYTEST_ARGS=\"-n 8 --dist loadgroup\"
