@@ -100,10 +100,13 @@ if [ "${REAL8B:-0}" = 1 ]; then
         --variants bfloat16+checkpointing,nf4+checkpointing,bfloat16 --setups fusion,fusion-qk,lora,adapter \
         -B 4 -L 1024 --steps 2 --device "$DEVICE" --saved-dtype bfloat16 --work /tmp/memory \
         --out "$RESULTS/memory-8b.jsonl"
-    # LoRA against HF PEFT on the same bfloat16 8B backbone, the same LoRA weights, interleaved steps
-    step "peft lora llama-3.1-8b" "${PEFT8B_LIMIT:-180}" "$py" benchmarks/peft_lora.py --sizes llama-3.1-8b \
-        --dtype bfloat16 --saved-dtype bfloat16 -B 4 -L 1024 --rounds 3 --device "$DEVICE" --work /tmp/memory \
-        --out "$RESULTS/peft-8b.jsonl"
+    # LoRA against HF PEFT on the same 8B backbone (bfloat16, then the same nf4 projections: QLoRA's setting), the
+    # same LoRA weights, interleaved steps
+    for quantization in nf4 none; do
+        step "peft lora llama-3.1-8b $quantization" "${PEFT8B_LIMIT:-150}" "$py" benchmarks/peft_lora.py \
+            --sizes llama-3.1-8b --dtype bfloat16 --quantization "$quantization" --saved-dtype bfloat16 -B 4 -L 1024 \
+            --rounds 3 --device "$DEVICE" --work /tmp/memory --out "$RESULTS/peft-8b-$quantization.jsonl"
+    done
 fi
 
 step "speed minilm" 120 speed minilm ${MINILM_BL:-64 128}
@@ -126,8 +129,11 @@ step "memory llama-3.2-1b" "${MEMORY_LIMIT:-240}" "$py" benchmarks/memory.py --s
     --variants bfloat16,bfloat16+checkpointing,int8,nf4 --setups adapter,fusion -B 4 -L 1024 --device "$DEVICE" \
     --work /tmp/memory --out "$RESULTS/memory.jsonl"
 # LoRA against HF PEFT on the same checkpoint (saved by the step above), the same LoRA weights, interleaved steps
-step "peft lora llama-3.2-1b" 120 "$py" benchmarks/peft_lora.py --sizes llama-3.2-1b --dtype bfloat16 -B 4 -L 1024 \
-    --rounds 5 --device "$DEVICE" --work /tmp/memory --out "$RESULTS/peft.jsonl"
+for quantization in none nf4; do
+    step "peft lora llama-3.2-1b $quantization" 90 "$py" benchmarks/peft_lora.py --sizes llama-3.2-1b --dtype bfloat16 \
+        --quantization "$quantization" -B 4 -L 1024 --rounds 5 --device "$DEVICE" --work /tmp/memory \
+        --out "$RESULTS/peft-$quantization.jsonl"
+done
 
 # 5. the tests, CUDA-marked ones included
 step "make test" "${TEST_LIMIT:-400}" make test PYTEST_ARGS=\"-n 8 --dist loadgroup\"

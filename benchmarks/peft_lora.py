@@ -5,7 +5,8 @@
 
 Both sides train the same LoRA (rank 16, alpha 32, on the same projections: q and v unless ``--targets`` says
 otherwise) on the same random-init checkpoint (``benchmarks/memory.py``'s sizes, saved once under ``--work``),
-loaded in the same ``--dtype``, with the same classification head (adafuse's, dropout 0, over the last token) and
+loaded in the same ``--dtype`` (and ``--quantization``: adafuse's torchao int8 or nf4 projections on both sides,
+PEFT's LoRA layers wrapping them), with the same classification head (adafuse's, dropout 0, over the last token) and
 AdamW over what trains. adafuse's LoRA is written to a PEFT folder through ``library export --to peft``'s path and
 PEFT loads it (``PeftModel.from_pretrained``, trainable), so both start from the same weights; before timing, the
 record holds the largest difference between their hidden states (``max_hidden_difference``) beside what the LoRA
@@ -43,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="qwen2.5-0.5b", help=f"comma-separated, of {', '.join(memory.SIZES)}")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--quantization", default="none", choices=["none", "int8", "nf4"],
+        help="the frozen weights quantized through torchao, the same projections on both sides",
+    )  # fmt: skip
     p.add_argument("--targets", default="q,v", help=f"projections with a LoRA delta, of {', '.join(TARGETS)}")
     p.add_argument("-r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
@@ -76,9 +81,11 @@ def build(folder: Path, args):
     from adafuse.fusion.formats.peft import peft_files
     from adafuse.fusion.kinds import AdapterConfig
     from adafuse.fusion.model import AdaptedModel
+    from adafuse.fusion.quantize import quantize
 
     device = None if args.device == "cpu" else args.device
-    ours = AdaptedModel(load_model(BackboneConfig(name=str(folder), dtype=args.dtype), device))
+    backbone = BackboneConfig(name=str(folder), dtype=args.dtype, quantization=args.quantization)
+    ours = AdaptedModel(load_model(backbone, device))
     lora = AdapterConfig(kind="lora", r=args.r, alpha=args.alpha, target_modules=args.targets.split(","))
     ours.add_adapter("a", lora)
     ours.add_head("h", 2, dropout=0.0, pooling="last")
@@ -94,6 +101,7 @@ def build(folder: Path, args):
         for name, data in peft_files(lora, ours.adapter_state("a"), ours.site_paths, str(folder)).items():
             Path(exported, name).write_bytes(data)
         base = AutoModel.from_pretrained(folder, dtype=DTYPES[args.dtype])
+        quantize(base, args.quantization)  # the same quantized projections as adafuse's backbone
         theirs = PeftModel.from_pretrained(base, exported, is_trainable=True).to(args.device)
     theirs.train()
     head = copy.deepcopy(ours.heads["h"]).to(args.device)
@@ -160,7 +168,8 @@ def measure(size: str, args) -> dict:
             if round_ >= args.warmup:
                 runs[side].append(result)
     tokens = args.B * args.L
-    record = {"size": size, "dtype": args.dtype, "targets": args.targets, "r": args.r, "B": args.B, "L": args.L,
+    record = {"size": size, "dtype": args.dtype, "quantization": args.quantization, "targets": args.targets,
+              "r": args.r, "B": args.B, "L": args.L,
               "device": args.device, "threads": torch.get_num_threads(), "rounds": args.rounds,
               **checks}  # fmt: skip
     for side, results in runs.items():

@@ -223,16 +223,17 @@ def test_memory_script_measures_a_training_step_on_the_tiny_config(tmp_path):
     assert record["trained_parameters"] - qk["trained_parameters"] == layers * hidden * hidden  # W_V alone
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-5), ("bfloat16", 0.05)])
-def test_peft_lora_script_times_both_sides_from_the_same_weights(tmp_path, dtype, tolerance):
+@pytest.mark.parametrize(("dtype", "quantization", "tolerance"), [("float32", "none", 1e-5), ("bfloat16", "nf4", 0.05)])
+def test_peft_lora_script_times_both_sides_from_the_same_weights(tmp_path, dtype, quantization, tolerance):
     """benchmarks/peft_lora.py on the tiny config: PEFT loads adafuse's exported LoRA and computes the same hidden
-    states (within bfloat16's rounding there; the delta itself changes them by more), both sides train the same
-    number of parameters, each side's step is timed and the ratio is theirs over ours."""
+    states (within bfloat16's rounding there, on the same nf4 projections; the delta itself changes them by more),
+    both sides train the same number of parameters, each side's step is timed and the ratio is theirs over ours."""
     pytest.importorskip("peft")
     script = _module("peft_lora")
     out = tmp_path / "peft.jsonl"
     args = ["--sizes", "tiny", "-B", "2", "-L", "8", "--warmup", "0", "--rounds", "2", "--targets", "q,v,ffn_out"]
-    assert script.main([*args, "--dtype", dtype, "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    args += ["--dtype", dtype, "--quantization", quantization, "--work", str(tmp_path / "work")]
+    assert script.main([*args, "--out", str(out)]) == 0
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert record["max_hidden_difference"] < tolerance < 0.1 < record["max_lora_delta"]
     assert record["adafuse_trained_parameters"] == record["peft_trained_parameters"] > 0
