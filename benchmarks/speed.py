@@ -80,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["off", "default", "reduce-overhead", "max-autotune"],
         help="also time every method compiled in this mode, interleaved with eager (records carry `compile`)",
     )
+    p.add_argument(
+        "--phases", action="store_true",
+        help="also time a training step's forward (with the loss), backward and optimizer step apart (medians in "
+        "forward_ms, backward_ms, optimizer_ms; on CUDA each phase ends with a synchronisation)",
+    )  # fmt: skip
     p.add_argument("--child", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
     p.add_argument("--child-interleaved", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -178,6 +183,18 @@ def make_step(args, model, method: str, k: int, batch, mode: str = "off"):
     rows = {"input_ids": ids, "attention_mask": mask, "labels": labels, "example_index": torch.arange(len(ids))}
     counter = iter(range(10**9))
 
+    phases: dict[str, float] = {}
+
+    def mark(name: str, since: float) -> float:
+        """With --phases: the ms since ``since`` (after a device synchronisation) under ``name``; the time now."""
+        if not args.phases:
+            return since
+        if cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        phases[name] = (now - since) * 1000
+        return now
+
     def run():
         if not train:
             model.compile_mode = mode
@@ -185,27 +202,32 @@ def make_step(args, model, method: str, k: int, batch, mode: str = "off"):
                 return model(ids, mask).float().sum().item()
         model.compile_mode = "off"  # the whole step's function is compiled instead
         optimizer.zero_grad(set_to_none=True)
+        since = time.perf_counter()
         with autocast:
             hidden, task_loss = forward_loss(model, ids, mask, labels, method == "floor_train")
             if strategy is not None:  # as AdapterTaskModule.training_step
                 loss = strategy.loss(model, rows, hidden, task_loss, next(counter))
             else:
                 loss = task_loss + model.fusion_regularization()
+        since = mark("forward_ms", since)
         loss.backward()
+        since = mark("backward_ms", since)
         optimizer.step()
+        mark("optimizer_ms", since)
         return loss.item()
 
     def step():
         model.activate(**active, head=head)
         model.set_trainable(**what, heads=[head])
         model.train(train)
+        phases.clear()
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         value = run()
         if cuda:
             torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1000, value if train else None
+        return (time.perf_counter() - start) * 1000, value if train else None, dict(phases)
 
     return step, sum(p.numel() for p in params)
 
@@ -273,19 +295,23 @@ def measure(args, configs: list[tuple[str, int]], layout: str) -> list[dict]:
     steps = [make_step(args, model, method, k, batch, mode) for method, k, mode in configs]
     times = [[] for _ in configs]
     losses = [[] for _ in configs]
+    phases = [[] for _ in configs]
     rounds = args.warmup + (args.steps if layout == "interleaved" else args.rss_steps)
     for i in range(rounds):
         for j in range(len(configs)):
             index = (i + j) % len(configs)  # rotate the order so no configuration always follows the same one
-            ms, loss = steps[index][0]()
+            ms, loss, parts = steps[index][0]()
             if i >= args.warmup:
                 times[index].append(ms)
                 losses[index].append(loss)
+                phases[index].append(parts)
     records = []
-    for (method, k, mode), (_, trainable), ms, loss in zip(configs, steps, times, losses, strict=True):
+    for (method, k, mode), (_, trainable), ms, loss, parts in zip(configs, steps, times, losses, phases, strict=True):
         median = statistics.median(ms)
+        split = {name: round(statistics.median(p[name] for p in parts), 3) for name in parts[0]} if parts else {}
         records.append(
             {
+                **split,  # --phases: forward_ms, backward_ms, optimizer_ms (medians) of a training step
                 "impl": "adafuse",
                 "layout": layout,
                 "backbone": args.backbone,

@@ -31,7 +31,7 @@ def test_speed_script_on_a_tiny_backbone(tmp_path, tiny_folder):
     out = tmp_path / "speed.jsonl"
     methods = "single_train,fusion_train"  # each method's memory run is a process of its own
     args = ["--backbone", str(folder), "--methods", methods, "--fusion-k", "2", "-B", "2", "-L", "8"]
-    args += ["--warmup", "1", "--steps", "3", "--rss-steps", "1", "--memory-jobs", "2", "--threads", "1"]
+    args += ["--warmup", "1", "--steps", "3", "--rss-steps", "1", "--memory-jobs", "2", "--threads", "1", "--phases"]
     assert _module("speed").main([*args, "--out", str(out)]) == 0  # its memory runs: processes of their own
     records = [json.loads(line) for line in out.read_text().splitlines()]
     configs = [("single_train", 1), ("fusion_train", 2)]
@@ -45,6 +45,9 @@ def test_speed_script_on_a_tiny_backbone(tmp_path, tiny_folder):
     assert all(len(r["step_ms_all"]) == 1 and r["peak_rss_mb"] > 0 for r in memory)
     assert timed[1]["trainable_params"] > timed[0]["trainable_params"] > 0
     assert all(r["loss_first"] is not None for r in timed)  # training methods report their loss
+    for record in timed:  # --phases: the parts of a training step, each within the whole step's time
+        parts = [record["forward_ms"], record["backward_ms"], record["optimizer_ms"]]
+        assert all(part > 0 for part in parts) and sum(parts) <= 1.5 * max(record["step_ms_all"])
     table = Path(str(out) + ".md").read_text()
     assert "fusion_train K=2 / single_train" in table
     assert "peak RSS fusion_train K=2 / single_train" in table and "3 interleaved rounds" in table
