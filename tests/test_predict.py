@@ -91,6 +91,25 @@ def test_mixed_task_batch_equals_one_pass_per_task(library, tmp_path):
         assert torch.allclose(together, _probabilities(alone), atol=1e-5), task
 
 
+def test_bf16_autocast_predicts_within_its_rounding_of_float32(library, tmp_path, capsys):
+    """``--precision bf16-mixed``: the same labels' probabilities within bf16 rounding, and not bit-identical
+    (the forward really ran under autocast); refused in one line on a CPU without bf16 instructions."""
+    from adafuse.fusion.widen import cpu_has_bf16
+
+    rows = [{"text": t, "task": k} for t, k in zip(TEXTS, ["a", "h", "f", "b", "a"], strict=True)]
+    exact = _predict(library, tmp_path, rows, "--task-column", "task")
+    if not cpu_has_bf16():
+        flags = ["--task-column", "task", "--precision", "bf16-mixed"]
+        source, out = tmp_path / "in.jsonl", tmp_path / "bf16.jsonl"
+        code = main(["predict", "--library", str(library), "--input", str(source), "--out", str(out), *flags])
+        assert code == 2 and "needs a CPU with bf16 instructions" in capsys.readouterr().err and not out.exists()
+        return
+    narrow = _predict(library, tmp_path, rows, "--task-column", "task", "--precision", "bf16-mixed")
+    pairs = zip(exact, narrow, strict=True)
+    worst = max(abs(a - b) for x, y in pairs for a, b in zip(x["probabilities"], y["probabilities"], strict=True))
+    assert 0 < worst < 0.05
+
+
 def test_adapterdrop_all_layers_is_the_bare_backbone(library, tmp_path):
     dropped = _probabilities(
         _predict(library, tmp_path, [{"text": t} for t in TEXTS], "--adapter", "a", "--drop-layers", "2")
@@ -130,6 +149,8 @@ def test_plain_text_and_csv_inputs(library, tmp_path):
         ([{"text": "x"}], ["--adapter", "a", "--drop-layers", "9"], "--drop-layers 9: expected 0..2"),
         ([], ["--adapter", "a"], "no rows to predict"),
         ([{"text": "x"}], ["--adapter", "a", "--backbone", "embedded"], "belongs to backbone"),
+        ([{"text": "x"}], ["--adapter", "a", "--precision", "64"], "--precision '64': expected one of 32, bf16-mixed"),
+        ([{"text": "x"}], ["--adapter", "a", "--precision", "16-mixed"], "--precision 16-mixed needs a CUDA device"),
     ],
 )
 def test_bad_predict_input_writes_nothing(library, tmp_path, capsys, rows, flags, match):

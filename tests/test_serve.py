@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from cli_process import free_port, run_cli
+from conftest import load_script
 
 from adafuse.continual.cli import main
 from adafuse.continual.jobs.predict import run_predict
@@ -216,6 +217,37 @@ def test_a_public_address_needs_a_token(library):
     assert result.returncode == 2 and len(lines) == 1 and "'0.0.0.0' (not loopback) needs a bearer token" in lines[0]
 
 
+def test_bf16_autocast_answers_what_predict_writes_with_it(library, tmp_path):
+    """``--precision bf16-mixed`` on both sides: the same rows, the same outputs (where the CPU has bf16
+    instructions; elsewhere the server refuses it in one line before loading anything)."""
+    from adafuse.fusion.widen import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        result = run_cli("serve", "--library", str(library), "--precision", "bf16-mixed")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "needs a CPU with bf16 instructions" in lines[0]
+        return
+    served = Served(library, "--precision", "bf16-mixed")
+    try:
+        status, body = served.predict({"fusion": "bbc-topic5-fewshot-fusion", "inputs": TEXTS})
+    finally:
+        served.process.kill()
+        served.process.wait()
+    exact = _predicted(library, tmp_path, [{"text": t} for t in TEXTS], fusion="bbc-topic5-fewshot-fusion")
+    narrow = _predicted(
+        library, tmp_path, [{"text": t} for t in TEXTS], fusion="bbc-topic5-fewshot-fusion", precision="bf16-mixed"
+    )
+    assert status == 200 and body["outputs"] == narrow != exact
+
+
+def test_16_mixed_on_a_cpu_is_refused_in_one_line(library):
+    result = run_cli("serve", "--library", str(library), "--precision", "16-mixed")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == [
+        "adafuse: error: --precision 16-mixed needs a CUDA device (--device cuda); on a CPU use bf16-mixed or 32"
+    ], lines
+
+
 def test_a_negative_release_interval_is_refused(library):
     result = run_cli("serve", "--library", str(library), "--release-every", "-1")
     lines = result.stderr.strip().splitlines()
@@ -261,3 +293,17 @@ def test_the_guard_answers_a_bug_with_500_and_one_line_and_counts_every_request(
     assert status == 401 and "bearer token" in json.loads(body)["error"]
     assert 'adafuse_requests_total{status="401"} 1' in metrics.text()
     assert call(fine, authorized)[0] == 200
+
+
+def test_the_load_benchmark_runs_against_a_real_server(library, tmp_path):
+    """benchmarks/serve.py, bounded: 8 requests from 2 clients and one at a time against a server it starts on a
+    free loopback port and stops; each record names the device and precision it ran with."""
+    script = load_script(ROOT / "benchmarks" / "serve.py")
+    out = tmp_path / "serve.jsonl"
+    args = ["--library", str(library), "--scenarios", "concurrent,one-at-a-time", "--requests", "8", "--clients", "2"]
+    assert script.main([*args, "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["scenario"] for r in records] == ["concurrent", "one-at-a-time"]
+    for record in records:
+        assert record["requests"] == 8 and record["rows_per_s"] > 0
+        assert record["device"] == "cpu" and record["precision"] == "32"

@@ -27,6 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 _BACKBONE_HELP = "backbone name, folder or YAML (default: the one the library records, else the embedded MiniLM)"
+_PRECISION_HELP = "autocast: 32 (default, float32), bf16-mixed (CUDA, or a CPU with bf16 instructions), 16-mixed (CUDA)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--max-length", type=int, default=128, help="tokens per text (default: 128)")
     predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    predict.add_argument("--precision", default="32", help=_PRECISION_HELP)
     predict.add_argument("--drop-layers", type=int, default=0, help="AdapterDrop: skip adapters of the lowest N layers")
     predict.add_argument("--backbone", default=None, help=_BACKBONE_HELP)
     predict.add_argument(
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    serve.add_argument("--precision", default="32", help=_PRECISION_HELP)
     serve.add_argument("--max-batch-rows", type=int, default=64, help="rows gathered into one forward pass")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more rows")
     serve.add_argument("--max-rows", type=int, default=256, help="inputs one request may send")

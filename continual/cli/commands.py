@@ -188,7 +188,7 @@ def cmd_predict(args, _overrides=()) -> int:
     from adafuse.continual.jobs.predict import run_predict
 
     options = ("adapter", "fusion", "task_column", "task", "text_column", "batch_size", "max_length", "device")
-    options += ("drop_layers", "backbone", "merge", "compile")  # run_predict keyword arguments, named as the flags
+    options += ("drop_layers", "backbone", "merge", "compile", "precision")  # run_predict's keywords, as the flags
     count = run_predict(
         Path(args.library), Path(args.input), Path(args.out), **{name: getattr(args, name) for name in options}
     )
@@ -199,8 +199,9 @@ def cmd_predict(args, _overrides=()) -> int:
 def cmd_serve(args, _overrides=()) -> int:
     from adafuse.continual.jobs.serve import ServeOptions, run_server
 
-    names = ("host", "port", "device", "max_batch_rows", "max_wait_ms", "max_rows", "max_chars", "max_length")
-    options = {name: getattr(args, name) for name in (*names, "max_loaded", "release_every", "token", "backbone")}
+    names = ("host", "port", "device", "precision", "max_batch_rows", "max_wait_ms", "max_rows", "max_chars")
+    names += ("max_length", "max_loaded", "release_every", "token", "backbone")
+    options = {name: getattr(args, name) for name in names}
     return run_server(ServeOptions(Path(args.library), **options))
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from adafuse.continual.config import HeadConfig
 from adafuse.continual.jobs.library_model import LibraryModel
-from adafuse.continual.jobs.predictor import Predictor, device_for
+from adafuse.continual.jobs.predictor import Predictor, autocast_dtype, device_for
 from adafuse.continual.routing.lda import LdaRouter
 from adafuse.continual.routing.trained import TrainedRouter, stored_router
 from adafuse.fusion.compiling import MODES
@@ -149,12 +149,14 @@ def run_predict(
     backbone: str | None = None,
     merge: bool = False,
     compile: str = "off",
+    precision: str = "32",
 ) -> int:
     """Predict every row of ``input_path`` into ``out_path`` (JSONL); returns the number of rows.
 
     ``merge`` folds a LoRA ``adapter`` into the backbone's weights first (the bare backbone's speed).
     ``task="auto"`` identifies each row's task with the library's routers (:mod:`.router`). ``compile`` runs the
-    forward through ``torch.compile`` in that mode (generation's decoding steps stay eager)."""
+    forward through ``torch.compile`` in that mode (generation's decoding steps stay eager). ``precision``
+    (``32``, ``bf16-mixed``, ``16-mixed`` on CUDA) runs the forward passes under that autocast."""
     if sum(x is not None for x in (adapter, fusion, task_column, task)) != 1:
         raise UserError(
             "predict: give exactly one of --adapter NAME, --fusion NAME, --task-column COLUMN or --task auto"
@@ -171,7 +173,9 @@ def run_predict(
     if out_path.is_dir():
         raise UserError(f"--out '{out_path}' is a folder; expected a .jsonl file path")
     device = device_for(device)
-    predictor = Predictor(LibraryModel.open(library_dir, backbone, device=device), max_length, device, drop_layers)
+    autocast_dtype(precision, device)  # refused before the backbone loads
+    opened = LibraryModel.open(library_dir, backbone, device=device)
+    predictor = Predictor(opened, max_length, device, drop_layers, precision)
     fixed = adapter or fusion
     if fixed:
         predictor.add_task(fixed)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adafuse.continual.jobs.library_model import LibraryModel
-from adafuse.continual.jobs.predictor import Predictor, device_for
+from adafuse.continual.jobs.predictor import Predictor, autocast_dtype, device_for
 from adafuse.continual.jobs.serve_metrics import ServeMetrics
 from adafuse.continual.runtime.allocator import release_free_memory
 from adafuse.fusion.errors import UserError, VerificationError, first_line
@@ -44,6 +44,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     device: str = "cpu"
+    precision: str = "32"  # the forward passes' autocast (adafuse.continual.jobs.predictor.PRECISIONS)
     max_batch_rows: int = 64
     max_wait_ms: float = 5.0
     max_rows: int = 256  # rows one request may send
@@ -178,9 +179,11 @@ class Server:
         options.check()
         self.options = options
         device = device_for(options.device)
+        autocast_dtype(options.precision, device)  # refused before the backbone loads
         self.opened = LibraryModel.open(options.library, options.backbone, device=device)
         self.metrics = ServeMetrics()
-        self.batcher = Batcher(Predictor(self.opened, options.max_length, device, 0), options, self.metrics)
+        predictor = Predictor(self.opened, options.max_length, device, 0, options.precision)
+        self.batcher = Batcher(predictor, options, self.metrics)
 
     def rows(self, body: dict) -> tuple[list, list[str], bool]:
         """(inputs, the adapter or fusion of each, whether the rows name their own) of a predict request."""
