@@ -18,6 +18,8 @@ from conftest import load_script
 
 from adafuse.continual.cli import main
 from adafuse.continual.jobs.predict import run_predict
+from adafuse.continual.jobs.serve import ServeOptions, Server
+from adafuse.fusion.widen import cpu_has_bf16
 
 pytestmark = pytest.mark.xdist_group("serve")  # one library and one server process, on one xdist worker
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,34 +220,29 @@ def test_a_public_address_needs_a_token(library):
 
 
 def test_bf16_autocast_answers_what_predict_writes_with_it(library, tmp_path):
-    """``--precision bf16-mixed`` on both sides: the same rows, the same outputs (where the CPU has bf16
-    instructions; elsewhere the server refuses it in one line before loading anything)."""
-    from adafuse.fusion.widen import cpu_has_bf16
-
+    """``--precision bf16-mixed`` on both sides: the server's batcher (in this process: the HTTP side is the one the
+    tests above use) answers the same rows with the same outputs as ``predict``, which differ from float32's;
+    where the CPU has no bf16 instructions the server refuses it in one line before loading anything."""
     if not cpu_has_bf16():
         result = run_cli("serve", "--library", str(library), "--precision", "bf16-mixed")
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and "needs a CPU with bf16 instructions" in lines[0]
         return
-    served = Served(library, "--precision", "bf16-mixed")
+    name, rows = "bbc-topic5-fewshot-fusion", [{"text": t} for t in TEXTS]
+    served = Server(ServeOptions(library, precision="bf16-mixed"))
     try:
-        status, body = served.predict({"fusion": "bbc-topic5-fewshot-fusion", "inputs": TEXTS})
+        outputs = served.batcher.submit(TEXTS, [name] * len(TEXTS)).result(timeout=120)
     finally:
-        served.process.kill()
-        served.process.wait()
-    exact = _predicted(library, tmp_path, [{"text": t} for t in TEXTS], fusion="bbc-topic5-fewshot-fusion")
-    narrow = _predicted(
-        library, tmp_path, [{"text": t} for t in TEXTS], fusion="bbc-topic5-fewshot-fusion", precision="bf16-mixed"
-    )
-    assert status == 200 and body["outputs"] == narrow != exact
+        served.batcher.stop()
+    narrow = _predicted(library, tmp_path, rows, fusion=name, precision="bf16-mixed")
+    assert json.loads(json.dumps(outputs)) == narrow != _predicted(library, tmp_path, rows, fusion=name)
 
 
-def test_16_mixed_on_a_cpu_is_refused_in_one_line(library):
-    result = run_cli("serve", "--library", str(library), "--precision", "16-mixed")
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and lines == [
+def test_16_mixed_on_a_cpu_is_refused_in_one_line(library, capsys):
+    assert main(["serve", "--library", str(library), "--precision", "16-mixed"]) == 2  # before anything loads
+    assert capsys.readouterr().err.strip().splitlines() == [
         "adafuse: error: --precision 16-mixed needs a CUDA device (--device cuda); on a CPU use bf16-mixed or 32"
-    ], lines
+    ]
 
 
 def test_a_negative_release_interval_is_refused(library):
