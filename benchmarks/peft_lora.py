@@ -100,7 +100,8 @@ def build(folder: Path, args):
     with tempfile.TemporaryDirectory() as exported:
         for name, data in peft_files(lora, ours.adapter_state("a"), ours.site_paths, str(folder)).items():
             Path(exported, name).write_bytes(data)
-        base = AutoModel.from_pretrained(folder, dtype=DTYPES[args.dtype])
+        on_device = {"device_map": args.device} if device is not None else {}  # loaded (and quantized) there
+        base = AutoModel.from_pretrained(folder, dtype=DTYPES[args.dtype], **on_device)
         quantize(base, args.quantization)  # the same quantized projections as adafuse's backbone
         theirs = PeftModel.from_pretrained(base, exported, is_trainable=True).to(args.device)
     theirs.train()
