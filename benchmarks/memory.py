@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 SIZES = {  # published config.json values (Hugging Face model cards)
@@ -94,6 +95,15 @@ def saved(work: Path, size: str, dtype: str = "float32") -> Path:
 
         load_model(BackboneConfig(random_init=SIZES[size], dtype=dtype)).save_pretrained(folder)
     return folder
+
+
+def refuse_unknown(parser: argparse.ArgumentParser, *options: tuple[str, str, Iterable[str]]) -> None:
+    """``parser.error`` (one line, exit 2) for a comma-separated option (flag, its value, the names it takes)
+    naming what it does not know."""
+    for flag, names, known in options:
+        unknown = [name for name in names.split(",") if name not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)} (expected some of {', '.join(known)})")
 
 
 def child(folder: Path, variant: str, setup: str, batch: int, length: int, steps: int, device: str) -> dict:
@@ -259,10 +269,7 @@ def main() -> int:
         if os.environ.get("RANK", "0") == "0":
             print(json.dumps(record))
         return 0
-    for flag, names, known in (("--setups", args.setups, SETUPS), ("--variants", args.variants, VARIANTS)):
-        unknown = [name for name in names.split(",") if name not in known]
-        if unknown:
-            parser.error(f"{flag}: unknown {', '.join(unknown)} (expected some of {', '.join(known)})")
+    refuse_unknown(parser, ("--setups", args.setups, SETUPS), ("--variants", args.variants, VARIANTS))
     records = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("")  # a record per run as it ends (a step limit keeps what ended); the shares at the end

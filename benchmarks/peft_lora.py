@@ -61,10 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("runs/memory"))
     p.add_argument("--out", type=Path, default=Path("peft-lora.jsonl"))
     args = p.parse_args(argv)
-    for flag, names, known in (("--sizes", args.sizes, memory.SIZES), ("--targets", args.targets, TARGETS)):
-        unknown = [name for name in names.split(",") if name not in known]
-        if unknown:
-            p.error(f"{flag}: unknown {', '.join(unknown)} (expected some of {', '.join(known)})")
+    memory.refuse_unknown(p, ("--sizes", args.sizes, memory.SIZES), ("--targets", args.targets, TARGETS))
     return args
 
 

@@ -173,9 +173,9 @@ def run_predict(
     if out_path.is_dir():
         raise UserError(f"--out '{out_path}' is a folder; expected a .jsonl file path")
     device = device_for(device)
-    autocast_dtype(precision, device)  # refused before the backbone loads
+    autocast = autocast_dtype(precision, device)  # refused before the backbone loads
     opened = LibraryModel.open(library_dir, backbone, device=device)
-    predictor = Predictor(opened, max_length, device, drop_layers, precision)
+    predictor = Predictor(opened, max_length, device, drop_layers, autocast)
     fixed = adapter or fusion
     if fixed:
         predictor.add_task(fixed)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from adafuse.continual.jobs.library_model import LibraryModel
+from adafuse.continual.runtime.hardware import check_bf16_cpu
 from adafuse.fusion.errors import UserError
-from adafuse.fusion.widen import BF16_FLAGS, cpu_has_bf16
 from adafuse.tasks.types import TASK_TYPES
 from adafuse.tasks.types.base import group_rows
 
@@ -18,26 +18,28 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``--precision`` on ``device`` (None: float32), or one line saying why it cannot run."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision '{precision}': expected one of {', '.join(PRECISIONS)}")
-    if device.type == "cpu" and precision == "16-mixed":
-        raise UserError("--precision 16-mixed needs a CUDA device (--device cuda); on a CPU use bf16-mixed or 32")
-    if device.type == "cpu" and precision == "bf16-mixed" and not cpu_has_bf16():
-        raise UserError(
-            f"--precision bf16-mixed needs a CPU with bf16 instructions ({' or '.join(BF16_FLAGS)}); this CPU has "
-            "neither: use 32"
-        )
+    if device.type == "cpu":
+        if precision == "16-mixed":
+            raise UserError("--precision 16-mixed needs a CUDA device (--device cuda); on a CPU use bf16-mixed or 32")
+        check_bf16_cpu("--precision", precision, instead="32")
     return PRECISIONS[precision]
 
 
 class Predictor:
     """Routes a batch of (text, task) rows through one pass of the model and each task's head, in float32 or under
-    autocast (``precision``: ``32``, ``bf16-mixed``, ``16-mixed`` on CUDA)."""
+    autocast in ``autocast``'s dtype (what :func:`autocast_dtype` resolves ``--precision`` to)."""
 
     def __init__(
-        self, opened: LibraryModel, max_length: int, device: torch.device, drop_layers: int, precision: str = "32"
+        self,
+        opened: LibraryModel,
+        max_length: int,
+        device: torch.device,
+        drop_layers: int,
+        autocast: torch.dtype | None = None,
     ) -> None:
         if not 0 <= drop_layers <= opened.model.num_layers:
             raise UserError(f"--drop-layers {drop_layers}: expected 0..{opened.model.num_layers}")
-        self.autocast = autocast_dtype(precision, device)
+        self.autocast = autocast
         self.opened = opened
         self.max_length = max_length
         self.device = device

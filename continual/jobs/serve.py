@@ -179,10 +179,10 @@ class Server:
         options.check()
         self.options = options
         device = device_for(options.device)
-        autocast_dtype(options.precision, device)  # refused before the backbone loads
+        autocast = autocast_dtype(options.precision, device)  # refused before the backbone loads
         self.opened = LibraryModel.open(options.library, options.backbone, device=device)
         self.metrics = ServeMetrics()
-        predictor = Predictor(self.opened, options.max_length, device, 0, options.precision)
+        predictor = Predictor(self.opened, options.max_length, device, 0, autocast)
         self.batcher = Batcher(predictor, options, self.metrics)
 
     def rows(self, body: dict) -> tuple[list, list[str], bool]:

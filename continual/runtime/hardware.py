@@ -20,10 +20,16 @@ def check_hardware(accelerator: str, precision: str) -> None:
 
         if not torch.cuda.is_available():
             raise UserError(f"trainer.accelerator: '{accelerator}' needs a CUDA device; none is visible here")
-    if accelerator == "cpu" and str(precision).startswith("bf16") and not cpu_has_bf16():
+    if accelerator == "cpu":
+        check_bf16_cpu("trainer.precision", precision, instead="32-true")
+
+
+def check_bf16_cpu(key: str, precision: str, instead: str) -> None:
+    """Refuse bf16 autocast (``precision``, given as ``key``) on a CPU without bf16 instructions, naming ``instead``."""
+    if str(precision).startswith("bf16") and not cpu_has_bf16():
         raise UserError(
-            f"trainer.precision: '{precision}' needs a CPU with bf16 instructions ({' or '.join(BF16_FLAGS)}); "
-            "this CPU has neither: use 32-true"
+            f"{key}: '{precision}' needs a CPU with bf16 instructions ({' or '.join(BF16_FLAGS)}); "
+            f"this CPU has neither: use {instead}"
         )
 
 
